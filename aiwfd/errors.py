@@ -1,0 +1,154 @@
+"""Every error aiwfd raises, and the one place an HTTP error body is rendered.
+
+    AiwfdError
+    ├── ConfigError            the agents file is invalid (holds every Problem found)
+    ├── StartupError           the daemon cannot start (key not set, port in use, …)
+    └── HTTPError              answered to a client; knows its status and `type`
+        ├── InvalidJSON            400 invalid_json
+        ├── Unauthorized           401 unauthorized
+        ├── NotFound               404 not_found
+        ├── MethodNotAllowed       405 method_not_allowed
+        ├── RequestTimeout         408 request_timeout
+        ├── PayloadTooLarge        413 payload_too_large
+        ├── UnsupportedMediaType   415 unsupported_media_type
+        ├── InvalidInput           422 invalid_input
+        ├── RateLimited            429 rate_limited
+        ├── UpstreamError          502 upstream_error
+        ├── InvalidOutput          502 invalid_output
+        ├── Unavailable            503 unavailable
+        ├── UpstreamTimeout        504 upstream_timeout
+        └── InternalError          500 internal_error
+
+Deep code raises; `cli.py` turns ConfigError/StartupError into an exit code and
+the HTTP middleware turns HTTPError into a response via `error_body`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar, Mapping, Sequence
+
+
+class AiwfdError(Exception):
+    """Base of every error aiwfd raises on purpose."""
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong in an agents file, located as precisely as we can."""
+
+    file: str
+    line: int | None
+    path: str
+    message: str
+    hint: str | None = None
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}" if self.line else self.file
+        key = f" {self.path}:" if self.path else ""
+        hint = f" ({self.hint})" if self.hint else ""
+        return f"{where}:{key} {self.message}{hint}"
+
+
+class ConfigError(AiwfdError):
+    """The agents file (or a file it imports) is invalid; `problems` lists all."""
+
+    def __init__(self, problems: Sequence[Problem]) -> None:
+        self.problems = list(problems)
+        super().__init__("\n".join(str(p) for p in self.problems))
+
+
+class StartupError(AiwfdError):
+    """The daemon cannot start; the message is the one line the user sees."""
+
+
+class HTTPError(AiwfdError):
+    """An error answered to the client with a fixed status and `type`."""
+
+    status: ClassVar[int] = 500
+    type: ClassVar[str] = "internal_error"
+    default_message: ClassVar[str] = "internal error"
+
+    def __init__(
+        self,
+        message: str | None = None,
+        *,
+        details: Sequence[Any] = (),
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        self.message = message or self.default_message
+        self.details = list(details)
+        self.headers = dict(headers or {})
+        super().__init__(self.message)
+
+
+class InvalidJSON(HTTPError):
+    status, type, default_message = 400, "invalid_json", "request body is not a JSON object"
+
+
+class Unauthorized(HTTPError):
+    status, type, default_message = 401, "unauthorized", "missing or invalid API key"
+
+
+class NotFound(HTTPError):
+    status, type, default_message = 404, "not_found", "not found"
+
+
+class MethodNotAllowed(HTTPError):
+    status, type, default_message = 405, "method_not_allowed", "method not allowed"
+
+
+class RequestTimeout(HTTPError):
+    status, type, default_message = 408, "request_timeout", "the request body did not arrive in time"
+
+
+class PayloadTooLarge(HTTPError):
+    status, type, default_message = 413, "payload_too_large", "request body too large"
+
+
+class UnsupportedMediaType(HTTPError):
+    status, type, default_message = (
+        415,
+        "unsupported_media_type",
+        "Content-Type must be application/json",
+    )
+
+
+class InvalidInput(HTTPError):
+    status, type, default_message = 422, "invalid_input", "request body does not match the input type"
+
+
+class RateLimited(HTTPError):
+    status, type, default_message = 429, "rate_limited", "the model provider is rate limiting requests"
+
+
+class UpstreamError(HTTPError):
+    status, type, default_message = 502, "upstream_error", "the model provider returned an error"
+
+
+class InvalidOutput(HTTPError):
+    status, type, default_message = (
+        502,
+        "invalid_output",
+        "the model's answer did not match the output type",
+    )
+
+
+class Unavailable(HTTPError):
+    status, type, default_message = 503, "unavailable", "service unavailable"
+
+
+class UpstreamTimeout(HTTPError):
+    status, type, default_message = 504, "upstream_timeout", "the model provider timed out"
+
+
+class InternalError(HTTPError):
+    status, type, default_message = 500, "internal_error", "internal error"
+
+
+def error_body(err: HTTPError, request_id: str) -> dict[str, Any]:
+    """The one JSON shape of every error answered to a client (SPEC §3.1)."""
+    return {
+        "error": {"type": err.type, "message": err.message, "details": err.details},
+        "request_id": request_id,
+    }
