@@ -1,0 +1,205 @@
+"""One agent call: ask the model, validate, re-ask, retry, and build the trace.
+
+Attempts are model calls: a re-ask after an invalid answer and a retry after a
+transport failure (connection error, timeout, 429, 5xx) both spend one, so
+`trace.attempts` counts exactly what the provider saw.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import openai
+import orjson
+
+from aiwfd.compiler import Compiled, CompiledAgent
+from aiwfd.errors import (
+    HTTPError, InvalidOutput, RateLimited, Unavailable, UpstreamError, UpstreamTimeout,
+)
+from aiwfd.llm import DEFAULT_TIMEOUT, ChatResult, ModelClient
+
+BACKOFF_BASE = 0.25
+BACKOFF_CAP = 4.0
+MAX_QUOTED_ERRORS = 10
+
+
+@dataclass
+class CallStats:
+    """What one call cost, for the trace, the request log and metrics."""
+
+    attempts: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    upstream_seconds: list[float] = field(default_factory=list)
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+def go_duration(seconds: float) -> str:
+    """A duration written the way Go prints one: 850µs, 850ms, 1.234s, 2m3.5s."""
+    if seconds < 0.001:
+        return f"{round(seconds * 1e6)}µs"
+    ms = round(seconds * 1000)
+    if ms < 1000:
+        return f"{ms}ms"
+    h, rest = divmod(ms, 3_600_000)
+    m, rest = divmod(rest, 60_000)
+    secs = f"{rest / 1000:.3f}".rstrip("0").rstrip(".") + "s"
+    if h:
+        return f"{h}h{m}m{secs}"
+    if m:
+        return f"{m}m{secs}"
+    return secs
+
+
+def build_payload(agent: CompiledAgent, body: Any) -> dict[str, Any]:
+    a = agent.assistant
+    messages = []
+    if a.system_prompt:
+        messages.append({"role": "system", "content": a.system_prompt})
+    messages.append({"role": "user", "content": orjson.dumps(body).decode()})
+    payload: dict[str, Any] = {
+        "model": a.model,
+        "messages": messages,
+        "max_tokens": a.max_tokens,
+        "temperature": a.temperature,
+    }
+    if agent.response_format is not None:
+        payload["response_format"] = agent.response_format
+    return payload
+
+
+def check_answer(compiled: Compiled, agent: CompiledAgent, result: ChatResult) -> tuple[Any, list[dict[str, str]]]:
+    """(data, errors): the answer parsed, unwrapped and validated."""
+    if result.refusal:
+        return None, [{"path": "", "message": f"the model refused: {result.refusal}"}]
+    content = result.content
+    if agent.output_validator is None:
+        if content is None:
+            return None, [{"path": "", "message": "the model returned no text"}]
+        return content, []
+    if content is None:
+        return None, [{"path": "", "message": "the model returned no content"}]
+    try:
+        raw = orjson.loads(content)
+    except orjson.JSONDecodeError as e:
+        truncated = " (the answer was cut off at max_tokens)" if result.finish_reason == "length" else ""
+        return None, [{"path": "", "message": f"not valid JSON: {e}{truncated}"}]
+    if agent.wrapped and not (isinstance(raw, dict) and "value" in raw):
+        return None, [{"path": "", "message": 'expected an object {"value": …}'}]
+    data = compiled.clean_output(agent, raw)
+    return data, agent.output_validator.errors(data)
+
+
+def reask_message(errors: list[dict[str, str]]) -> str:
+    lines = [f"- {e['path'] or '(root)'}: {e['message']}" for e in errors[:MAX_QUOTED_ERRORS]]
+    return ("Your answer does not match the required JSON schema:\n" + "\n".join(lines)
+            + "\nAnswer again with JSON that fixes these errors.")
+
+
+async def call_agent(
+    compiled: Compiled,
+    agent: CompiledAgent,
+    client: ModelClient,
+    body: Any,
+    request_id: str,
+    deadline: float,
+    stats: CallStats,
+) -> dict[str, Any]:
+    """Run the agent; returns `{"data", "trace"}` or raises an HTTPError."""
+    a = agent.assistant
+    started = time.monotonic()
+    timeout = a.timeout or agent.provider.timeout or DEFAULT_TIMEOUT
+    # An explicit timeout longer than the deadline is the user raising the deadline.
+    end = started + max(deadline, a.timeout or agent.provider.timeout or 0)
+    payload = build_payload(agent, body)
+    last_failure: HTTPError | None = None
+    while stats.attempts < a.max_attempts:
+        remaining = end - time.monotonic()
+        if remaining <= 0:
+            break
+        stats.attempts += 1
+        t0 = time.monotonic()
+        try:
+            result = await client.complete(payload, min(timeout, remaining), agent)
+        except openai.APIError as e:
+            stats.upstream_seconds.append(time.monotonic() - t0)
+            last_failure, retryable, wait = classify(e, stats.attempts)
+            if not retryable or stats.attempts >= a.max_attempts:
+                break
+            if time.monotonic() + wait >= end:
+                break
+            await asyncio.sleep(wait)
+            continue
+        stats.upstream_seconds.append(time.monotonic() - t0)
+        stats.prompt_tokens += result.prompt_tokens
+        stats.completion_tokens += result.completion_tokens
+        data, errors = check_answer(compiled, agent, result)
+        if not errors:
+            return {"data": data, "trace": trace(agent, stats, started, request_id)}
+        last_failure = InvalidOutput(
+            f"the model's answer did not match the output type after {stats.attempts} "
+            f"attempt{'s' if stats.attempts != 1 else ''}",
+            details=errors,
+        )
+        if result.content is not None:
+            payload["messages"] = payload["messages"] + [
+                {"role": "assistant", "content": result.content},
+                {"role": "user", "content": reask_message(errors)},
+            ]
+    if last_failure is None:
+        last_failure = UpstreamTimeout("no time left to call the model within the deadline")
+    raise last_failure
+
+
+def trace(agent: CompiledAgent, stats: CallStats, started: float, request_id: str) -> dict[str, Any]:
+    return {
+        "step_name": agent.name,
+        "usage": {"prompt": stats.prompt_tokens, "completion": stats.completion_tokens,
+                  "total": stats.total_tokens},
+        "attempts": stats.attempts,
+        "duration": go_duration(time.monotonic() - started),
+        "model": agent.assistant.model,
+        "request_id": request_id,
+    }
+
+
+def classify(e: openai.APIError, attempt: int) -> tuple[HTTPError, bool, float]:
+    """(error answered if this stays the last failure, retryable?, seconds to wait)."""
+    backoff = min(BACKOFF_CAP, BACKOFF_BASE * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
+    if isinstance(e, openai.APITimeoutError):
+        return UpstreamTimeout("the model provider did not answer in time"), True, backoff
+    if isinstance(e, openai.APIConnectionError):
+        return Unavailable("the model provider is unreachable"), True, backoff
+    if isinstance(e, openai.APIStatusError):
+        status = e.status_code
+        if status == 429:
+            after = retry_after(e)
+            wait = after if after is not None else backoff
+            hdr = f"{max(1, round(after if after is not None else 1))}"
+            return RateLimited(headers={"Retry-After": hdr}), True, wait
+        if status >= 500:
+            return UpstreamError(f"the model provider answered {status}"), True, backoff
+        return UpstreamError(f"the model provider refused the request ({status})"), False, 0.0
+    return UpstreamError("the model provider's answer could not be read"), True, backoff
+
+
+def retry_after(e: openai.APIStatusError) -> float | None:
+    headers = e.response.headers
+    for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
+        value = headers.get(name)
+        if value is None:
+            continue
+        try:
+            seconds = float(value) * scale
+        except ValueError:
+            continue
+        if 0 <= seconds <= 60:
+            return seconds
+    return None

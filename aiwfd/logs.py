@@ -1,0 +1,120 @@
+"""The request log (one line per request, SPEC §3.2) and the daemon's own messages.
+
+    2025-11-06T19:00:00Z POST /agent/greeter - 1.2s status=200 request_id=… attempts=1 tokens=40
+
+Lines go straight to stderr (journald under systemd). The path is escaped so
+that a client cannot forge a line, and bodies, keys and model output are
+never written.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+import time
+from typing import Any, TextIO
+
+from aiwfd.agent import go_duration
+
+logger = logging.getLogger("aiwfd")
+
+_UNSAFE = re.compile(r"[\x00-\x20\x7f-\x9f\\\"]")
+
+
+def escape(text: str) -> str:
+    """Control characters, spaces, quotes and backslashes as \\xNN."""
+    if not _UNSAFE.search(text):
+        return text
+    return _UNSAFE.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
+class _Clock:
+    """The UTC timestamp of the current second, formatted once per second."""
+
+    __slots__ = ("_second", "_text")
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._text = ""
+
+    def now(self) -> str:
+        t = time.time()
+        s = int(t)
+        if s != self._second:
+            self._second = s
+            self._text = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(s))
+        return self._text
+
+
+_clock = _Clock()
+
+
+class RequestLog:
+    """Writes one access-log line per request, text or JSON."""
+
+    def __init__(self, fmt: str = "text", stream: TextIO | None = None) -> None:
+        self.fmt = fmt
+        self.stream = stream or sys.stderr
+
+    def write(self, method: str, path: str, seconds: float, status: int, request_id: str,
+              attempts: int | None = None, tokens: int | None = None, error: str | None = None) -> None:
+        if self.fmt == "json":
+            doc: dict[str, Any] = {
+                "time": _clock.now(), "method": method, "path": path,
+                "duration": go_duration(seconds), "duration_ms": round(seconds * 1000, 3),
+                "status": status, "request_id": request_id,
+            }
+            if attempts is not None:
+                doc["attempts"] = attempts
+                doc["tokens"] = tokens
+            if error:
+                doc["error"] = error
+            # json.dumps escapes control characters in the path by itself.
+            line = json.dumps(doc, ensure_ascii=True)
+        else:
+            line = (f"{_clock.now()} {method} {escape(path)} - {go_duration(seconds)} "
+                    f"status={status} request_id={request_id}")
+            if attempts is not None:
+                line += f" attempts={attempts} tokens={tokens}"
+            if error:
+                line += f" error={error}"
+        try:
+            self.stream.write(line + "\n")
+        except (OSError, ValueError):  # stderr closed: never fail a request over a log line
+            pass
+
+
+class _TextFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        ts = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(record.created))
+        msg = f"{ts} {record.levelname.lower()}: {record.getMessage()}"
+        if record.exc_info:
+            msg += "\n" + self.formatException(record.exc_info)
+        return msg
+
+
+class _JSONFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        doc: dict[str, Any] = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(record.created)),
+            "level": record.levelname.lower(),
+            "msg": record.getMessage(),
+        }
+        request_id = getattr(record, "request_id", None)
+        if request_id:
+            doc["request_id"] = request_id
+        if record.exc_info:
+            doc["traceback"] = self.formatException(record.exc_info)
+        return json.dumps(doc, ensure_ascii=True)
+
+
+def setup(fmt: str, level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_JSONFormatter() if fmt == "json" else _TextFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # aiohttp's own access log would duplicate ours.
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)

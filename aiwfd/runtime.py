@@ -1,0 +1,134 @@
+"""The running daemon's state: one immutable snapshot swapped whole on reload.
+
+A request takes the snapshot current when it starts and keeps it to the end,
+so a reload never changes a config under a running call. A snapshot swapped
+out closes its provider clients once its last request has finished.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import orjson
+
+from aiwfd.compiler import Compiled, CompiledAgent
+from aiwfd.llm import ModelClient, OpenAICompatible, Transport
+from aiwfd.logs import RequestLog
+from aiwfd.mock import MockClient
+from aiwfd.settings import Settings
+
+logger = logging.getLogger("aiwfd")
+
+
+@dataclass(eq=False)
+class Snapshot:
+    compiled: Compiled
+    clients: dict[str, ModelClient]
+    api_keys: tuple[bytes, ...]
+    max_body: int
+    agents_json: bytes
+    inflight: int = 0
+    retired: bool = False
+    closed: bool = False
+
+    def client(self, agent: CompiledAgent) -> ModelClient:
+        return self.clients[agent.provider.name]
+
+    async def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        for c in self.clients.values():
+            try:
+                await c.close()
+            except Exception:  # a client that fails to close must not stop the others
+                logger.exception("closing provider client %s failed", c.name)
+
+
+def build_snapshot(compiled: Compiled, settings: Settings, session: aiohttp.ClientSession | None,
+                   transport: Transport) -> Snapshot:
+    """Create the clients the agents need; raises StartupError when a key is missing."""
+    clients: dict[str, ModelClient] = {}
+    for agent in compiled.agents.values():
+        p = agent.provider
+        if p.name in clients:
+            continue
+        if settings.mock or p.kind == "mock":
+            clients[p.name] = MockClient(compiled.config.types)
+        else:
+            clients[p.name] = OpenAICompatible(p, settings.env, session, transport)
+    return Snapshot(
+        compiled=compiled,
+        clients=clients,
+        api_keys=settings.api_keys,
+        max_body=settings.effective_max_body(compiled.config),
+        agents_json=orjson.dumps({"agents": agents_listing(compiled, settings.mock)}),
+    )
+
+
+def agents_listing(compiled: Compiled, mock: bool) -> list[dict[str, Any]]:
+    out = []
+    for name in sorted(compiled.agents):
+        a = compiled.agents[name]
+        entry: dict[str, Any] = {
+            "name": name,
+            "endpoint": f"/agent/{name}",
+            "model": a.assistant.model,
+            "provider": "mock" if mock else a.provider.name,
+        }
+        if a.assistant.description:
+            entry["description"] = a.assistant.description
+        entry["input_type"] = a.assistant.input_type_name
+        entry["output_type"] = a.assistant.output_type_name
+        entry["input_schema"] = a.input_schema
+        entry["output_schema"] = a.output_schema
+        out.append(entry)
+    return out
+
+
+@dataclass(eq=False)
+class Runtime:
+    """Everything the handlers share; `snapshot` is replaced, never mutated."""
+
+    settings: Settings
+    snapshot: Snapshot
+    artifacts_dir: str
+    request_log: RequestLog
+    draining: bool = False
+    # Set when the shutdown timeout has passed: running calls answer 503.
+    aborting: bool = False
+    inflight_tasks: set[asyncio.Task[Any]] = field(default_factory=set)
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
+    _closing: set[asyncio.Task[Any]] = field(default_factory=set)
+
+    def acquire(self) -> Snapshot:
+        snap = self.snapshot
+        snap.inflight += 1
+        return snap
+
+    def release(self, snap: Snapshot) -> None:
+        snap.inflight -= 1
+        if snap.retired and snap.inflight == 0:
+            self._close_later(snap)
+
+    def swap(self, new: Snapshot) -> Snapshot:
+        old = self.snapshot
+        self.snapshot = new
+        old.retired = True
+        if old.inflight == 0:
+            self._close_later(old)
+        return old
+
+    def _close_later(self, snap: Snapshot) -> None:
+        task = asyncio.get_running_loop().create_task(snap.close())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    async def close(self) -> None:
+        await self.snapshot.close()
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)

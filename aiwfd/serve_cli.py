@@ -1,0 +1,19 @@
+"""`aiwfd serve`: its flags, and the hand-over from the command line to the server."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from aiwfd import logs, server, settings
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("serve", help="serve every agent at POST /agent/{name}")
+    settings.add_arguments(p)
+
+
+def run(args: argparse.Namespace) -> int:
+    s = settings.from_args(args)
+    logs.setup(s.log_format, s.log_level)
+    return server.run(s)

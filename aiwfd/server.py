@@ -1,0 +1,299 @@
+"""The daemon's life: start, serve, reload on SIGHUP, drain on SIGTERM/SIGINT.
+
+Start-up problems raise ConfigError/StartupError before anything listens;
+`cli.py` turns them into one line and an exit code. Signal handlers are
+installed before READY=1, so an early SIGHUP can never kill the process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import shutil
+import signal
+import socket
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from aiwfd import __version__
+from aiwfd.app import create_app
+from aiwfd.artifacts import write_artifacts
+from aiwfd.compiler import Compiled, load_and_compile
+from aiwfd.errors import ConfigError, StartupError
+from aiwfd.llm import transport_from_env
+from aiwfd.logs import RequestLog
+from aiwfd.notify import Notifier, watchdog_interval
+from aiwfd.runtime import Runtime, build_snapshot
+from aiwfd.settings import Settings
+
+logger = logging.getLogger("aiwfd")
+
+EPHEMERAL_PREFIX = "aiwfd-"
+EXIT_INTERRUPTED = 130
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+def ephemeral_root() -> Path:
+    return Path(tempfile.gettempdir())
+
+
+def remove_stale_ephemeral_dirs(root: Path | None = None) -> list[Path]:
+    """Remove `aiwfd-<pid>-*` directories whose process is gone (a kill -9 leaves them)."""
+    removed = []
+    for d in (root or ephemeral_root()).glob(f"{EPHEMERAL_PREFIX}*-*"):
+        pid_s = d.name[len(EPHEMERAL_PREFIX):].split("-", 1)[0]
+        if not pid_s.isdigit() or int(pid_s) == os.getpid() or not d.is_dir():
+            continue
+        if _alive(int(pid_s)):
+            continue
+        shutil.rmtree(d, ignore_errors=True)
+        removed.append(d)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+class Server:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._base_env = dict(os.environ)
+        self.notifier = Notifier()
+        self.transport = transport_from_env(settings.env)
+        self.runtime: Runtime | None = None
+        self.runner: web.AppRunner | None = None
+        self.session: aiohttp.ClientSession | None = None
+        self.ephemeral: Path | None = None
+        self.stopped = asyncio.Event()
+        self._stop_signals = 0
+        self._reload_task: asyncio.Task[None] | None = None
+        self._reload_again = False
+        self._watchdog: asyncio.Task[None] | None = None
+        self.port: int | None = None
+
+    # ---------------------------------------------------------------- start
+
+    async def start(self) -> None:
+        s = self.settings
+        compiled = load_and_compile(s.file)
+        for w in compiled.warnings:
+            logger.warning("%s", w)
+        self.session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30, enable_cleanup_closed=True),
+            json_serialize=None,  # type: ignore[arg-type]
+        )
+        try:
+            snapshot = build_snapshot(compiled, s, self.session, self.transport)
+        except StartupError:
+            await self.session.close()
+            raise
+        artifacts_dir = await asyncio.to_thread(self._prepare_artifacts_dir)
+        await asyncio.to_thread(write_artifacts, compiled, artifacts_dir)
+        self.runtime = Runtime(settings=s, snapshot=snapshot, artifacts_dir=str(artifacts_dir),
+                               request_log=RequestLog(s.log_format))
+        app = create_app(self.runtime)
+        self.runner = web.AppRunner(app, handle_signals=False, access_log=None,
+                                    shutdown_timeout=1.0)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, s.host, s.port, backlog=1024, reuse_address=True)
+        try:
+            await site.start()
+        except OSError as e:
+            await self._close_resources()
+            raise StartupError(_bind_error(s.host, s.port, e)) from None
+        self.port = _bound_port(site)
+        self._install_signal_handlers()
+        if not s.api_keys and s.host not in LOOPBACK:
+            logger.warning("API_KEY is not set and %s is not a loopback address: anyone who can "
+                           "reach this port can call the agents", s.host)
+        logger.info("aiwfd %s serving %s (%d agents%s) on http://%s:%d", __version__, s.file,
+                    len(compiled.agents), ", mock provider" if s.mock else "",
+                    _url_host(s.host), self.port)
+        self.notifier.ready()
+        interval = watchdog_interval()
+        if interval:
+            self._watchdog = asyncio.get_running_loop().create_task(self._watchdog_loop(interval))
+
+    def _prepare_artifacts_dir(self) -> Path:
+        if self.settings.output_dir:
+            path = Path(self.settings.output_dir)
+            path.mkdir(parents=True, exist_ok=True)
+            return path
+        for d in remove_stale_ephemeral_dirs():
+            logger.info("removed %s left by a process that no longer runs", d)
+        self.ephemeral = Path(tempfile.mkdtemp(prefix=f"{EPHEMERAL_PREFIX}{os.getpid()}-"))
+        return self.ephemeral
+
+    def _install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self.on_stop_signal, signal.SIGTERM)
+        loop.add_signal_handler(signal.SIGINT, self.on_stop_signal, signal.SIGINT)
+        loop.add_signal_handler(signal.SIGHUP, self.on_sighup)
+
+    async def _watchdog_loop(self, interval: float) -> None:
+        while True:
+            self.notifier.watchdog()
+            await asyncio.sleep(interval)
+
+    # ---------------------------------------------------------------- signals
+
+    def on_stop_signal(self, signum: int) -> None:
+        self._stop_signals += 1
+        if self._stop_signals > 1:
+            if signum == signal.SIGINT:
+                logger.warning("second interrupt: exiting now")
+                self._remove_ephemeral()
+                os._exit(EXIT_INTERRUPTED)
+            return
+        logger.info("%s: draining and shutting down", signal.Signals(signum).name)
+        self.stopped.set()
+
+    def on_sighup(self) -> None:
+        if self._reload_task is not None and not self._reload_task.done():
+            self._reload_again = True  # coalesce a burst of SIGHUPs into one more reload
+            return
+        self._reload_task = asyncio.get_running_loop().create_task(self._reload_loop())
+
+    async def _reload_loop(self) -> None:
+        while True:
+            self._reload_again = False
+            await self.reload()
+            if not self._reload_again or self.stopped.is_set():
+                return
+
+    async def reload(self) -> bool:
+        """Load the config again and swap it in; on any problem keep the old one."""
+        rt = self.runtime
+        assert rt is not None
+        self.notifier.reloading()
+        try:
+            settings = self.settings.reread_env(self._base_env)
+            compiled: Compiled = await asyncio.to_thread(load_and_compile, settings.file)
+            snapshot = build_snapshot(compiled, settings, self.session, self.transport)
+        except ConfigError as e:
+            for p in e.problems:
+                logger.error("reload: %s", p)
+            logger.error("reload failed: %d errors in %s; still serving the previous config",
+                         len(e.problems), self.settings.file)
+            self.notifier.ready()
+            return False
+        except StartupError as e:
+            logger.error("reload failed: %s; still serving the previous config", e)
+            self.notifier.ready()
+            return False
+        try:
+            await asyncio.to_thread(write_artifacts, compiled, rt.artifacts_dir)
+        except OSError as e:
+            logger.error("reload: could not write artifacts to %s: %s", rt.artifacts_dir, e)
+        self.settings = settings
+        rt.settings = settings
+        rt.swap(snapshot)
+        for w in compiled.warnings:
+            logger.warning("%s", w)
+        logger.info("reloaded %s: %d agents", settings.file, len(compiled.agents))
+        self.notifier.ready()
+        return True
+
+    # ---------------------------------------------------------------- stop
+
+    async def drain(self) -> None:
+        """Stop listening, finish in-flight requests, answer 503 to what is left."""
+        rt, runner = self.runtime, self.runner
+        assert rt is not None and runner is not None
+        self.notifier.stopping()
+        rt.draining = True
+        for site in list(runner.sites):
+            await site.stop()
+        server = runner.server
+        if server is not None:
+            for conn in server.connections:
+                conn.close()  # idle keep-alive connections close now, busy ones after their answer
+        timeout = self.settings.effective_shutdown_timeout(rt.snapshot.compiled.config)
+        if rt.inflight_tasks:
+            logger.info("waiting up to %gs for %d in-flight requests", timeout, len(rt.inflight_tasks))
+            try:
+                await asyncio.wait_for(rt.idle.wait(), timeout)
+            except asyncio.TimeoutError:
+                logger.warning("shutdown timeout: answering 503 to %d requests still running",
+                               len(rt.inflight_tasks))
+                rt.aborting = True
+                for task in list(rt.inflight_tasks):
+                    task.cancel()
+                try:
+                    await asyncio.wait_for(rt.idle.wait(), 2.0)
+                except asyncio.TimeoutError:
+                    pass
+
+    async def _close_resources(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        if self._reload_task is not None:
+            self._reload_task.cancel()
+        if self.runner is not None:
+            await self.runner.cleanup()
+        if self.runtime is not None:
+            await self.runtime.close()
+        if self.session is not None:
+            await self.session.close()
+        self._remove_ephemeral()
+        self.notifier.close()
+
+    def _remove_ephemeral(self) -> None:
+        if self.ephemeral is not None:
+            shutil.rmtree(self.ephemeral, ignore_errors=True)
+            self.ephemeral = None
+
+    async def serve(self) -> int:
+        await self.start()
+        try:
+            await self.stopped.wait()
+            await self.drain()
+        finally:
+            await self._close_resources()
+        logger.info("stopped")
+        return 0
+
+
+def _bound_port(site: web.TCPSite) -> int:
+    server: Any = site._server  # aiohttp keeps the asyncio.Server here
+    sockets = getattr(server, "sockets", None) or []
+    for sock in sockets:
+        return int(sock.getsockname()[1])
+    return int(site._port)
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def _bind_error(host: str, port: int, e: OSError) -> str:
+    if e.errno == errno.EADDRINUSE:
+        return f"port {port} already in use on {host} (pick another with --port)"
+    if e.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT) or isinstance(e, socket.gaierror):
+        return f"cannot listen on {host}:{port}: {e.strerror or e} (check --host)"
+    if e.errno == errno.EACCES:
+        return f"cannot listen on {host}:{port}: permission denied (ports below 1024 need privileges)"
+    return f"cannot listen on {host}:{port}: {e.strerror or e}"
+
+
+def run(settings: Settings) -> int:
+    """Run the daemon until it is stopped; returns the exit code."""
+    coro = Server(settings).serve()
+    try:
+        import uvloop  # the [speed] extra
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)
