@@ -68,8 +68,11 @@ def _alive(pid: int) -> bool:
 
 
 class Server:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, install_signals: bool = True,
+                 request_log: RequestLog | None = None) -> None:
         self.settings = settings
+        self.install_signals = install_signals
+        self.request_log = request_log
         self._base_env = dict(os.environ)
         self.notifier = Notifier()
         self.transport = transport_from_env(settings.env)
@@ -103,7 +106,7 @@ class Server:
         artifacts_dir = await asyncio.to_thread(self._prepare_artifacts_dir)
         await asyncio.to_thread(write_artifacts, compiled, artifacts_dir)
         self.runtime = Runtime(settings=s, snapshot=snapshot, artifacts_dir=str(artifacts_dir),
-                               request_log=RequestLog(s.log_format))
+                               request_log=self.request_log or RequestLog(s.log_format))
         app = create_app(self.runtime)
         self.runner = web.AppRunner(app, handle_signals=False, access_log=None,
                                     shutdown_timeout=1.0)
@@ -115,7 +118,8 @@ class Server:
             await self._close_resources()
             raise StartupError(_bind_error(s.host, s.port, e)) from None
         self.port = _bound_port(site)
-        self._install_signal_handlers()
+        if self.install_signals:
+            self._install_signal_handlers()
         if not s.api_keys and s.host not in LOOPBACK:
             logger.warning("API_KEY is not set and %s is not a loopback address: anyone who can "
                            "reach this port can call the agents", s.host)
@@ -256,14 +260,18 @@ class Server:
             shutil.rmtree(self.ephemeral, ignore_errors=True)
             self.ephemeral = None
 
-    async def serve(self) -> int:
-        await self.start()
+    async def stop(self) -> None:
+        """Drain and release everything (what SIGTERM does)."""
         try:
-            await self.stopped.wait()
             await self.drain()
         finally:
             await self._close_resources()
         logger.info("stopped")
+
+    async def serve(self) -> int:
+        await self.start()
+        await self.stopped.wait()
+        await self.stop()
         return 0
 
 

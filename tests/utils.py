@@ -1,0 +1,231 @@
+"""Start aiwfd for tests: in-process on a free port, or as a real `aiwfd serve` process.
+
+In-process (the default for HTTP behaviour; cheap, shares the module's fake)::
+
+    async with serve(config_path, env=fake_env(fake)) as srv:
+        async with srv.session.post(srv.url("/agent/greeter"), json={...}) as r: ...
+        srv.log_lines()          # the request log, one entry per request
+
+A real process (for signals, the CLI, stderr, exit codes)::
+
+    with AiwfdProcess(["serve", "-f", cfg, "-p", "0"], env=...) as proc:
+        proc.url("/health"); proc.send(signal.SIGHUP); proc.wait_for_log("reloaded")
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, AsyncIterator, Iterator, Mapping
+
+import aiohttp
+
+from aiwfd.logs import RequestLog
+from aiwfd.server import Server
+from aiwfd.settings import Settings
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIGS = REPO / "tests" / "configs"
+LISTEN_RE = re.compile(r"on http://(\[[^\]]+\]|[^:\s]+):(\d+)")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def fake_env(fake: Any, **extra: str) -> dict[str, str]:
+    """Environment pointing the built-in providers at a FakeOpenAI."""
+    env = {"OPENAI_API_KEY": "sk-test-openai-key", "OPENAI_BASE_URL": fake.base_url,
+           "GROK_API_KEY": "xai-test-grok-key", "GROK_BASE_URL": fake.base_url}
+    env.update(extra)
+    return env
+
+
+def write_config(directory: Path, text: str, name: str = "agents.yaml") -> Path:
+    path = directory / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+@dataclass
+class InProcess:
+    server: Server
+    session: aiohttp.ClientSession
+    log: io.StringIO
+    host: str = "127.0.0.1"
+
+    @property
+    def base(self) -> str:
+        return f"http://{self.host}:{self.server.port}"
+
+    def url(self, path: str) -> str:
+        return self.base + path
+
+    def log_lines(self) -> list[str]:
+        return [line for line in self.log.getvalue().splitlines() if line]
+
+
+@contextlib.asynccontextmanager
+async def serve(config: str | os.PathLike[str], env: Mapping[str, str] | None = None,
+                **settings: Any) -> AsyncIterator[InProcess]:
+    """aiwfd's real Server (real socket, real middleware) inside the test's loop."""
+    log = io.StringIO()
+    s = Settings(file=str(config), host="127.0.0.1", port=0, env=dict(env or {}), **settings)
+    server = Server(s, install_signals=False, request_log=RequestLog(s.log_format, log))
+    await server.start()
+    session = aiohttp.ClientSession()
+    try:
+        yield InProcess(server, session, log)
+    finally:
+        await session.close()
+        await server.stop()
+
+
+class AiwfdProcess:
+    """`python -m aiwfd ARGS` as a child process, its stderr collected line by line."""
+
+    def __init__(self, args: list[str], env: Mapping[str, str] | None = None, cwd: str | Path | None = None,
+                 inherit_env: bool = True, wait_ready: bool = True, timeout: float = 20.0) -> None:
+        full_env = dict(os.environ) if inherit_env else {"PATH": os.environ.get("PATH", "")}
+        for k in ("API_KEY", "OPENAI_API_KEY", "OPENAI_BASE_URL", "PORT", "HOST", "NOTIFY_SOCKET",
+                  "WATCHDOG_USEC", "AIWF_LOG_FORMAT", "AIWF_LOG_LEVEL"):
+            full_env.pop(k, None)
+        full_env.update(env or {})
+        full_env.setdefault("PYTHONUNBUFFERED", "1")
+        self.args = args
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "aiwfd", *args], env=full_env, cwd=cwd,
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )
+        self.lines: list[str] = []
+        self.stdout = ""
+        self._cond = threading.Condition()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        self._out_reader = threading.Thread(target=self._read_stdout, daemon=True)
+        self._out_reader.start()
+        self.host: str | None = None
+        self.port: int | None = None
+        if wait_ready:
+            line = self.wait_for_log(LISTEN_RE.pattern, timeout=timeout)
+            m = LISTEN_RE.search(line)
+            assert m
+            self.host, self.port = m.group(1), int(m.group(2))
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for raw in self.proc.stderr:
+            with self._cond:
+                self.lines.append(raw.decode("utf-8", "replace").rstrip("\n"))
+                self._cond.notify_all()
+        with self._cond:
+            self._cond.notify_all()
+
+    def _read_stdout(self) -> None:
+        assert self.proc.stdout is not None
+        self.stdout = self.proc.stdout.read().decode("utf-8", "replace")
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def base(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def url(self, path: str) -> str:
+        return self.base + path
+
+    def wait_for_log(self, pattern: str, timeout: float = 20.0, start: int = 0) -> str:
+        """The first stderr line from index `start` matching `pattern`; waits on new lines, not on a clock."""
+        rx = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            i = start
+            while True:
+                while i < len(self.lines):
+                    if rx.search(self.lines[i]):
+                        return self.lines[i]
+                    i += 1
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or (self.proc.poll() is not None and not self._reader.is_alive()):
+                    raise AssertionError(f"no stderr line matching {pattern!r}; stderr so far:\n"
+                                         + "\n".join(self.lines))
+                self._cond.wait(min(remaining, 0.5))
+
+    def send(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout: float = 30.0) -> int:
+        rc = self.proc.wait(timeout)
+        self._reader.join(5)
+        self._out_reader.join(5)
+        return rc
+
+    @property
+    def stderr(self) -> str:
+        with self._cond:
+            return "\n".join(self.lines)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.wait(5)
+
+    def __enter__(self) -> "AiwfdProcess":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.proc.poll() is None:
+            self.stop()
+        else:
+            self.wait(5)
+
+
+def run_cli(args: list[str], env: Mapping[str, str] | None = None, cwd: str | Path | None = None,
+            timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+    """`python -m aiwfd ARGS` to completion (for validate, compile and start-up failures)."""
+    full_env = dict(os.environ)
+    for k in ("API_KEY", "OPENAI_API_KEY", "OPENAI_BASE_URL", "PORT", "HOST", "NOTIFY_SOCKET"):
+        full_env.pop(k, None)
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, "-m", "aiwfd", *args], env=full_env, cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+@contextlib.contextmanager
+def fake_process(latency_ms: int = 0, extra: list[str] | None = None) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """tests/fakeopenai.py as its own process (for real-process tests): yields (proc, base_url)."""
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "tests" / "fakeopenai.py"), "--port", "0",
+         "--latency-ms", str(latency_ms), *(extra or [])],
+        stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline().decode()
+        assert line.startswith("LISTENING"), line
+        yield proc, f"http://127.0.0.1:{int(line.split()[1])}/v1"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
