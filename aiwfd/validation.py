@@ -14,13 +14,20 @@ from __future__ import annotations
 
 import difflib
 import re
+import sys
 from typing import Any, Callable, Iterable, Mapping
 
-import jsonschema
-from jsonschema import Draft202012Validator, FormatChecker
+# jsonschema imports rfc3987_syntax when it is installed (its format-nongpl
+# extra pulls it in) only for IRI formats we never emit, and that module
+# builds a grammar at import: seven seconds of start-up on a 2-core machine.
+# URIs are checked with rfc3986-validator instead.
+sys.modules.setdefault("rfc3987_syntax", None)  # type: ignore[arg-type]
 
-from aiwfd import typedsl
-from aiwfd.typedsl import Node
+import jsonschema  # noqa: E402
+from jsonschema import Draft202012Validator, FormatChecker  # noqa: E402
+
+from aiwfd import typedsl  # noqa: E402
+from aiwfd.typedsl import Node  # noqa: E402
 
 Check = Callable[[Any], bool]
 
