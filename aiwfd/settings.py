@@ -44,6 +44,8 @@ class Settings:
     deadline: float = DEFAULT_DEADLINE
     # The merged environment (process over .env) that providers and auth read.
     env: Mapping[str, str] = field(default_factory=dict, repr=False)
+    # What the .env file held at start (see reread_env).
+    env_file_values: Mapping[str, str] = field(default_factory=dict, repr=False)
 
     @property
     def api_keys(self) -> tuple[bytes, ...]:
@@ -61,8 +63,16 @@ class Settings:
         return DEFAULT_SHUTDOWN_TIMEOUT
 
     def reread_env(self, process_env: Mapping[str, str]) -> "Settings":
-        """The same settings with the `.env` file read again (SIGHUP)."""
-        return replace(self, env=merged_env(self.env_file, process_env))
+        """The same settings with the `.env` file read again (SIGHUP).
+
+        A variable that the process inherited with exactly the value the file
+        had at start came from the file (systemd's `EnvironmentFile=` loads the
+        same file into the environment), so the file's new value wins for it:
+        otherwise a rotated key could never take effect without a restart.
+        """
+        at_start = self.env_file_values
+        inherited = {k: v for k, v in process_env.items() if at_start.get(k) != v}
+        return replace(self, env={**read_env_file(self.env_file), **inherited})
 
 
 def read_env_file(path: str | None) -> dict[str, str]:
@@ -75,10 +85,6 @@ def read_env_file(path: str | None) -> dict[str, str]:
     return {k: v for k, v in values.items() if v is not None}
 
 
-def merged_env(env_file: str | None, process_env: Mapping[str, str]) -> dict[str, str]:
-    return {**read_env_file(env_file), **process_env}
-
-
 def from_args(args: argparse.Namespace, process_env: Mapping[str, str] | None = None) -> Settings:
     process_env = dict(os.environ if process_env is None else process_env)
     env_file = args.env_file
@@ -86,7 +92,8 @@ def from_args(args: argparse.Namespace, process_env: Mapping[str, str] | None = 
         raise StartupError(f"env file not found: {env_file}")
     if env_file is None and Path(".env").is_file():
         env_file = ".env"
-    env = merged_env(env_file, process_env)
+    file_values = read_env_file(env_file)
+    env = {**file_values, **process_env}
 
     def pick(flag: object, name: str) -> str | None:
         if flag is not None:
@@ -125,6 +132,7 @@ def from_args(args: argparse.Namespace, process_env: Mapping[str, str] | None = 
         shutdown_timeout=args.shutdown_timeout,
         deadline=args.deadline,
         env=env,
+        env_file_values=file_values,
     )
 
 
