@@ -111,19 +111,13 @@ class OpenAICompatible:
         return await self._complete_aiohttp(payload, timeout)
 
     async def _complete_sdk(self, payload: dict[str, Any], timeout: float) -> ChatResult:
-        resp = await self.client.chat.completions.create(
+        # The raw response, read by the same strict reader as the aiohttp path:
+        # the SDK's parsed models keep whatever types the provider sent, and a
+        # token count of "abc" must be an unreadable answer (502), not a 500.
+        raw = await self.client.chat.completions.with_raw_response.create(
             **payload, timeout=timeout, extra_headers=self._no_key_headers
         )
-        choice = resp.choices[0] if resp.choices else None
-        usage = resp.usage
-        return ChatResult(
-            content=choice.message.content if choice else None,
-            prompt_tokens=usage.prompt_tokens if usage else 0,
-            completion_tokens=usage.completion_tokens if usage else 0,
-            model=resp.model,
-            finish_reason=choice.finish_reason if choice else None,
-            refusal=getattr(choice.message, "refusal", None) if choice else None,
-        )
+        return read_completion(self._url, raw.status_code, raw.content)
 
     async def _complete_aiohttp(self, payload: dict[str, Any], timeout: float) -> ChatResult:
         assert self._session is not None
@@ -141,27 +135,55 @@ class OpenAICompatible:
         except aiohttp.ClientError as e:
             raise openai.APIConnectionError(message=f"Connection error: {e}",
                                             request=_httpx.Request("POST", self._url)) from None
-        try:
-            doc = orjson.loads(body)
-            choice = doc["choices"][0] if doc.get("choices") else None
-            message = choice["message"] if choice else {}
-            usage = doc.get("usage") or {}
-            return ChatResult(
-                content=message.get("content"),
-                prompt_tokens=int(usage.get("prompt_tokens") or 0),
-                completion_tokens=int(usage.get("completion_tokens") or 0),
-                model=doc.get("model"),
-                finish_reason=choice.get("finish_reason") if choice else None,
-                refusal=message.get("refusal"),
-            )
-        except (ValueError, KeyError, TypeError, AttributeError, IndexError):
-            raise openai.APIResponseValidationError(
-                response=_httpx.Response(status, content=body, request=_httpx.Request("POST", self._url)),
-                body=body, message="the provider's answer is not a chat completion",
-            ) from None
+        return read_completion(self._url, status, body)
 
     async def close(self) -> None:
         await self.client.close()
+
+
+_MAX_COUNT = 2**53 - 1
+
+
+def _count(value: Any) -> int:
+    """A token count: absent is 0; anything but a sane non-negative integer is unreadable."""
+    if value is None:
+        return 0
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if type(value) is not int or not 0 <= value <= _MAX_COUNT:
+        raise ValueError(f"token count {value!r:.40} is not a non-negative integer")
+    return value
+
+
+def _text(value: Any) -> str | None:
+    if value is None or isinstance(value, str):
+        return value
+    raise TypeError("message content is not a string")
+
+
+def read_completion(url: str, status: int, body: bytes) -> ChatResult:
+    """A chat completion's answer, or the SDK's APIResponseValidationError when it is not one."""
+    try:
+        doc = orjson.loads(body)
+        choice = doc["choices"][0] if doc.get("choices") else None
+        message = choice["message"] if choice else {}
+        usage = doc.get("usage") or {}
+        finish_reason = choice.get("finish_reason") if choice else None
+        refusal = message.get("refusal")
+        model = doc.get("model")
+        return ChatResult(
+            content=_text(message.get("content")),
+            prompt_tokens=_count(usage.get("prompt_tokens")),
+            completion_tokens=_count(usage.get("completion_tokens")),
+            model=model if isinstance(model, str) else None,
+            finish_reason=finish_reason if isinstance(finish_reason, str) else None,
+            refusal=str(refusal) if refusal else None,
+        )
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError, OverflowError):
+        raise openai.APIResponseValidationError(
+            response=_httpx.Response(status, content=body, request=_httpx.Request("POST", url)),
+            body=body, message="the provider's answer is not a chat completion",
+        ) from None
 
 
 _STATUS_ERRORS: dict[int, type[openai.APIStatusError]] = {

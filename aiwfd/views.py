@@ -96,6 +96,10 @@ async def read_json(request: web.Request, limit: int, timeout: float) -> dict[st
     length = request.content_length
     if length is not None and length > limit:
         raise PayloadTooLarge(f"request body of {length} bytes is over the limit of {limit}")
+    if length is not None and request.content.is_eof():
+        # The whole body came with the headers (the usual case): nothing can
+        # stall, so skip arming a timer.
+        return parse_object(await request.content.read())
     try:
         async with _timeout(timeout):
             if length is not None:

@@ -1,0 +1,70 @@
+"""Shared fixtures of the HTTP tests: one FakeOpenAI per module, the agents
+config pointed at it, and a raw-socket HTTP client for what aiohttp's client
+refuses to send (stalled bodies, raw header bytes, unnormalised paths)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import AsyncIterator
+
+import pytest
+
+from tests.fakeopenai import FakeOpenAI
+from tests.utils import CONFIGS, fake_env, free_port
+
+LOCAL_API_KEY = "local-test-key"
+
+
+def agents_env(fake: FakeOpenAI, **extra: str) -> dict[str, str]:
+    """fake_env plus the key of the `local` provider of http_agents.yaml."""
+    return fake_env(fake, LOCAL_API_KEY=LOCAL_API_KEY, **extra)
+
+
+@pytest.fixture(scope="module")
+async def fake() -> AsyncIterator[FakeOpenAI]:
+    async with FakeOpenAI() as f:
+        yield f
+
+
+@pytest.fixture(scope="module")
+def agents_config(fake: FakeOpenAI, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tests/configs/http_agents.yaml with the fake's URL and a closed port filled in."""
+    text = (CONFIGS / "http_agents.yaml").read_text(encoding="utf-8")
+    text = text.replace("@FAKE_URL@", fake.base_url)
+    text = text.replace("@DEAD_URL@", f"http://127.0.0.1:{free_port()}/v1")
+    path = tmp_path_factory.mktemp("http") / "agents.yaml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+class RawResponse:
+    def __init__(self, status: int, headers: dict[str, str], body: bytes) -> None:
+        self.status, self.headers, self.body = status, headers, body
+
+
+async def raw_http(port: int, head: bytes, body: bytes = b"", *, wait: float = 10.0) -> RawResponse:
+    """Send `head` (request line and headers, without the blank line) and `body`
+    as raw bytes, keep the connection open, and read one response."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(head + b"\r\n\r\n" + body)
+        await writer.drain()
+        status_line = await asyncio.wait_for(reader.readline(), wait)
+        assert status_line.startswith(b"HTTP/1.1 "), status_line
+        headers: dict[str, str] = {}
+        while True:
+            line = await asyncio.wait_for(reader.readline(), wait)
+            if line in (b"\r\n", b""):
+                break
+            k, _, v = line.decode("latin-1").partition(":")
+            headers[k.strip().lower()] = v.strip()
+        n = int(headers.get("content-length", "0"))
+        data = await asyncio.wait_for(reader.readexactly(n), wait)
+        return RawResponse(int(status_line.split()[1]), headers, data)
+    finally:
+        writer.close()
+        try:
+            await writer.wait_closed()
+        except OSError:
+            pass
