@@ -110,6 +110,42 @@ class _JSONFormatter(logging.Formatter):
         return json.dumps(doc, ensure_ascii=True)
 
 
+class ProtocolErrorLogger(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """aiohttp's connection logger, minus the request bytes its messages quote.
+
+    aiohttp answers a malformed request (bad Content-Length, a control
+    character in a header) itself and logs the parser's message, which
+    quotes the offending bytes: an `X-API-Key` with a stray \x01 would put
+    the key in the log. Those become one line naming the error class; any
+    other exception keeps its traceback.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(logging.getLogger("aiohttp.server"), {})
+
+    def _protocol_error(self, kw: dict[str, Any]) -> BaseException | None:
+        from aiohttp.http_exceptions import HttpProcessingError
+
+        exc = kw.get("exc_info")
+        if not isinstance(exc, BaseException):
+            exc = sys.exc_info()[1]
+        return exc if isinstance(exc, HttpProcessingError) else None
+
+    def exception(self, msg: Any, *args: Any, **kw: Any) -> None:
+        exc = self._protocol_error(kw)
+        if exc is None:
+            self.logger.exception(msg, *args, **kw)
+        else:
+            self.logger.warning("rejected a malformed HTTP request (%s)", type(exc).__name__)
+
+    def debug(self, msg: Any, *args: Any, **kw: Any) -> None:
+        exc = self._protocol_error(kw)
+        if exc is None:
+            self.logger.debug(msg, *args, **kw)
+        else:
+            self.logger.debug("rejected a malformed HTTP request (%s)", type(exc).__name__)
+
+
 def setup(fmt: str, level: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_JSONFormatter() if fmt == "json" else _TextFormatter())

@@ -572,7 +572,7 @@ class FakeOpenAI:
         app.router.add_get("/v1/models", self._models)
         runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=0.25)
         await runner.setup()
-        site = web.TCPSite(runner, self.host, self.port, reuse_address=True)
+        site = web.TCPSite(runner, self.host, self.port, reuse_address=True, backlog=1024)
         await site.start()
         self._runner = runner
         self.port = int(runner.addresses[0][1])

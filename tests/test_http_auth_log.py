@@ -6,6 +6,7 @@ API_KEY), one with API_KEY="k1,k2", one writing the request log as JSON.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -214,6 +215,24 @@ async def test_no_body_output_or_key_in_the_logs(keyed_srv: InProcess, fake: Fak
     for secret in secrets:
         assert secret not in logged, secret
     assert "sk-test-openai-key" not in logged
+
+
+async def test_malformed_request_does_not_log_its_bytes(keyed_srv: InProcess,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    """aiohttp rejects a control character in a header before our middleware
+    runs; its message quotes the header, which must not reach the log."""
+    with caplog.at_level(logging.DEBUG):
+        reader, writer = await asyncio.open_connection("127.0.0.1", keyed_srv.server.port)
+        writer.write(b"POST /agent/greeter HTTP/1.1\r\nHost: x\r\n"
+                     b"X-API-Key: LEAKED-KEY-31\x01\r\nContent-Length: 2\r\n\r\n{}")
+        answer = await reader.read()  # aiohttp answers and closes
+        writer.close()
+    assert answer.split(b"\r\n", 1)[0].endswith(b"400 Bad Request"), answer[:80]
+    assert "LEAKED-KEY-31" not in caplog.text
+    assert "malformed HTTP request" in caplog.text
+    # The server goes on answering.
+    status, _, _ = await call(keyed_srv, headers={"X-API-Key": "k1"})
+    assert status == 200
 
 
 # --------------------------------------------------------------------------
