@@ -83,7 +83,9 @@ def root_schema(node: Node, defs: Mapping[str, Node], title: str | None = None) 
 
 def strict_root(node: Node, defs: Mapping[str, Node], wrapped: bool) -> tuple[dict[str, Any], bool]:
     """The schema the model sees (SPEC §1.4): root is a closed object."""
-    body_node = defs[node.key] if isinstance(node, typedsl.Ref) and not wrapped else node
+    # An alias chain (`Out: Other`, `Other: {…}`) is followed to the object, so
+    # the root is the object itself and never a bare `$ref`.
+    body_node = node if wrapped else typedsl.deref(node, dict(defs))
     body, strict = typedsl.strict_schema(body_node)
     if wrapped:
         body = {"type": "object", "properties": {"value": body}, "required": ["value"],
@@ -102,6 +104,7 @@ def compile_config(config: Config) -> Compiled:
     type_schemas = {k: root_schema(typedsl.Ref(k), defs, title=k) for k in defs}
     agents: dict[str, CompiledAgent] = {}
     warnings = list(config.warnings)
+    checks: dict[str, Any] = {}  # predicates of named types, shared by every agent
     for name, a in config.assistants.items():
         in_schema = root_schema(a.input_type, defs, a.input_type_name) if a.input_type else dict(OPEN_OBJECT)
         out_schema = response_format = None
@@ -129,8 +132,10 @@ def compile_config(config: Config) -> Compiled:
             response_format=response_format,
             wrapped=wrapped,
             strict=strict,
-            input_validator=Validator(in_schema, compile_check(a.input_type, defs) if a.input_type else None),
-            output_validator=Validator(out_schema, compile_check(a.output_type, defs)) if out_schema else None,
+            input_validator=Validator(in_schema, compile_check(a.input_type, defs, checks) if a.input_type else None,
+                                      trusted=True),
+            output_validator=Validator(out_schema, compile_check(a.output_type, defs, checks), trusted=True)
+            if out_schema else None,
         )
     return Compiled(config, agents, type_schemas, tuple(warnings))
 
@@ -141,5 +146,6 @@ def load_and_compile(path: str) -> Compiled:
 
 def _schema_name(a: Assistant) -> str:
     # OpenAI requires ^[a-zA-Z0-9_-]{1,64}$ for json_schema.name.
-    base = a.output_type_name if a.output_type_name and "." not in a.output_type_name else f"{a.name}_output"
+    name = a.output_type_name or ""
+    base = name if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name) else f"{a.name}_output"
     return re.sub(r"[^A-Za-z0-9_-]", "_", base)[:64] or "output"

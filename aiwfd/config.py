@@ -210,7 +210,7 @@ class _Loader:
             types = {}
         local = {}
         for name in types:
-            if not TYPE_NAME_RE.match(name):
+            if not TYPE_NAME_RE.fullmatch(name):
                 self.err(src, ("types", name), "a type name must start with a letter and use letters, digits and _")
             elif name in typedsl.BUILTIN_WORDS:
                 self.err(src, ("types", name), f"{name!r} is a built-in type and cannot be redefined")
@@ -231,7 +231,7 @@ class _Loader:
         self.check_keys(src, path, item, IMPORT_KEYS)
         alias, rel = item.get("as"), item.get("path")
         ok = True
-        if not isinstance(alias, str) or not TYPE_NAME_RE.match(alias):
+        if not isinstance(alias, str) or not TYPE_NAME_RE.fullmatch(alias):
             self.err(src, path + ("as",), "an import needs an alias: letters, digits and _")
             ok = False
         if not isinstance(rel, str) or not rel:
@@ -244,7 +244,8 @@ class _Loader:
             chain = " -> ".join(p.name for p in stack[stack.index(target):] + (target,))
             self.err(src, path + ("path",), f"import cycle: {chain}")
             return None
-        display = os.path.relpath(target) if not os.path.isabs(rel) else rel
+        # Named the way the importing file was named (not relative to the cwd).
+        display = os.path.normpath(os.path.join(os.path.dirname(src.file), rel))
         sub = self.read(target, display, (src, path + ("path",)))
         if sub is None:
             return None
@@ -359,7 +360,7 @@ def _pending_local(data: dict, ld: _Loader) -> dict[str, str]:
     types = data.get("types")
     if not isinstance(types, dict):
         return {}
-    return {n: n for n in types if TYPE_NAME_RE.match(n) and n not in typedsl.BUILTIN_WORDS}
+    return {n: n for n in types if TYPE_NAME_RE.fullmatch(n) and n not in typedsl.BUILTIN_WORDS}
 
 
 def _aliases(data: dict) -> dict[str, str]:
@@ -381,7 +382,7 @@ def _providers(ld: _Loader, src: yamlsrc.Source, section: Any) -> dict[str, Prov
         if name in BUILTIN_PROVIDERS:
             ld.err(src, path, f"{name!r} is a built-in provider; give yours another name")
             continue
-        if not PROVIDER_NAME_RE.match(name):
+        if not PROVIDER_NAME_RE.fullmatch(name):
             ld.err(src, path, "a provider name uses letters, digits, _ and -")
             continue
         if not isinstance(body, dict):
@@ -394,7 +395,7 @@ def _providers(ld: _Loader, src: yamlsrc.Source, section: Any) -> dict[str, Prov
                    None if "base_url" in body else "every provider needs base_url")
             base_url = None
         key_env = body.get("api_key_env")
-        if key_env is not None and not (isinstance(key_env, str) and ENV_NAME_RE.match(key_env)):
+        if key_env is not None and not (isinstance(key_env, str) and ENV_NAME_RE.fullmatch(key_env)):
             ld.err(src, path + ("api_key_env",), "expected the name of an environment variable")
             key_env = None
         timeout = _positive_number(ld, src, path + ("timeout",), body.get("timeout"))
@@ -416,7 +417,7 @@ def _assistants(ld: _Loader, src: yamlsrc.Source, section: Any, providers: dict[
     out: dict[str, Assistant] = {}
     for name, body in section.items():
         path = ("assistants", name)
-        if not AGENT_NAME_RE.match(name):
+        if not AGENT_NAME_RE.fullmatch(name):
             ld.err(src, path, "an agent name must match ^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$ (it is part of the URL)")
             continue
         if not isinstance(body, dict):
