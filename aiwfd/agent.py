@@ -21,6 +21,7 @@ from aiwfd.errors import (
     HTTPError, InvalidOutput, RateLimited, Unavailable, UpstreamError, UpstreamTimeout,
 )
 from aiwfd.llm import DEFAULT_TIMEOUT, ChatResult, ModelClient
+from aiwfd.logs import go_duration
 
 BACKOFF_BASE = 0.25
 BACKOFF_CAP = 4.0
@@ -39,23 +40,6 @@ class CallStats:
     @property
     def total_tokens(self) -> int:
         return self.prompt_tokens + self.completion_tokens
-
-
-def go_duration(seconds: float) -> str:
-    """A duration written the way Go prints one: 850µs, 850ms, 1.234s, 2m3.5s."""
-    if seconds < 0.001:
-        return f"{round(seconds * 1e6)}µs"
-    ms = round(seconds * 1000)
-    if ms < 1000:
-        return f"{ms}ms"
-    h, rest = divmod(ms, 3_600_000)
-    m, rest = divmod(rest, 60_000)
-    secs = f"{rest / 1000:.3f}".rstrip("0").rstrip(".") + "s"
-    if h:
-        return f"{h}h{m}m{secs}"
-    if m:
-        return f"{m}m{secs}"
-    return secs
 
 
 def build_payload(agent: CompiledAgent, body: Any) -> dict[str, Any]:

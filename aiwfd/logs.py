@@ -16,9 +16,25 @@ import sys
 import time
 from typing import Any, TextIO
 
-from aiwfd.agent import go_duration
-
 logger = logging.getLogger("aiwfd")
+
+
+def go_duration(seconds: float) -> str:
+    """A duration written the way Go prints one: 850µs, 850ms, 1.234s, 2m3.5s."""
+    if seconds < 0.001:
+        return f"{round(seconds * 1e6)}µs"
+    ms = round(seconds * 1000)
+    if ms < 1000:
+        return f"{ms}ms"
+    h, rest = divmod(ms, 3_600_000)
+    m, rest = divmod(rest, 60_000)
+    secs = f"{rest / 1000:.3f}".rstrip("0").rstrip(".") + "s"
+    if h:
+        return f"{h}h{m}m{secs}"
+    if m:
+        return f"{m}m{secs}"
+    return secs
+
 
 _UNSAFE = re.compile(r"[\x00-\x20\x7f-\x9f\\\"]")
 

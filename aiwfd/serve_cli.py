@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from aiwfd import logs, server, settings
+from aiwfd import settings
 
 
 def add_parser(sub: Any) -> None:
@@ -14,6 +14,9 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # Imported here: `aiwfd validate` should not pay for the openai SDK's import.
+    from aiwfd import logs, server
+
     s = settings.from_args(args)
     logs.setup(s.log_format, s.log_level)
     return server.run(s)
