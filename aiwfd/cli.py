@@ -57,7 +57,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for problem in e.problems:
             print(f"error: {problem}", file=sys.stderr)
         n = len(e.problems)
-        print(f"{getattr(args, 'file', 'config')}: {n} error{'s' if n != 1 else ''}", file=sys.stderr)
+        if n > 1:  # one problem is one line (SPEC §4.1): no count to add
+            print(f"{getattr(args, 'file', 'config')}: {n} errors", file=sys.stderr)
         return EXIT_ERROR
     except StartupError as e:
         print(f"aiwfd: {e}", file=sys.stderr)

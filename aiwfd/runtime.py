@@ -16,6 +16,7 @@ import aiohttp
 import orjson
 
 from aiwfd.compiler import Compiled, CompiledAgent
+from aiwfd.errors import StartupError
 from aiwfd.llm import ModelClient, OpenAICompatible, Transport
 from aiwfd.logs import RequestLog
 from aiwfd.mock import MockClient
@@ -60,7 +61,12 @@ def build_snapshot(compiled: Compiled, settings: Settings, session: aiohttp.Clie
         if settings.mock or p.kind == "mock":
             clients[p.name] = MockClient(compiled.config.types)
         else:
-            clients[p.name] = OpenAICompatible(p, settings.env, session, transport)
+            try:
+                clients[p.name] = OpenAICompatible(p, settings.env, session, transport)
+            except StartupError:
+                raise
+            except Exception as e:  # e.g. a base_url the HTTP client rejects ("http://[::1")
+                raise StartupError(f"provider {p.name!r} cannot be configured: {e}") from None
     return Snapshot(
         compiled=compiled,
         clients=clients,

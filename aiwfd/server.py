@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import ipaddress
 import logging
 import os
 import shutil
@@ -27,7 +28,7 @@ from aiwfd.artifacts import write_artifacts
 from aiwfd.compiler import Compiled, load_and_compile
 from aiwfd.errors import ConfigError, StartupError
 from aiwfd.llm import transport_from_env
-from aiwfd.logs import RequestLog
+from aiwfd.logs import ProtocolErrorLogger, RequestLog
 from aiwfd.notify import Notifier, watchdog_interval
 from aiwfd.runtime import Runtime, build_snapshot
 from aiwfd.settings import Settings
@@ -109,7 +110,7 @@ class Server:
                                request_log=self.request_log or RequestLog(s.log_format))
         app = create_app(self.runtime)
         self.runner = web.AppRunner(app, handle_signals=False, access_log=None,
-                                    shutdown_timeout=1.0)
+                                    shutdown_timeout=1.0, logger=ProtocolErrorLogger())
         await self.runner.setup()
         site = web.TCPSite(self.runner, s.host, s.port, backlog=1024, reuse_address=True)
         try:
@@ -120,7 +121,7 @@ class Server:
         self.port = _bound_port(site)
         if self.install_signals:
             self._install_signal_handlers()
-        if not s.api_keys and s.host not in LOOPBACK:
+        if not s.api_keys and not _is_loopback(s.host):
             logger.warning("API_KEY is not set and %s is not a loopback address: anyone who can "
                            "reach this port can call the agents", s.host)
         logger.info("aiwfd %s serving %s (%d agents%s) on http://%s:%d", __version__, s.file,
@@ -198,6 +199,10 @@ class Server:
             logger.error("reload failed: %s; still serving the previous config", e)
             self.notifier.ready()
             return False
+        except Exception:  # a bug must not leave systemd waiting after RELOADING=1
+            logger.exception("reload failed; still serving the previous config")
+            self.notifier.ready()
+            return False
         try:
             await asyncio.to_thread(write_artifacts, compiled, rt.artifacts_dir)
         except OSError as e:
@@ -221,10 +226,10 @@ class Server:
         rt.draining = True
         for site in list(runner.sites):
             await site.stop()
-        server = runner.server
-        if server is not None:
-            for conn in server.connections:
-                conn.close()  # idle keep-alive connections close now, busy ones after their answer
+        # Keep-alive connections are closed politely: every answer from now on
+        # carries `Connection: close` (middlewares.core), and idle ones close
+        # at cleanup. aiohttp's RequestHandler.close() is not polite: it makes
+        # the connection ignore further requests without answering them.
         timeout = self.settings.effective_shutdown_timeout(rt.snapshot.compiled.config)
         if rt.inflight_tasks:
             logger.info("waiting up to %gs for %d in-flight requests", timeout, len(rt.inflight_tasks))
@@ -283,6 +288,16 @@ def _bound_port(site: web.TCPSite) -> int:
     return int(site._port)
 
 
+def _is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 and localhost: only this machine can connect."""
+    if host in LOOPBACK:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name
+        return False
+
+
 def _url_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
@@ -290,11 +305,12 @@ def _url_host(host: str) -> str:
 def _bind_error(host: str, port: int, e: OSError) -> str:
     if e.errno == errno.EADDRINUSE:
         return f"port {port} already in use on {host} (pick another with --port)"
+    reason = os.strerror(e.errno) if e.errno and not isinstance(e, socket.gaierror) else (e.strerror or str(e))
     if e.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT) or isinstance(e, socket.gaierror):
-        return f"cannot listen on {host}:{port}: {e.strerror or e} (check --host)"
+        return f"cannot listen on {host}:{port}: {reason} (check --host)"
     if e.errno == errno.EACCES:
         return f"cannot listen on {host}:{port}: permission denied (ports below 1024 need privileges)"
-    return f"cannot listen on {host}:{port}: {e.strerror or e}"
+    return f"cannot listen on {host}:{port}: {reason}"
 
 
 def run(settings: Settings) -> int:
