@@ -8,10 +8,11 @@ transport failure (connection error, timeout, 429, 5xx) both spend one, so
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import openai
 import orjson
@@ -42,12 +43,21 @@ class CallStats:
         return self.prompt_tokens + self.completion_tokens
 
 
+def compact_json(value: Any) -> str:
+    try:
+        return orjson.dumps(value).decode()
+    except TypeError:
+        # orjson stops at 64-bit integers; the request parser allows up to
+        # 4,300 digits (SPEC §3.1), so such a body is valid and must not 500.
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
 def build_payload(agent: CompiledAgent, body: Any) -> dict[str, Any]:
     a = agent.assistant
     messages = []
     if a.system_prompt:
         messages.append({"role": "system", "content": a.system_prompt})
-    messages.append({"role": "user", "content": orjson.dumps(body).decode()})
+    messages.append({"role": "user", "content": compact_json(body)})
     payload: dict[str, Any] = {
         "model": a.model,
         "messages": messages,
@@ -81,6 +91,17 @@ def check_answer(compiled: Compiled, agent: CompiledAgent, result: ChatResult) -
     return data, agent.output_validator.errors(data)
 
 
+class Listener(Protocol):
+    """What a streamed call tells as it goes (aiwfd.stream writes it as events)."""
+
+    async def delta(self, text: str) -> None:
+        """The next piece of the current attempt's answer."""
+
+    async def retry(self, attempt: int, failure: HTTPError) -> None:
+        """Attempt `attempt` starts because the previous one failed with `failure`
+        (InvalidOutput: the answer did not validate; else a transport failure)."""
+
+
 def reask_message(errors: list[dict[str, str]]) -> str:
     lines = [f"- {e['path'] or '(root)'}: {e['message']}" for e in errors[:MAX_QUOTED_ERRORS]]
     return ("Your answer does not match the required JSON schema:\n" + "\n".join(lines)
@@ -95,8 +116,14 @@ async def call_agent(
     request_id: str,
     deadline: float,
     stats: CallStats,
+    listener: Listener | None = None,
 ) -> dict[str, Any]:
-    """Run the agent; returns `{"data", "trace"}` or raises an HTTPError."""
+    """Run the agent; returns `{"data", "trace"}` or raises an HTTPError.
+
+    With a `listener` the model is called streaming (`client.stream`): the
+    listener sees each piece of the answer, and hears before every attempt
+    after a failed one why that one failed (SPEC §7.4). Otherwise the same.
+    """
     a = agent.assistant
     started = time.monotonic()
     timeout = a.timeout or agent.provider.timeout or DEFAULT_TIMEOUT
@@ -108,10 +135,15 @@ async def call_agent(
         remaining = end - time.monotonic()
         if remaining <= 0:
             break
+        if listener is not None and last_failure is not None:
+            await listener.retry(stats.attempts + 1, last_failure)
         stats.attempts += 1
         t0 = time.monotonic()
         try:
-            result = await client.complete(payload, min(timeout, remaining), agent)
+            if listener is None:
+                result = await client.complete(payload, min(timeout, remaining), agent)
+            else:
+                result = await client.stream(payload, min(timeout, remaining), agent, listener.delta)
         except openai.APIError as e:
             stats.upstream_seconds.append(time.monotonic() - t0)
             last_failure, retryable, wait = classify(e, stats.attempts)

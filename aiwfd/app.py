@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from aiwfd import middlewares, views
+from aiwfd import batch, docs, metrics, middlewares, stream, views
 from aiwfd.keys import RUNTIME
 from aiwfd.runtime import Runtime
 
@@ -14,7 +14,14 @@ def create_app(runtime: Runtime) -> web.Application:
     # reload), so aiohttp's own limit is only a backstop.
     app = web.Application(middlewares=[middlewares.core], client_max_size=1024**3)
     app[RUNTIME] = runtime
+    runtime.metrics.configure(inflight=lambda: len(runtime.inflight_tasks), mock=runtime.settings.mock)
     app.router.add_get("/health", views.health, allow_head=True)
     app.router.add_get("/agents", views.agents)
     app.router.add_post("/agent/{name}", views.call)
+    app.router.add_post("/agent/{name}/stream", stream.handler)
+    app.router.add_post("/agent/{name}/batch", batch.handler)
+    app.router.add_get("/agent/{name}/schema", views.agent_schema)
+    app.router.add_get("/openapi.json", views.openapi)
+    app.router.add_get("/metrics", metrics.handler)
+    docs.add_routes(app)
     return app

@@ -1,6 +1,10 @@
 """Write the compiled artifacts of SPEC §4.2 to a directory.
 
-    DIR/agents/<name>.json   DIR/types/<Type>.json
+    DIR/openapi.json         DIR/agents/<name>.json   DIR/types/<Type>.json
+
+`openapi.json` (aiwfd.openapi) comes in through `extra`: the server passes
+the running snapshot's document, `aiwfd compile` one built without knowing
+API_KEY.
 
 Each file is written to a temporary name and renamed, so a reader (or a
 reload racing a reader) never sees half a file; files of agents and types

@@ -47,7 +47,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "compile":
             compiled = load_and_compile(args.file)
             print_warnings(compiled, sys.stderr)
-            written = write_artifacts(compiled, args.output)
+            from aiwfd.openapi import build_openapi
+
+            written = write_artifacts(compiled, args.output, {"openapi.json": build_openapi(compiled)})
             print(f"{args.file}: wrote {len(written)} files to {args.output}")
             return EXIT_OK
         from aiwfd import serve_cli

@@ -13,3 +13,8 @@ RUNTIME: web.AppKey["Runtime"] = web.AppKey("runtime")
 # Per-request values (aiohttp requests are mappings).
 REQUEST_ID = "aiwfd.request_id"
 STATS = "aiwfd.stats"
+# The CompiledAgent a request is for, once it is known to exist (for metrics).
+AGENT = "aiwfd.agent"
+# The error type a streamed answer ended with, after its 200 went out (aiwfd.stream),
+# for the request log and metrics.
+STREAM_ERROR = "aiwfd.stream_error"

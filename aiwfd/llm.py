@@ -7,14 +7,25 @@ through the SDK (`transport="sdk"`) or as one POST on the process's shared
 aiohttp session built from that client's resolved settings
 (`transport="aiohttp"`, the default: the SDK's per-call machinery costs more
 CPU than the rest of a request; BENCHMARKS.md has the numbers).
+
+The streaming call (`stream`, SPEC §7.4) sends `stream: true` with
+`stream_options.include_usage` by the same transport: over the shared session,
+or through the SDK's `with_streaming_response` (the SDK builds and sends the
+request and raises its status errors; the body is read as raw bytes). Either
+way the server-sent events are read by one strict reader (`StreamReader`), so
+both transports answer the same `ChatResult` and raise the same SDK
+exceptions, and the per-chunk cost is an orjson parse rather than a pydantic
+model per chunk.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import re
+import sys
 from dataclasses import dataclass
-from typing import Any, Literal, Mapping, Protocol
+from typing import Any, Awaitable, Callable, Literal, Mapping, Protocol
 
 import aiohttp
 import openai
@@ -27,6 +38,11 @@ except ImportError:  # pragma: no cover - depends on the installed SDK
 
 from aiwfd.config import Provider
 from aiwfd.errors import StartupError
+
+if sys.version_info >= (3, 11):
+    from asyncio import timeout as _timeout
+else:  # pragma: no cover
+    from async_timeout import timeout as _timeout
 
 Transport = Literal["aiohttp", "sdk"]
 
@@ -49,10 +65,17 @@ class ChatResult:
     refusal: str | None = None
 
 
+OnDelta = Callable[[str], Awaitable[None]]
+
+
 class ModelClient(Protocol):
     name: str
 
     async def complete(self, payload: dict[str, Any], timeout: float, agent: Any) -> ChatResult: ...
+
+    async def stream(self, payload: dict[str, Any], timeout: float, agent: Any, on_delta: OnDelta) -> ChatResult:
+        """The same call streamed: `on_delta` gets each piece of the answer's text as it arrives."""
+        ...
 
     async def close(self) -> None: ...
 
@@ -137,8 +160,207 @@ class OpenAICompatible:
                                             request=_httpx.Request("POST", self._url)) from None
         return read_completion(self._url, status, body)
 
+    async def stream(self, payload: dict[str, Any], timeout: float, agent: Any, on_delta: OnDelta) -> ChatResult:
+        """`payload` streamed; `timeout` bounds the whole answer (the time `on_delta` takes included).
+
+        An exception raised by `on_delta` (the client went away) propagates as
+        it is and closes the upstream request; every provider failure is one of
+        the SDK's exception classes.
+        """
+        body = {**payload, "stream": True, "stream_options": {"include_usage": True}}
+        reader = StreamReader(self._url, on_delta)
+        try:
+            async with _timeout(timeout):
+                if self.transport == "sdk":
+                    await self._stream_sdk(body, timeout, reader)
+                else:
+                    await self._stream_aiohttp(body, timeout, reader)
+        except _Downstream as e:
+            raise e.error from None
+        except asyncio.TimeoutError:
+            raise openai.APITimeoutError(request=_httpx.Request("POST", self._url)) from None
+        except aiohttp.ClientError as e:
+            raise openai.APIConnectionError(message=f"Connection error: {e}",
+                                            request=_httpx.Request("POST", self._url)) from None
+        except _httpx.TimeoutException:
+            raise openai.APITimeoutError(request=_httpx.Request("POST", self._url)) from None
+        except (_httpx.TransportError, _httpx.StreamError) as e:
+            raise openai.APIConnectionError(message=f"Connection error: {e}",
+                                            request=_httpx.Request("POST", self._url)) from None
+        return reader.result()
+
+    async def _stream_aiohttp(self, body: dict[str, Any], timeout: float, reader: "StreamReader") -> None:
+        assert self._session is not None
+        headers = {**self._headers, "Accept": "text/event-stream"}
+        async with self._session.post(
+            self._url, data=orjson.dumps(body), headers=headers,
+            timeout=aiohttp.ClientTimeout(total=timeout),
+        ) as r:
+            if r.status >= 400:
+                raise status_error(self._url, r.status, dict(r.headers), await r.read())
+            reader.status = r.status
+            async for chunk in r.content.iter_any():
+                if await reader.feed(chunk):
+                    await _drain(r)
+                    return
+        reader.eof()
+
+    async def _stream_sdk(self, body: dict[str, Any], timeout: float, reader: "StreamReader") -> None:
+        # The SDK sends the request and raises its status errors; the events
+        # are read raw, by the same reader as the aiohttp path.
+        async with self.client.chat.completions.with_streaming_response.create(
+            **body, timeout=timeout, extra_headers=self._no_key_headers
+        ) as raw:
+            reader.status = raw.status_code
+            async for chunk in raw.iter_bytes():
+                if await reader.feed(chunk):
+                    return
+        reader.eof()
+
     async def close(self) -> None:
         await self.client.close()
+
+
+async def _drain(r: aiohttp.ClientResponse) -> None:
+    """Read what follows `[DONE]` (the chunked body's end), so that the
+    connection goes back to the pool instead of being closed."""
+    try:
+        async with _timeout(1.0):
+            await r.content.read()
+    except (asyncio.TimeoutError, aiohttp.ClientError):
+        pass  # the connection is closed instead of reused; the answer is complete
+
+
+class _Downstream(Exception):
+    """`on_delta` failed: not a provider failure, re-raised as the original."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+_LINE_END = re.compile(rb"\r\n|\r|\n")
+
+
+class StreamReader:
+    """Reads a chat-completions event stream (`chat.completion.chunk` events).
+
+    Server-sent events as the WHATWG spec reads them (LF, CRLF or CR line
+    ends, multi-line `data`, comments), each `data` one chunk parsed as
+    strictly as `read_completion` reads a whole answer: an unreadable chunk is
+    the SDK's APIResponseValidationError, an `error` event its APIError.
+    """
+
+    def __init__(self, url: str, on_delta: OnDelta) -> None:
+        self.url = url
+        self.on_delta = on_delta
+        self.status = 200
+        self._pending = b""
+        self._data: list[bytes] = []
+        self._event = b""
+        self._content: list[str] = []
+        self._refusal: list[str] = []
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self.model: str | None = None
+        self.finish_reason: str | None = None
+        self.done = False
+
+    async def feed(self, chunk: bytes) -> bool:
+        """Read `chunk`; True once the stream's `[DONE]` arrived."""
+        buf = self._pending + chunk
+        start = 0
+        for m in _LINE_END.finditer(buf):
+            if m.group() == b"\r" and m.end() == len(buf):
+                break  # maybe the first half of a CRLF: wait for the next chunk
+            line = buf[start:m.start()]
+            start = m.end()
+            if not line:
+                if self._data:
+                    data, event = b"\n".join(self._data), self._event
+                    self._data, self._event = [], b""
+                    if await self._dispatch(data, event):
+                        self.done = True
+                        return True
+                continue
+            if line[:1] == b":":
+                continue  # a comment (keep-alive)
+            name, _, value = line.partition(b":")
+            if value[:1] == b" ":
+                value = value[1:]
+            if name == b"data":
+                self._data.append(value)
+            elif name == b"event":
+                self._event = value
+        self._pending = buf[start:]
+        if len(self._pending) > 16 * 1024 * 1024:
+            self._invalid(b"an event stream line over 16 MiB")
+        return False
+
+    def eof(self) -> None:
+        """The body ended: fine after `[DONE]` or a finish reason, else the stream was cut."""
+        # An event without its closing blank line is dropped, as the SSE spec says.
+        if not self.done and self.finish_reason is None:
+            raise openai.APIConnectionError(message="the event stream ended before the answer was complete",
+                                            request=_httpx.Request("POST", self.url))
+
+    async def _dispatch(self, data: bytes, event: bytes) -> bool:
+        if data == b"[DONE]":
+            return True
+        try:
+            doc = orjson.loads(data)
+            if not isinstance(doc, dict):
+                raise TypeError("not an object")
+            if doc.get("error") is not None or event == b"error":
+                err = doc.get("error", doc)
+                message = err.get("message") if isinstance(err, dict) else None
+                raise openai.APIError(message=str(message or "the provider sent an error event")[:500],
+                                      request=_httpx.Request("POST", self.url), body=err)
+            choices = doc.get("choices")
+            text = None
+            if choices:
+                choice = choices[0]
+                delta = choice.get("delta") or {}
+                text = _text(delta.get("content"))
+                refusal = _text(delta.get("refusal"))
+                if refusal:
+                    self._refusal.append(refusal)
+                reason = choice.get("finish_reason")
+                if reason is not None:
+                    self.finish_reason = str(reason)
+            usage = doc.get("usage")
+            if usage:
+                self.prompt_tokens = _count(usage.get("prompt_tokens"))
+                self.completion_tokens = _count(usage.get("completion_tokens"))
+            model = doc.get("model")
+            if isinstance(model, str):
+                self.model = model
+        except openai.APIError:
+            raise
+        except (ValueError, KeyError, TypeError, AttributeError, IndexError, OverflowError):
+            self._invalid(data)
+        if text:
+            self._content.append(text)
+            try:
+                await self.on_delta(text)
+            except Exception as e:
+                raise _Downstream(e) from e
+        return False
+
+    def _invalid(self, data: bytes) -> None:
+        raise openai.APIResponseValidationError(
+            response=_httpx.Response(self.status, content=data[:2000], request=_httpx.Request("POST", self.url)),
+            body=data[:2000], message="the provider's event stream is not a chat completion stream",
+        ) from None
+
+    def result(self) -> ChatResult:
+        return ChatResult(
+            content="".join(self._content) if self._content else None,
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=self.completion_tokens,
+            model=self.model,
+            finish_reason=self.finish_reason,
+            refusal="".join(self._refusal) or None,
+        )
 
 
 _MAX_COUNT = 2**53 - 1

@@ -1,4 +1,5 @@
-"""The one cross-cutting middleware: request id, error shape, drain, request log.
+"""The one cross-cutting middleware: request id, error shape, drain, request log,
+CORS (aiwfd.cors) and metrics (aiwfd.metrics).
 
 It is a single layer on purpose: every middleware layer costs a coroutine
 frame per request, and these concerns share the same timing and request id.
@@ -23,7 +24,7 @@ from aiwfd.errors import (
     HTTPError, InternalError, InvalidJSON, MethodNotAllowed, NotFound, PayloadTooLarge,
     RequestTimeout, Unavailable, UnsupportedMediaType, error_body,
 )
-from aiwfd.keys import REQUEST_ID, RUNTIME, STATS
+from aiwfd.keys import REQUEST_ID, RUNTIME, STATS, STREAM_ERROR
 
 logger = logging.getLogger("aiwfd")
 
@@ -84,9 +85,13 @@ async def core(request: web.Request, handler: Handler) -> web.StreamResponse:
     rt.inflight_tasks.add(task)
     rt.idle.clear()
     error_type = None
+    cors = rt.snapshot.cors
     try:
         try:
-            resp = await handler(request)
+            # An allowed CORS preflight is answered here, for any path (aiwfd.cors).
+            resp = cors.preflight(request) if cors is not None and request.method == "OPTIONS" else None
+            if resp is None:
+                resp = await handler(request)
         except HTTPError as e:
             resp, error_type = error_response(e, rid), e.type
         except web.HTTPException as e:
@@ -112,9 +117,16 @@ async def core(request: web.Request, handler: Handler) -> web.StreamResponse:
         resp.headers["X-Request-ID"] = rid
         if rt.draining:
             resp.force_close()
+        if cors is not None:
+            cors.apply(request, resp)
+    elif error_type is None:
+        # A streamed answer (aiwfd.stream) that ended with an `error` event.
+        error_type = request.get(STREAM_ERROR)
     stats: CallStats | None = request.get(STATS)
+    elapsed = time.monotonic() - started
     rt.request_log.write(
-        request.method, request.path, time.monotonic() - started, resp.status, rid,
+        request.method, request.path, elapsed, resp.status, rid,
         stats.attempts if stats else None, stats.total_tokens if stats else None, error_type,
     )
+    rt.metrics.record(request, resp.status, elapsed, error_type)
     return resp

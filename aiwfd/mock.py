@@ -12,8 +12,11 @@ from typing import Any, Mapping
 import orjson
 
 from aiwfd import typedsl
-from aiwfd.llm import ChatResult
+from aiwfd.llm import ChatResult, OnDelta
 from aiwfd.typedsl import Node
+
+# A streamed mock answer comes in this many pieces.
+STREAM_PIECES = 4
 
 FORMAT_SAMPLES = {
     "email": "user@example.com",
@@ -100,6 +103,15 @@ class MockClient:
             self._cache[agent.name] = content
         prompt = sum(len(str(m.get("content", ""))) for m in payload["messages"]) // 4 + 1
         return ChatResult(content, prompt, len(content) // 4 + 1, agent.assistant.model, "stop")
+
+    async def stream(self, payload: dict[str, Any], timeout: float, agent: Any, on_delta: OnDelta) -> ChatResult:
+        """The same answer, handed to `on_delta` in a few pieces (SPEC §7.4)."""
+        result = await self.complete(payload, timeout, agent)
+        content = result.content or ""
+        size = max(1, -(-len(content) // STREAM_PIECES))
+        for i in range(0, len(content), size):
+            await on_delta(content[i:i + size])
+        return result
 
     async def close(self) -> None:
         return None

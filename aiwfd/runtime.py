@@ -9,17 +9,23 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import aiohttp
 import orjson
 
+from aiwfd.artifacts import write_artifacts
 from aiwfd.compiler import Compiled, CompiledAgent
+from aiwfd.cors import CorsPolicy, policy
 from aiwfd.errors import StartupError
 from aiwfd.llm import ModelClient, OpenAICompatible, Transport
 from aiwfd.logs import RequestLog
+from aiwfd.metrics import Metrics
 from aiwfd.mock import MockClient
+from aiwfd.openapi import Auth, agent_schema_doc, build_openapi
 from aiwfd.settings import Settings
 
 logger = logging.getLogger("aiwfd")
@@ -32,12 +38,43 @@ class Snapshot:
     api_keys: tuple[bytes, ...]
     max_body: int
     agents_json: bytes
+    # The CORS policy (SPEC §7.3); whether agent calls need a key, for the documents of §7.1.
+    cors: CorsPolicy | None = None
+    auth: Auth = "none"
+    _agent_schemas: dict[str, bytes] = field(default_factory=dict)
     inflight: int = 0
     retired: bool = False
     closed: bool = False
 
     def client(self, agent: CompiledAgent) -> ModelClient:
         return self.clients[agent.provider.name]
+
+    # The API documents (SPEC §7.1) are built on first use and kept for the life
+    # of the snapshot (a reload makes a new one). The server writes openapi.json
+    # to the artifacts from a thread right after each load, so they are usually
+    # ready before a client asks, and never built on the event loop at load time
+    # (200 agents: ~140 ms).
+    @cached_property
+    def openapi(self) -> dict[str, Any]:
+        return build_openapi(self.compiled, self.auth)
+
+    @cached_property
+    def openapi_json(self) -> bytes:
+        return orjson.dumps(self.openapi)
+
+    def write_artifacts(self, directory: str | os.PathLike[str]) -> list[str]:
+        """The artifacts of SPEC §4.2, openapi.json included (blocking: run it in a thread)."""
+        return write_artifacts(self.compiled, directory, {"openapi.json": self.openapi})
+
+    def agent_schema_json(self, name: str) -> bytes | None:
+        """`GET /agent/{name}/schema`; None for an unknown agent."""
+        body = self._agent_schemas.get(name)
+        if body is None:
+            agent = self.compiled.agents.get(name)
+            if agent is None:
+                return None
+            body = self._agent_schemas[name] = orjson.dumps(agent_schema_doc(agent))
+        return body
 
     async def close(self) -> None:
         if self.closed:
@@ -73,6 +110,8 @@ def build_snapshot(compiled: Compiled, settings: Settings, session: aiohttp.Clie
         api_keys=settings.api_keys,
         max_body=settings.effective_max_body(compiled.config),
         agents_json=orjson.dumps({"agents": agents_listing(compiled, settings.mock)}),
+        cors=policy(compiled.config.server.cors),
+        auth="required" if settings.api_keys else "none",
     )
 
 
@@ -105,8 +144,12 @@ class Runtime:
     artifacts_dir: str
     request_log: RequestLog
     draining: bool = False
+    metrics: Metrics = field(default_factory=Metrics)
     # Set when the shutdown timeout has passed: running calls answer 503.
     aborting: bool = False
+    # Set once the drain has no request left to wait for: agent calls still
+    # arriving on a pooled keep-alive connection get a 503 at once.
+    closing: bool = False
     inflight_tasks: set[asyncio.Task[Any]] = field(default_factory=set)
     idle: asyncio.Event = field(default_factory=asyncio.Event)
     _closing: set[asyncio.Task[Any]] = field(default_factory=set)

@@ -9,22 +9,23 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import gc
 import ipaddress
 import logging
 import os
 import shutil
 import signal
 import socket
+import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import aiohttp
 from aiohttp import web
 
 from aiwfd import __version__
 from aiwfd.app import create_app
-from aiwfd.artifacts import write_artifacts
 from aiwfd.compiler import Compiled, load_and_compile
 from aiwfd.errors import ConfigError, StartupError
 from aiwfd.llm import transport_from_env
@@ -105,7 +106,7 @@ class Server:
             await self.session.close()
             raise
         artifacts_dir = await asyncio.to_thread(self._prepare_artifacts_dir)
-        await asyncio.to_thread(write_artifacts, compiled, artifacts_dir)
+        await asyncio.to_thread(snapshot.write_artifacts, artifacts_dir)  # openapi.json built there, off the loop
         self.runtime = Runtime(settings=s, snapshot=snapshot, artifacts_dir=str(artifacts_dir),
                                request_log=self.request_log or RequestLog(s.log_format))
         app = create_app(self.runtime)
@@ -181,13 +182,22 @@ class Server:
 
     async def reload(self) -> bool:
         """Load the config again and swap it in; on any problem keep the old one."""
+        ok = await self._reload()
+        assert self.runtime is not None
+        self.runtime.metrics.reload(ok)
+        return ok
+
+    async def _reload(self) -> bool:
         rt = self.runtime
         assert rt is not None
         self.notifier.reloading()
         try:
             settings = self.settings.reread_env(self._base_env)
             compiled: Compiled = await asyncio.to_thread(load_and_compile, settings.file)
-            snapshot = build_snapshot(compiled, settings, self.session, self.transport)
+            # Off the loop too: every provider client builds an SSL context
+            # (~50 ms of CPU) that would stall requests and the watchdog.
+            snapshot = await asyncio.to_thread(build_snapshot, compiled, settings, self.session,
+                                               self.transport)
         except ConfigError as e:
             for p in e.problems:
                 logger.error("reload: %s", p)
@@ -204,7 +214,7 @@ class Server:
             self.notifier.ready()
             return False
         try:
-            await asyncio.to_thread(write_artifacts, compiled, rt.artifacts_dir)
+            await asyncio.to_thread(snapshot.write_artifacts, rt.artifacts_dir)
         except OSError as e:
             logger.error("reload: could not write artifacts to %s: %s", rt.artifacts_dir, e)
         self.settings = settings
@@ -231,20 +241,37 @@ class Server:
         # at cleanup. aiohttp's RequestHandler.close() is not polite: it makes
         # the connection ignore further requests without answering them.
         timeout = self.settings.effective_shutdown_timeout(rt.snapshot.compiled.config)
+        deadline = asyncio.get_running_loop().time() + timeout
         if rt.inflight_tasks:
             logger.info("waiting up to %gs for %d in-flight requests", timeout, len(rt.inflight_tasks))
+        await self._wait_inflight(deadline)
+        # Nothing runs now, but connections a proxy still has pooled stay open
+        # until cleanup: an agent call arriving on one is answered 503 before
+        # any model is called (nginx passes it on for free), instead of being
+        # started and cut off unanswered by the runner's cleanup. One that
+        # started between the wait above and this line gets the rest of the budget.
+        rt.closing = True
+        await self._wait_inflight(deadline)
+
+    async def _wait_inflight(self, deadline: float) -> None:
+        """Wait for in-flight requests until `deadline`, then answer 503 to what is left."""
+        rt = self.runtime
+        assert rt is not None
+        if not rt.inflight_tasks or rt.aborting:
+            return
+        loop = asyncio.get_running_loop()
+        try:
+            await asyncio.wait_for(rt.idle.wait(), max(0.0, deadline - loop.time()))
+        except asyncio.TimeoutError:
+            logger.warning("shutdown timeout: answering 503 to %d requests still running",
+                           len(rt.inflight_tasks))
+            rt.aborting = True
+            for task in list(rt.inflight_tasks):
+                task.cancel()
             try:
-                await asyncio.wait_for(rt.idle.wait(), timeout)
+                await asyncio.wait_for(rt.idle.wait(), 2.0)
             except asyncio.TimeoutError:
-                logger.warning("shutdown timeout: answering 503 to %d requests still running",
-                               len(rt.inflight_tasks))
-                rt.aborting = True
-                for task in list(rt.inflight_tasks):
-                    task.cancel()
-                try:
-                    await asyncio.wait_for(rt.idle.wait(), 2.0)
-                except asyncio.TimeoutError:
-                    pass
+                pass
 
     async def _close_resources(self) -> None:
         if self._watchdog is not None:
@@ -275,6 +302,10 @@ class Server:
 
     async def serve(self) -> int:
         await self.start()
+        # What is loaded by now (the SDKs' modules, the first config) lives as
+        # long as the process: keep it out of the collector, whose full passes
+        # over it stall the loop ~200 ms (requests, and the watchdog ping).
+        gc.freeze()
         await self.stopped.wait()
         await self.stop()
         return 0
@@ -313,11 +344,23 @@ def _bind_error(host: str, port: int, e: OSError) -> str:
     return f"cannot listen on {host}:{port}: {reason}"
 
 
-def run(settings: Settings) -> int:
-    """Run the daemon until it is stopped; returns the exit code."""
+def run(settings: Settings) -> NoReturn:
+    """Run the daemon until it is stopped, then end the process with the exit code."""
     coro = Server(settings).serve()
     try:
         import uvloop  # the [speed] extra
     except ImportError:
-        return asyncio.run(coro)
-    return uvloop.run(coro)
+        code = asyncio.run(coro)
+    else:
+        code = uvloop.run(coro)
+    # Stopped cleanly: connections, clients and the ephemeral directory are
+    # gone. The interpreter's teardown (freeing every module of the SDKs) would
+    # take longer than the drain itself on a busy machine, past the bound of
+    # --shutdown-timeout + 2 s: flush and leave now.
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)

@@ -26,6 +26,8 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_BODY_TIMEOUT = 10.0
 # nginx's default proxy_read_timeout is 60 s: finish (or fail) before it gives up.
 DEFAULT_DEADLINE = 55.0
+# Seconds between `: keep-alive` comments on a streamed answer (SPEC §7.4).
+DEFAULT_SSE_KEEPALIVE = 15.0
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,8 @@ class Settings:
     body_timeout: float = DEFAULT_BODY_TIMEOUT
     shutdown_timeout: float | None = None
     deadline: float = DEFAULT_DEADLINE
+    # env AIWF_SSE_KEEPALIVE: seconds between keep-alive comments of /agent/{name}/stream.
+    sse_keepalive: float = DEFAULT_SSE_KEEPALIVE
     # The merged environment (process over .env) that providers and auth read.
     env: Mapping[str, str] = field(default_factory=dict, repr=False)
     # What the .env file held at start (see reread_env).
@@ -113,6 +117,14 @@ def from_args(args: argparse.Namespace, process_env: Mapping[str, str] | None = 
     log_level = (pick(args.log_level, "AIWF_LOG_LEVEL") or "info").lower()
     if log_level not in ("debug", "info", "warning", "error"):
         raise StartupError(f"invalid log level {log_level!r}: expected debug, info, warning or error")
+    keepalive_s = env.get("AIWF_SSE_KEEPALIVE") or str(DEFAULT_SSE_KEEPALIVE)
+    try:
+        sse_keepalive = float(keepalive_s)
+        if not 0 < sse_keepalive <= 3600:
+            raise ValueError
+    except ValueError:
+        raise StartupError(f"invalid AIWF_SSE_KEEPALIVE {keepalive_s!r}: expected seconds, "
+                           "more than 0 and at most 3600") from None
     max_body = None
     if args.max_body is not None:
         max_body = parse_size(args.max_body)
@@ -131,6 +143,7 @@ def from_args(args: argparse.Namespace, process_env: Mapping[str, str] | None = 
         body_timeout=args.body_timeout,
         shutdown_timeout=args.shutdown_timeout,
         deadline=args.deadline,
+        sse_keepalive=sse_keepalive,
         env=env,
         env_file_values=file_values,
     )

@@ -1,4 +1,4 @@
-"""Request handlers: /health, /agents and POST /agent/{name}."""
+"""Request handlers: /health, /agents, /openapi.json, GET /agent/{name}/schema and POST /agent/{name}."""
 
 from __future__ import annotations
 
@@ -14,10 +14,11 @@ from aiwfd.agent import CallStats, call_agent
 from aiwfd.compiler import CompiledAgent
 from aiwfd.config import did_you_mean
 from aiwfd.errors import (
-    InvalidInput, NotFound, PayloadTooLarge, RequestTimeout, Unauthorized, UnsupportedMediaType,
+    InvalidInput, NotFound, PayloadTooLarge, RequestTimeout, Unauthorized, Unavailable,
+    UnsupportedMediaType,
 )
 from aiwfd.jsonparse import check_charset, parse_object
-from aiwfd.keys import REQUEST_ID, RUNTIME, STATS
+from aiwfd.keys import AGENT, REQUEST_ID, RUNTIME, STATS
 from aiwfd.middlewares import json_response
 from aiwfd.runtime import Snapshot
 
@@ -40,8 +41,28 @@ async def agents(request: web.Request) -> web.Response:
     return web.Response(body=body, content_type="application/json")
 
 
+async def openapi(request: web.Request) -> web.Response:
+    """`GET /openapi.json`: built once per load (runtime.Snapshot.openapi_json)."""
+    body = request.app[RUNTIME].snapshot.openapi_json
+    return web.Response(body=body, content_type="application/json")
+
+
+async def agent_schema(request: web.Request) -> web.Response:
+    """`GET /agent/{name}/schema`: `{"input", "output"}`, no auth (like /agents, which lists them too)."""
+    snap = request.app[RUNTIME].snapshot
+    name = request.match_info["name"]
+    body = snap.agent_schema_json(name)
+    if body is None:
+        hint = did_you_mean(name, snap.compiled.agents) if len(name) <= 64 else None
+        raise NotFound(f"unknown agent {name[:64]!r}" + (f"; {hint}" if hint else ""))
+    return web.Response(body=body, content_type="application/json")
+
+
 async def call(request: web.Request) -> web.Response:
     rt = request.app[RUNTIME]
+    if rt.closing:
+        # The drain is over: a model call started now could not finish.
+        raise Unavailable("the server is shutting down; retry on another instance")
     snap = rt.acquire()
     try:
         agent = await prepare(request, snap)
@@ -63,6 +84,7 @@ async def prepare(request: web.Request, snap: Snapshot) -> CompiledAgent:
     if agent is None:
         hint = did_you_mean(name, snap.compiled.agents) if len(name) <= 64 else None
         raise NotFound(f"unknown agent {name[:64]!r}" + (f"; {hint}" if hint else ""))
+    request[AGENT] = agent
     if "Content-Type" in request.headers:
         ctype = request.content_type
         if ctype != "application/json" and not (ctype.startswith("application/") and ctype.endswith("+json")):

@@ -1,0 +1,189 @@
+"""Prometheus metrics (SPEC §7.2): one registry per Runtime, recorded by the
+`core` middleware, exposed at `GET /metrics` in the text format by
+prometheus-client.
+
+Label values are bounded whatever a client sends:
+
+- `route` is the route template (`/agent/{name}`), never the raw path; a
+  request that matches no route (404, 405, a CORS preflight) is `unmatched`;
+- `method` is one of the usual methods, anything else is `other`;
+- `agent` is only ever the name of a configured agent (a request for an
+  unknown agent has no agent to record), `outcome` is `ok` or an error type.
+
+Cost: every request goes through `Metrics.record`. prometheus-client's own
+Counter and Histogram take a lock per update (about 1 µs for a counter, 2 µs
+for a histogram); here every update happens on the event loop's thread, so
+the per-request metrics are plain numbers in dicts (`LoopCounter`,
+`LoopHistogram`) that a collector turns into metric families when
+`/metrics` is scraped: about 1.5 µs per request, 2.5 µs for an agent call
+with its agent metrics. `aiwfd_inflight_requests` costs nothing per request:
+it is read from the runtime's set of running requests at scrape time.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from typing import TYPE_CHECKING, Callable, Iterator
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.registry import Collector
+
+from aiwfd.keys import AGENT, RUNTIME, STATS
+
+if TYPE_CHECKING:
+    from aiwfd.agent import CallStats
+    from aiwfd.compiler import CompiledAgent
+
+UNMATCHED = "unmatched"
+AGENT_ROUTE = "/agent/{name}"
+# Routes whose request is one agent call. A batch (/agent/{name}/batch)
+# records one agent call per input itself (aiwfd.batch).
+CALL_ROUTES = frozenset((AGENT_ROUTE, "/agent/{name}/stream"))
+METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"))
+HTTP_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+UPSTREAM_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0)
+
+
+class LoopCounter:
+    """A labelled counter updated only from the event loop's thread (no lock)."""
+
+    def __init__(self, name: str, doc: str, labels: tuple[str, ...]) -> None:
+        self.name, self.doc, self.labels = name, doc, labels
+        self.values: dict[tuple[object, ...], float] = {}
+
+    def inc(self, key: tuple[object, ...], amount: float = 1) -> None:
+        values = self.values
+        values[key] = values.get(key, 0) + amount
+
+    def get(self, *key: object) -> float:
+        return self.values.get(key, 0)
+
+    def family(self) -> Metric:
+        fam = CounterMetricFamily(self.name, self.doc, labels=self.labels)
+        for key, value in list(self.values.items()):
+            fam.add_metric([str(k) for k in key], value)
+        return fam
+
+
+class LoopHistogram:
+    """A labelled histogram updated only from the event loop's thread (no lock)."""
+
+    def __init__(self, name: str, doc: str, labels: tuple[str, ...], buckets: tuple[float, ...]) -> None:
+        self.name, self.doc, self.labels, self.buckets = name, doc, labels, buckets
+        self.le = tuple(str(float(b)) for b in buckets) + ("+Inf",)
+        # key -> [count in bucket 0, …, count above the last bound, sum]
+        self.cells: dict[tuple[object, ...], list[float]] = {}
+
+    def observe(self, key: tuple[object, ...], value: float) -> None:
+        cells = self.cells.get(key)
+        if cells is None:
+            cells = self.cells[key] = [0] * (len(self.buckets) + 1) + [0.0]
+        cells[bisect_left(self.buckets, value)] += 1  # the first bound >= value: `le` semantics
+        cells[-1] += value
+
+    def family(self) -> Metric:
+        fam = HistogramMetricFamily(self.name, self.doc, labels=self.labels)
+        for key, cells in list(self.cells.items()):
+            buckets, total = [], 0.0
+            for le, n in zip(self.le, cells):
+                total += n
+                buckets.append((le, total))
+            fam.add_metric([str(k) for k in key], buckets, cells[-1])
+        return fam
+
+
+class _LoopCollector(Collector):
+    def __init__(self, metrics: list[LoopCounter | LoopHistogram]) -> None:
+        self.metrics = metrics
+
+    def describe(self) -> list[Metric]:
+        return [m.family() for m in self.metrics]
+
+    def collect(self) -> Iterator[Metric]:
+        for m in self.metrics:
+            yield m.family()
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.mock = False
+        self.http_requests = LoopCounter(
+            "aiwfd_http_requests", "HTTP requests answered, by route template, method and status",
+            ("route", "method", "status"))
+        self.http_duration = LoopHistogram(
+            "aiwfd_http_request_duration_seconds", "Time to answer an HTTP request, by route template",
+            ("route",), HTTP_BUCKETS)
+        self.agent_calls = LoopCounter(
+            "aiwfd_agent_calls", "Calls of a configured agent, by outcome (ok or the error type)",
+            ("agent", "outcome"))
+        self.agent_attempts = LoopCounter(
+            "aiwfd_agent_attempts", "Model calls made for an agent (re-asks and retries included)", ("agent",))
+        self.tokens = LoopCounter(
+            "aiwfd_tokens", "Tokens reported by the provider, by kind (prompt or completion)",
+            ("agent", "model", "kind"))
+        self.upstream_duration = LoopHistogram(
+            "aiwfd_upstream_duration_seconds", "Duration of one model call (one attempt)",
+            ("agent", "provider"), UPSTREAM_BUCKETS)
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        r.register(_LoopCollector([self.http_requests, self.http_duration, self.agent_calls,
+                                   self.agent_attempts, self.tokens, self.upstream_duration]))
+        self.inflight = Gauge("aiwfd_inflight_requests", "HTTP requests being answered (this scrape included)",
+                              registry=r)
+        self.config_reloads = Counter(
+            "aiwfd_config_reloads", "Config reloads (SIGHUP), by result", ("result",), registry=r)
+        for result in ("ok", "error"):
+            self.config_reloads.labels(result)
+
+    def configure(self, inflight: Callable[[], float], mock: bool) -> None:
+        """Read the in-flight count from the runtime; `mock`: every provider label is `mock` (--mock)."""
+        self.inflight.set_function(inflight)
+        self.mock = mock
+
+    # ------------------------------------------------------------ recording
+
+    def record(self, request: web.Request, status: int, seconds: float, error_type: str | None) -> None:
+        """One answered request (called by the core middleware)."""
+        resource = request.match_info.route.resource
+        route = resource.canonical if resource is not None else UNMATCHED
+        method = request.method
+        if method not in METHODS:
+            method = "other"
+        self.http_requests.inc((route, method, status))
+        self.http_duration.observe((route,), seconds)
+        if route in CALL_ROUTES:
+            agent = request.get(AGENT)
+            if agent is not None:
+                self.record_agent(agent, request.get(STATS), status, error_type)
+
+    def record_agent(self, agent: "CompiledAgent", stats: "CallStats | None", status: int,
+                     error_type: str | None) -> None:
+        name = agent.assistant.name
+        self.agent_calls.inc((name, error_type or ("ok" if status < 400 else f"http_{status}")))
+        if stats is None or not stats.attempts:
+            return
+        self.agent_attempts.inc((name,), stats.attempts)
+        model = agent.assistant.model
+        if stats.prompt_tokens:
+            self.tokens.inc((name, model, "prompt"), stats.prompt_tokens)
+        if stats.completion_tokens:
+            self.tokens.inc((name, model, "completion"), stats.completion_tokens)
+        provider = "mock" if self.mock else agent.provider.name
+        for seconds in stats.upstream_seconds:
+            self.upstream_duration.observe((name, provider), seconds)
+
+    def reload(self, ok: bool) -> None:
+        self.config_reloads.labels("ok" if ok else "error").inc()
+
+    # ------------------------------------------------------------ exposition
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+async def handler(request: web.Request) -> web.Response:
+    """`GET /metrics`: the text exposition format, no auth."""
+    body = request.app[RUNTIME].metrics.exposition()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -1,0 +1,468 @@
+"""The OpenAPI 3.1 document of a compiled config (SPEC §7.1), and the
+`GET /agent/{name}/schema` answers.
+
+One concrete path per agent (`POST /agent/greeter`, `operationId: greeter`),
+so that a generated client gets one typed method per agent. Named types become
+`components/schemas/<Type>` (imported ones keep their `alias.Type` key) and
+every `#/$defs/X` of the compiled schemas is rewritten to
+`#/components/schemas/X`: a `$ref` is resolved against the document it sits
+in, and in an OpenAPI document that is the whole document, not the agent's
+schema. aiwfd's own schemas are named `aiwfd-…`: a type name cannot contain
+`-`, so they never collide with the user's.
+
+`auth` says what the agent operations require:
+
+- "required": API_KEY is set; every agent operation documents 401.
+- "none": API_KEY is not set; the key is accepted and ignored.
+- "unknown": `aiwfd compile` (the key is a property of the running daemon);
+  the operations show the key as optional and document 401.
+
+Pure functions of the config, cheap enough to run once per load; only the
+standard library and aiwfd's compiler (`aiwfd compile` imports this).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from aiwfd import __version__, typedsl
+from aiwfd.compiler import Compiled, CompiledAgent
+from aiwfd.errors import (
+    HTTPError, InternalError, InvalidInput, InvalidJSON, InvalidOutput, MethodNotAllowed, NotFound,
+    PayloadTooLarge, RateLimited, RequestTimeout, Unauthorized, Unavailable, UnsupportedMediaType,
+    UpstreamError, UpstreamTimeout,
+)
+
+Auth = Literal["required", "none", "unknown"]
+
+OPENAPI_VERSION = "3.1.0"
+ERROR = "aiwfd-Error"
+TRACE = "aiwfd-Trace"
+AGENT_INFO = "aiwfd-AgentInfo"
+ITEM_ERROR = "aiwfd-ItemError"
+DEFS_PREFIX = "#/$defs/"
+COMPONENTS_PREFIX = "#/components/schemas/"
+
+# Every error of SPEC §3.1, in status order.
+ERROR_CLASSES: tuple[type[HTTPError], ...] = (
+    InvalidJSON, Unauthorized, NotFound, MethodNotAllowed, RequestTimeout, PayloadTooLarge,
+    UnsupportedMediaType, InvalidInput, RateLimited, InternalError, UpstreamError, InvalidOutput,
+    Unavailable, UpstreamTimeout,
+)
+ERROR_TYPES: tuple[str, ...] = tuple(c.type for c in ERROR_CLASSES)
+
+# status -> (component name, description)
+ERROR_RESPONSES: dict[int, tuple[str, str]] = {
+    400: ("InvalidJSON", "`invalid_json`: the body is not JSON, or not a JSON object (strict parsing: "
+                         "no NaN, no duplicate keys, no nesting deeper than 64)"),
+    401: ("Unauthorized", "`unauthorized`: the API key is missing or wrong (only when the server has API_KEY set)"),
+    404: ("NotFound", "`not_found`: unknown agent or path"),
+    405: ("MethodNotAllowed", "`method_not_allowed`: wrong method; `Allow` lists the right ones"),
+    408: ("RequestTimeout", "`request_timeout`: the body did not arrive within the server's body timeout"),
+    413: ("PayloadTooLarge", "`payload_too_large`: the body is over the server's limit (default 1 MiB)"),
+    415: ("UnsupportedMediaType", "`unsupported_media_type`: Content-Type is present and not JSON"),
+    422: ("InvalidInput", "`invalid_input`: the body does not match the input schema; "
+                          "`details` lists each `{path, message}`"),
+    429: ("RateLimited", "`rate_limited`: the model provider kept answering 429 after retries"),
+    500: ("InternalError", "`internal_error`: a bug; the server log has the traceback under the request id"),
+    502: ("BadGateway", "`upstream_error`: the provider answered an error; or `invalid_output`: the "
+                        "model's answer still failed the output schema after max_attempts (`details`: the last errors)"),
+    503: ("Unavailable", "`unavailable`: the server is draining, or the provider is unreachable"),
+    504: ("UpstreamTimeout", "`upstream_timeout`: the provider timed out on every attempt"),
+}
+
+# The statuses a call of an agent can answer (405 cannot: the path has POST).
+AGENT_CALL_STATUSES = (400, 401, 404, 408, 413, 415, 422, 429, 500, 502, 503, 504)
+# What /agent/{name}/stream and /agent/{name}/batch can answer as a status: the
+# errors found before the model is called (later ones are an `error` event, or
+# an item's error).
+STREAM_BATCH_STATUSES = (400, 401, 404, 408, 413, 415, 422, 500, 503)
+# What every other route can answer: a bug, or draining.
+SERVICE_STATUSES = (500, 503)
+
+
+def rewrite_refs(schema: Any) -> Any:
+    """A copy of `schema` with `#/$defs/X` references pointing at `#/components/schemas/X`."""
+    if isinstance(schema, dict):
+        out = {}
+        for k, v in schema.items():
+            if k == "$ref" and isinstance(v, str) and v.startswith(DEFS_PREFIX):
+                out[k] = COMPONENTS_PREFIX + v[len(DEFS_PREFIX):]
+            else:
+                out[k] = rewrite_refs(v)
+        return out
+    if isinstance(schema, list):
+        return [rewrite_refs(v) for v in schema]
+    return schema
+
+
+def type_schema(node: typedsl.Node | None, root: dict[str, Any] | None) -> dict[str, Any]:
+    """The schema of a request body or of `data`, as used inside the document."""
+    if isinstance(node, typedsl.Ref):
+        return {"$ref": COMPONENTS_PREFIX + node.key}
+    if root is None:
+        return {"type": "object"}
+    return rewrite_refs({k: v for k, v in root.items() if k not in ("$schema", "$defs", "title")})
+
+
+def data_schema(agent: CompiledAgent) -> dict[str, Any]:
+    """The schema of `data` in the agent's 200 answer: the output type, or text."""
+    a = agent.assistant
+    if a.output_type is None:
+        return {"type": "string", "description": "the model's answer as plain text (the agent has no output_type)"}
+    return type_schema(a.output_type, agent.output_schema)
+
+
+def agent_schema_doc(agent: CompiledAgent) -> dict[str, Any]:
+    """`GET /agent/{name}/schema`: standalone JSON Schemas (draft 2020-12, with `$defs`)."""
+    output = agent.output_schema
+    if output is None:
+        output = {"$schema": typedsl.SCHEMA_DIALECT, "type": "string"}
+    return {"input": agent.input_schema, "output": output}
+
+
+def _error_component() -> dict[str, Any]:
+    return {
+        "type": "object",
+        "description": "Every error answered by aiwfd (SPEC §3.1).",
+        "required": ["error", "request_id"],
+        "properties": {
+            "error": {
+                "type": "object",
+                "required": ["type", "message", "details"],
+                "properties": {
+                    "type": {"type": "string", "enum": list(ERROR_TYPES)},
+                    "message": {"type": "string"},
+                    "details": {
+                        "type": "array",
+                        "description": "for invalid_input and invalid_output: one `{path, message}` per problem",
+                        "items": {},
+                    },
+                },
+            },
+            "request_id": {"type": "string"},
+        },
+    }
+
+
+def _error_response(status: int) -> dict[str, Any]:
+    name, description = ERROR_RESPONSES[status]
+    types = [c.type for c in ERROR_CLASSES if c.status == status]
+    schema: dict[str, Any] = {
+        "allOf": [
+            {"$ref": COMPONENTS_PREFIX + ERROR},
+            {"properties": {"error": {"properties": {"type": {"enum": types}}}}},
+        ]
+    }
+    headers: dict[str, Any] = {"X-Request-ID": {"$ref": "#/components/headers/X-Request-ID"}}
+    if status == 401:
+        headers["WWW-Authenticate"] = {"schema": {"type": "string"}, "description": "`Bearer`"}
+    elif status == 405:
+        headers["Allow"] = {"schema": {"type": "string"}, "description": "the methods the path accepts"}
+    elif status == 429:
+        headers["Retry-After"] = {"schema": {"type": "string"}, "description": "seconds to wait"}
+    return {"description": description, "headers": headers,
+            "content": {"application/json": {"schema": schema}}}
+
+
+def _trace_component() -> dict[str, Any]:
+    return {
+        "type": "object",
+        "required": ["step_name", "usage", "attempts", "duration", "model", "request_id"],
+        "properties": {
+            "step_name": {"type": "string", "description": "the agent's name"},
+            "usage": {
+                "type": "object",
+                "description": "tokens summed over every attempt",
+                "required": ["prompt", "completion", "total"],
+                "properties": {
+                    "prompt": {"type": "integer", "minimum": 0},
+                    "completion": {"type": "integer", "minimum": 0},
+                    "total": {"type": "integer", "minimum": 0},
+                },
+            },
+            "attempts": {"type": "integer", "minimum": 1, "description": "model calls, re-asks and retries included"},
+            "duration": {"type": "string", "description": 'wall time, written as Go prints a duration ("850ms", "1.2s")'},
+            "model": {"type": "string"},
+            "request_id": {"type": "string"},
+        },
+    }
+
+
+def _agent_info_component() -> dict[str, Any]:
+    schema_or_null = {"anyOf": [{"type": "object"}, {"type": "null"}]}
+    name_or_null = {"anyOf": [{"type": "string"}, {"type": "null"}]}
+    return {
+        "type": "object",
+        "required": ["name", "endpoint", "model", "provider"],
+        "properties": {
+            "name": {"type": "string"},
+            "endpoint": {"type": "string"},
+            "model": {"type": "string"},
+            "provider": {"type": "string"},
+            "description": {"type": "string"},
+            "input_type": name_or_null,
+            "output_type": name_or_null,
+            "input_schema": {"type": "object"},
+            "output_schema": schema_or_null,
+        },
+    }
+
+
+def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"description": description,
+            "headers": {"X-Request-ID": {"$ref": "#/components/headers/X-Request-ID"}},
+            "content": {"application/json": {"schema": schema}}}
+
+
+def _errors(statuses: tuple[int, ...]) -> dict[str, Any]:
+    return {str(s): {"$ref": f"#/components/responses/{ERROR_RESPONSES[s][0]}"} for s in statuses}
+
+
+def _agent_operation(agent: CompiledAgent, auth: Auth) -> dict[str, Any]:
+    a = agent.assistant
+    statuses = tuple(s for s in AGENT_CALL_STATUSES if s != 401 or auth != "none")
+    envelope = {
+        "type": "object",
+        "required": ["data", "trace"],
+        "properties": {"data": data_schema(agent), "trace": {"$ref": COMPONENTS_PREFIX + TRACE}},
+    }
+    in_name = a.input_type_name or "any JSON object"
+    out_name = a.output_type_name or "plain text"
+    lines = [a.description] if a.description else []
+    lines.append(f"Input: `{in_name}`. Output: `{out_name}`. Model: `{a.model}`"
+                 f" (provider `{agent.provider.name}`), at most {a.max_attempts} model "
+                 f"call{'s' if a.max_attempts != 1 else ''} per request.")
+    op: dict[str, Any] = {
+        "operationId": a.name,
+        "summary": a.description.strip().splitlines()[0][:120] if a.description else f"Call the agent {a.name}",
+        "description": "\n\n".join(lines),
+        "tags": ["agents"],
+        "parameters": [{"$ref": "#/components/parameters/X-Request-ID"}],
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": type_schema(a.input_type, agent.input_schema)}},
+        },
+        "responses": {"200": _json(envelope, f"the validated answer of {a.name}"), **_errors(statuses)},
+    }
+    if auth == "required":
+        op["security"] = [{"apiKey": []}, {"bearer": []}]
+    else:
+        # Optional: `{}` is the requirement "nothing".
+        op["security"] = [{}, {"apiKey": []}, {"bearer": []}]
+    return op
+
+
+def _security(auth: Auth) -> list[dict[str, Any]]:
+    if auth == "required":
+        return [{"apiKey": []}, {"bearer": []}]
+    return [{}, {"apiKey": []}, {"bearer": []}]
+
+
+def _envelope(agent: CompiledAgent) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "required": ["data", "trace"],
+        "properties": {"data": data_schema(agent), "trace": {"$ref": COMPONENTS_PREFIX + TRACE}},
+    }
+
+
+STREAM_EVENTS = """Server-sent events, each `event: <name>` and one `data:` line of JSON:
+
+- `start` `{"request_id", "agent", "model"}`
+- `delta` `{"text"}`: the next piece of the model's raw output
+- `partial` `{"data"}`: the output so far, parsed best-effort (object outputs only)
+- `retry` `{"attempt", "errors"}`: the last output failed; discard what came before
+- `result` `{"data", "trace"}`: the validated answer, as `POST /agent/{name}` answers it; the stream ends
+- `error` `{"error": {"type", "message", "details"}, "request_id"}`: terminal, the error the plain call would answer
+
+and a `: keep-alive` comment line every 15 s (AIWF_SSE_KEEPALIVE)."""
+
+
+# OpenAPI 3.1 has no schema for a stream as a whole: the media type's schema
+# describes one event (what OpenAPI 3.2 calls `itemSchema`), as tools read it.
+SSE_EVENT: dict[str, Any] = {
+    "type": "object",
+    "description": "one server-sent event; `data` is one line of JSON",
+    "required": ["event", "data"],
+    "properties": {
+        "event": {"type": "string", "enum": ["start", "delta", "partial", "retry", "result", "error"]},
+        "data": {"type": "string", "contentMediaType": "application/json"},
+    },
+}
+
+
+def _stream_operation(agent: CompiledAgent, auth: Auth) -> dict[str, Any]:
+    a = agent.assistant
+    statuses = tuple(s for s in STREAM_BATCH_STATUSES if s != 401 or auth != "none")
+    return {
+        "operationId": f"{a.name}.stream",
+        "summary": f"Call the agent {a.name}, streamed as server-sent events",
+        "description": (f"The same call as `POST /agent/{a.name}`, answered as it is generated. Errors found "
+                        "before the model is called are ordinary JSON errors with their status; later "
+                        "ones are an `error` event.\n\n" + STREAM_EVENTS),
+        "tags": ["agents"],
+        "parameters": [{"$ref": "#/components/parameters/X-Request-ID"}],
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": type_schema(a.input_type, agent.input_schema)}},
+        },
+        "responses": {
+            "200": {"description": STREAM_EVENTS,
+                    "headers": {"X-Request-ID": {"$ref": "#/components/headers/X-Request-ID"}},
+                    "content": {"text/event-stream": {"schema": SSE_EVENT}}},
+            **_errors(statuses),
+        },
+        "security": _security(auth),
+    }
+
+
+def _batch_operation(agent: CompiledAgent, auth: Auth, batch_max: int, concurrency: int) -> dict[str, Any]:
+    a = agent.assistant
+    statuses = tuple(s for s in STREAM_BATCH_STATUSES if s != 401 or auth != "none")
+    body = {
+        "type": "object",
+        "required": ["inputs"],
+        "additionalProperties": False,
+        # An input that does not fit is not refused: its result is its error (SPEC §7.5).
+        # So any value is accepted; the first branch says what a good one is.
+        "properties": {"inputs": {"type": "array", "maxItems": batch_max,
+                                  "items": {"anyOf": [type_schema(a.input_type, agent.input_schema),
+                                                      {"description": "anything else: that input's result "
+                                                                      "is its error"}]}}},
+    }
+    results = {
+        "type": "object",
+        "required": ["results"],
+        "properties": {"results": {
+            "type": "array",
+            "description": "one item per input, in input order",
+            "items": {"anyOf": [_envelope(agent), {"$ref": COMPONENTS_PREFIX + ITEM_ERROR}]},
+        }},
+    }
+    return {
+        "operationId": f"{a.name}.batch",
+        "summary": f"Call the agent {a.name} on many inputs",
+        "description": (f"At most {batch_max} inputs (`server.batch_max`), at most {concurrency} answered at "
+                        "once (`server.batch_concurrency`). Each result is what `POST /agent/"
+                        f"{a.name}` would answer for that input: `{{\"data\", \"trace\"}}`, or "
+                        "`{\"error\"}` without failing the others. A body without an `inputs` array, or "
+                        "over the limit, is a 422."),
+        "tags": ["agents"],
+        "parameters": [{"$ref": "#/components/parameters/X-Request-ID"}],
+        "requestBody": {"required": True, "content": {"application/json": {"schema": body}}},
+        "responses": {"200": _json(results, "one result per input, in input order"), **_errors(statuses)},
+        "security": _security(auth),
+    }
+
+
+def _item_error_component() -> dict[str, Any]:
+    return {
+        "type": "object",
+        "description": "The error of one input of a batch: the §3.1 error object, without a request id "
+                       "of its own (the batch's is in X-Request-ID).",
+        "required": ["error"],
+        "properties": {"error": _error_component()["properties"]["error"]},
+    }
+
+
+def _service_operation(op_id: str, summary: str, responses: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    return {"operationId": op_id, "summary": summary, "tags": ["service"], "security": [],
+            "responses": {**responses, **_errors(SERVICE_STATUSES)}, **extra}
+
+
+def build_openapi(compiled: Compiled, auth: Auth = "unknown") -> dict[str, Any]:
+    """The whole document; `auth` as in the module docstring."""
+    agents = compiled.agents
+    names = sorted(agents)
+    schemas: dict[str, Any] = {
+        key: rewrite_refs(typedsl.schema(node)) for key, node in compiled.config.types.items()
+    }
+    schemas[ERROR] = _error_component()
+    schemas[TRACE] = _trace_component()
+    schemas[AGENT_INFO] = _agent_info_component()
+    schemas[ITEM_ERROR] = _item_error_component()
+
+    paths: dict[str, Any] = {}
+    server = compiled.config.server
+    for name in names:
+        paths[f"/agent/{name}"] = {"post": _agent_operation(agents[name], auth)}
+        # The same call streamed (SPEC §7.4) and on many inputs (§7.5).
+        paths[f"/agent/{name}/stream"] = {"post": _stream_operation(agents[name], auth)}
+        paths[f"/agent/{name}/batch"] = {"post": _batch_operation(agents[name], auth, server.batch_max,
+                                                                  server.batch_concurrency)}
+
+    health = {
+        "type": "object",
+        "required": ["status"],
+        "properties": {"status": {"type": "string", "enum": ["ok", "draining"]},
+                       "version": {"type": "string"}, "agents": {"type": "integer", "minimum": 0}},
+    }
+    paths["/health"] = {"get": _service_operation(
+        "health", "Liveness: 200 while serving, 503 while draining",
+        {"200": _json(health, "serving"), "503": _json(health, "draining: the instance is shutting down")},
+    )}
+    paths["/agents"] = {"get": _service_operation(
+        "listAgents", "The agents of the running config, sorted by name",
+        {"200": _json({"type": "object", "required": ["agents"],
+                       "properties": {"agents": {"type": "array", "items": {"$ref": COMPONENTS_PREFIX + AGENT_INFO}}}},
+                      "the agents")},
+    )}
+    if names:
+        paths["/agent/{name}/schema"] = {"get": _service_operation(
+            "agentSchema", "An agent's input and output JSON Schemas (draft 2020-12)",
+            {"200": _json({"type": "object", "required": ["input", "output"],
+                           "properties": {"input": {"type": "object"}, "output": {"type": "object"}}},
+                          "`input`: the request body's schema; `output`: the schema of `data`"),
+             **_errors((404,))},
+            parameters=[{"name": "name", "in": "path", "required": True,
+                         "schema": {"type": "string", "enum": names}}],
+        )}
+    paths["/openapi.json"] = {"get": _service_operation(
+        "openapi", "This document", {"200": _json({"type": "object"}, "OpenAPI 3.1")})}
+    paths["/metrics"] = {"get": _service_operation(
+        "metrics", "Prometheus metrics (text exposition format)",
+        {"200": {"description": "metrics", "content": {"text/plain": {"schema": {"type": "string"}}}}})}
+    paths["/docs"] = {"get": _service_operation(
+        "docs", "This API in Swagger UI (served locally, no CDN)",
+        {"200": {"description": "an HTML page", "content": {"text/html": {"schema": {"type": "string"}}}}})}
+
+    auth_text = {
+        "required": "Agent calls need the API key: `X-API-Key: <key>` or `Authorization: Bearer <key>`.",
+        "none": "The server has no API_KEY set: agent calls need no key.",
+        "unknown": "When the server has API_KEY set, agent calls need `X-API-Key: <key>` "
+                   "or `Authorization: Bearer <key>`.",
+    }[auth]
+    return {
+        "openapi": OPENAPI_VERSION,
+        "info": {
+            "title": "aiwfd agents",
+            "version": __version__,
+            "description": (f"Typed AI agents served by aiwfd {__version__}. "
+                            "Each agent is `POST /agent/{name}`: the body is validated against its input "
+                            "schema and the answer is `{\"data\", \"trace\"}`; `/agent/{name}/stream` "
+                            "answers the same call as server-sent events and `/agent/{name}/batch` "
+                            "takes many inputs at once. Every error is "
+                            "`{\"error\": {\"type\", \"message\", \"details\"}, \"request_id\"}`. " + auth_text),
+        },
+        "tags": [{"name": "agents", "description": "one operation per agent"},
+                 {"name": "service", "description": "health, discovery, docs and metrics (no key needed)"}],
+        "paths": paths,
+        "components": {
+            "schemas": schemas,
+            "responses": {ERROR_RESPONSES[s][0]: _error_response(s) for s in sorted(ERROR_RESPONSES)},
+            "headers": {"X-Request-ID": {
+                "description": "the request id (the client's when it sent a sane one); the log has it too",
+                "required": True, "schema": {"type": "string"}}},
+            "parameters": {"X-Request-ID": {
+                "name": "X-Request-ID", "in": "header", "required": False,
+                "description": "an id for this request (`[A-Za-z0-9._:@/+=-]{1,128}`); a new one is made otherwise",
+                "schema": {"type": "string"}}},
+            "securitySchemes": {
+                "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key",
+                           "description": "one of the keys in the server's API_KEY (comma-separated for rotation)"},
+                "bearer": {"type": "http", "scheme": "bearer",
+                           "description": "the same key as `Authorization: Bearer <key>`"},
+            },
+        },
+    }

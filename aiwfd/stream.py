@@ -1,0 +1,236 @@
+"""`POST /agent/{name}/stream` (SPEC §7.4): one agent call answered as server-sent events.
+
+Everything found before the model is called (auth, unknown agent, media type,
+body, input schema) is an ordinary JSON error with its status, exactly as for
+`POST /agent/{name}` (the same `views.prepare`/`read_json`/`check_input`).
+Then the answer is `200 text/event-stream`:
+
+    event: start     {"request_id", "agent", "model"}
+    event: delta     {"text"}      the next piece of the model's raw output
+    event: partial   {"data"}      the output so far, parsed (object outputs only)
+    event: retry     {"attempt", "errors"}   discard the output so far
+    event: result    {"data", "trace"}       as the plain call; the stream ends
+    event: error     {"error": {…}, "request_id"}   terminal, the §3.1 shape
+
+and a `: keep-alive` comment every `Settings.sse_keepalive` seconds (env
+`AIWF_SSE_KEEPALIVE`, default 15).
+
+The attempts are `agent.call_agent`'s, with this module's `EventWriter` as
+its listener: the same re-asks, transport retries, deadline, usage sum and
+`trace`. A `retry` event always follows an answer that failed validation; after
+a transport failure it is sent only when that attempt's output had already
+reached the client (otherwise there is nothing to discard).
+
+`partial` is the text so far read by jiter's partial mode (the JSON parser
+the openai SDK depends on and uses for the same purpose): open strings,
+arrays and objects are closed, an unfinished key or literal is left out. It
+is sent when it changed, with the optional nulls dropped as in `result`.
+
+The model call runs in a child task named `aiwfd-stream:<request id>` while
+the handler waits on it, writes the keep-alives and watches the connection
+(aiohttp does not cancel handlers when a client goes away): a client that
+disconnects, seen at the next write or within `DISCONNECT_POLL` seconds,
+cancels that task, which closes the upstream request; the handler waits for
+it to finish, so no task outlives the request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import sys
+from typing import Any
+
+import jiter
+import orjson
+from aiohttp import web
+
+from aiwfd import views
+from aiwfd.agent import CallStats, call_agent
+from aiwfd.compiler import Compiled, CompiledAgent
+from aiwfd.errors import HTTPError, InternalError, InvalidOutput, Unavailable, error_body
+from aiwfd.keys import REQUEST_ID, RUNTIME, STATS, STREAM_ERROR
+from aiwfd.runtime import Runtime, Snapshot
+
+logger = logging.getLogger("aiwfd")
+
+TASK_PREFIX = "aiwfd-stream:"
+# How often a silent stream checks that its client is still connected.
+DISCONNECT_POLL = 1.0
+# The outcome a stream whose client went away is logged and counted with.
+CLIENT_GONE = "client_disconnected"
+KEEPALIVE = b": keep-alive\n\n"
+HEADERS = {
+    "Content-Type": "text/event-stream; charset=utf-8",
+    "Cache-Control": "no-cache",
+    # nginx buffers proxied answers by default; events must go out as they come.
+    "X-Accel-Buffering": "no",
+}
+
+_NOTHING = object()
+
+
+def dumps(doc: Any) -> bytes:
+    try:
+        return orjson.dumps(doc)
+    except TypeError:  # an integer over 64 bits (the JSON parser allows them)
+        return json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def event(name: str, data: Any) -> bytes:
+    """One server-sent event; compact JSON has no newline, so one `data` line."""
+    return b"event: " + name.encode() + b"\ndata: " + dumps(data) + b"\n\n"
+
+
+def partial_json(text: str) -> Any:
+    """The best-effort parse of an unfinished JSON text; `_NOTHING` when nothing parses yet."""
+    try:
+        return jiter.from_json(text.encode(), partial_mode="trailing-strings", cache_mode="none")
+    except ValueError:
+        return _NOTHING
+
+
+class EventWriter:
+    """The `call_agent` listener that writes deltas, partials and retries as events."""
+
+    def __init__(self, resp: web.StreamResponse, compiled: Compiled, agent: CompiledAgent) -> None:
+        self.resp = resp
+        self.compiled = compiled
+        self.agent = agent
+        # `partial` is for object outputs: not plain text, not a wrapped {"value": …}.
+        self.objects = agent.output_validator is not None and not agent.wrapped
+        self.text = ""
+        self.partial: Any = _NOTHING
+        self.sent = False  # some output of the current attempt reached the client
+
+    async def send(self, name: str, data: Any) -> None:
+        await self.resp.write(event(name, data))
+
+    async def keepalive(self) -> None:
+        await self.resp.write(KEEPALIVE)
+
+    async def delta(self, text: str) -> None:
+        self.sent = True
+        out = event("delta", {"text": text})
+        if self.objects:
+            self.text += text
+            data = partial_json(self.text)
+            if isinstance(data, dict):
+                try:
+                    data = self.compiled.clean_output(self.agent, data)
+                except Exception:  # best effort: an odd half-answer is shown as it parsed
+                    pass
+                if data != self.partial:
+                    self.partial = data
+                    out += event("partial", {"data": data})
+        await self.resp.write(out)
+
+    async def retry(self, attempt: int, failure: HTTPError) -> None:
+        if isinstance(failure, InvalidOutput) or self.sent:
+            errors = failure.details if isinstance(failure, InvalidOutput) else [
+                {"path": "", "message": failure.message}]
+            await self.send("retry", {"attempt": attempt, "errors": errors})
+        self.text, self.partial, self.sent = "", _NOTHING, False
+
+
+async def handler(request: web.Request) -> web.StreamResponse:
+    rt = request.app[RUNTIME]
+    if rt.closing:
+        raise Unavailable("the server is shutting down; retry on another instance")
+    snap = rt.acquire()
+    try:
+        agent = await views.prepare(request, snap)
+        body = await views.read_json(request, snap.max_body, rt.settings.body_timeout)
+        views.check_input(agent, body)
+        stats = request[STATS] = CallStats()
+        rid = request[REQUEST_ID]
+        resp = web.StreamResponse(headers=HEADERS)
+        resp.headers["X-Request-ID"] = rid
+        if rt.draining:
+            resp.force_close()
+        if snap.cors is not None:
+            snap.cors.apply(request, resp)
+        writer = EventWriter(resp, snap.compiled, agent)
+        error: str | None
+        try:
+            await resp.prepare(request)
+            error = await _run(request, rt, snap, agent, body, stats, writer)
+        except ConnectionError:  # a write found the client gone
+            error = CLIENT_GONE
+        except asyncio.CancelledError:
+            if not rt.aborting:
+                raise
+            # The shutdown timeout passed (server.drain): end the stream with
+            # an error event; the headers are long gone, so the middleware's
+            # 503 answer could not be sent.
+            task = asyncio.current_task()
+            if task is not None and sys.version_info >= (3, 11):
+                task.uncancel()
+            err = Unavailable("the server is shutting down; retry on another instance")
+            error = err.type
+            with contextlib.suppress(ConnectionError):
+                await writer.send("error", error_body(err, rid))
+        except Exception:
+            # A bug, after the 200 went out: the middleware's 500 answer could
+            # not be sent either, so it ends the stream as an error event.
+            logger.exception("internal error (request_id=%s)", rid, extra={"request_id": rid})
+            err = InternalError(f"internal error; the server log has the details under request id {rid}")
+            error = err.type
+            with contextlib.suppress(ConnectionError):
+                await writer.send("error", error_body(err, rid))
+        if error is not None:
+            request[STREAM_ERROR] = error
+        with contextlib.suppress(ConnectionError):
+            await resp.write_eof()
+        return resp
+    finally:
+        rt.release(snap)
+
+
+async def _run(request: web.Request, rt: Runtime, snap: Snapshot, agent: CompiledAgent, body: Any,
+               stats: CallStats, writer: EventWriter) -> str | None:
+    """Stream the call; the error type it ended with, or None."""
+    rid = request[REQUEST_ID]
+    await writer.send("start", {"request_id": rid, "agent": agent.name, "model": agent.assistant.model})
+    call = asyncio.get_running_loop().create_task(
+        call_agent(snap.compiled, agent, snap.client(agent), body, rid, rt.settings.deadline, stats, writer),
+        name=TASK_PREFIX + rid,
+    )
+    try:
+        await _watch(request, call, writer, rt.settings.sse_keepalive)
+    finally:
+        if not call.done():
+            call.cancel()
+            # Until it has unwound (the upstream request closed): no task outlives the request.
+            await asyncio.wait((call,))
+        if not call.cancelled():
+            call.exception()  # retrieved here, whatever happens next
+    try:
+        result = call.result()
+    except HTTPError as e:
+        await writer.send("error", error_body(e, rid))
+        return e.type
+    await writer.send("result", result)
+    return None
+
+
+async def _watch(request: web.Request, call: asyncio.Task[Any], writer: EventWriter, keepalive: float) -> None:
+    """Until `call` is done: a keep-alive comment every `keepalive` seconds, and a
+    ConnectionResetError as soon as the client is seen gone."""
+    loop = asyncio.get_running_loop()
+    next_ping = loop.time() + keepalive
+    while True:
+        wait = min(DISCONNECT_POLL, max(0.0, next_ping - loop.time()))
+        done, _ = await asyncio.wait((call,), timeout=wait)
+        if done:
+            return
+        transport = request.transport
+        if transport is None or transport.is_closing():
+            raise ConnectionResetError("the client went away")
+        if loop.time() >= next_ping:
+            await writer.keepalive()
+            next_ping += keepalive
+            if next_ping < loop.time():  # the write itself was slow: do not fire a burst
+                next_ping = loop.time() + keepalive
