@@ -1,0 +1,412 @@
+"""Describing the API (SPEC §7.1, §4.2): GET /openapi.json, GET /agent/{name}/schema,
+and openapi.json among the artifacts of `aiwfd compile` and of serving.
+
+Every document must pass openapi-spec-validator (OpenAPI 3.1), and its schemas
+must mean what the server does: the request body and the 200 envelope are
+checked against real requests and answers with jsonschema, resolving the
+document's own `$ref`s.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+from pathlib import Path
+from typing import Any, AsyncIterator, Iterator
+
+import jsonschema
+import pytest
+from openapi_spec_validator import validate
+from referencing import Registry
+from referencing.jsonschema import DRAFT202012
+
+from aiwfd import errors as E
+from aiwfd.compiler import load_and_compile
+from aiwfd.errors import ConfigError
+from aiwfd.mock import sample
+from tests.utils import CONFIGS, REPO, AiwfdProcess, InProcess, run_cli, serve, write_config
+
+API_MOCK = CONFIGS / "api_mock.yaml"
+KEY = "test-key-1"
+DOC_ID = "urn:aiwfd:openapi"
+
+# §3.1: every status and type a call of an agent can answer (405 cannot: POST is the route's method).
+AGENT_ERRORS = {400: {"invalid_json"}, 401: {"unauthorized"}, 404: {"not_found"}, 408: {"request_timeout"},
+                413: {"payload_too_large"}, 415: {"unsupported_media_type"}, 422: {"invalid_input"},
+                429: {"rate_limited"}, 500: {"internal_error"}, 502: {"upstream_error", "invalid_output"},
+                503: {"unavailable"}, 504: {"upstream_timeout"}}
+ALL_TYPES = {c.type for c in vars(E).values() if isinstance(c, type) and issubclass(c, E.HTTPError)
+             and c is not E.HTTPError}
+PLACEHOLDERS = {"@FAKE_URL@": "http://127.0.0.1:9/v1", "@DEAD_URL@": "http://127.0.0.1:9/v1",
+                "@SLOW_URL@": "http://127.0.0.1:9/v1", "@PROMPT@": "a prompt"}
+
+
+def all_configs() -> list[Path]:
+    return sorted(CONFIGS.glob("*.yaml")) + [REPO / "config.example.yaml"]
+
+
+def materialise(path: Path, tmp: Path) -> Path:
+    """The config with the placeholders some test configs carry filled in."""
+    text = path.read_text(encoding="utf-8")
+    if "@" not in text:
+        return path
+    for k, v in PLACEHOLDERS.items():
+        text = text.replace(k, v)
+    out = tmp / path.name
+    out.write_text(text, encoding="utf-8")
+    for sub in ("common",):  # imports are relative to the file
+        if (path.parent / sub).is_dir() and not (tmp / sub).exists():
+            (tmp / sub).symlink_to(path.parent / sub)
+    return out
+
+
+def pointer(doc: dict[str, Any], ref: str) -> Any:
+    assert ref.startswith("#/"), ref
+    node: Any = doc
+    for part in ref[2:].split("/"):
+        part = part.replace("~1", "/").replace("~0", "~")
+        node = node[part]
+    return node
+
+
+def refs(node: Any) -> Iterator[str]:
+    if isinstance(node, dict):
+        for k, v in node.items():
+            if k == "$ref" and isinstance(v, str):
+                yield v
+            else:
+                yield from refs(v)
+    elif isinstance(node, list):
+        for v in node:
+            yield from refs(v)
+
+
+def validator_for(doc: dict[str, Any], schema: dict[str, Any]) -> jsonschema.Draft202012Validator:
+    """A validator for a schema inside `doc`, its `#/components/...` refs resolved in `doc`."""
+    registry = Registry().with_resource(DOC_ID, DRAFT202012.create_resource(doc))
+    wrapped = json.loads(json.dumps(schema).replace('"#/components/', f'"{DOC_ID}#/components/'))
+    return jsonschema.Draft202012Validator(wrapped, registry=registry,
+                                           format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER)
+
+
+def response_schema(doc: dict[str, Any], op: dict[str, Any], status: int) -> dict[str, Any]:
+    resp = op["responses"][str(status)]
+    if "$ref" in resp:
+        resp = pointer(doc, resp["$ref"])
+    return resp["content"]["application/json"]["schema"]
+
+
+async def get_json(srv: InProcess, path: str, **kw: Any) -> tuple[int, dict[str, str], Any]:
+    async with srv.session.get(srv.url(path), **kw) as r:
+        return r.status, dict(r.headers), await r.json()
+
+
+# --------------------------------------------------------------------------
+# Every config the project ships
+
+
+def test_only_the_invalid_configs_are_skipped(tmp_path: Path) -> None:
+    invalid = set()
+    for path in all_configs():
+        try:
+            load_and_compile(str(materialise(path, tmp_path)))
+        except ConfigError:
+            invalid.add(path.name)
+    assert all(name.endswith("_invalid.yaml") for name in invalid), invalid
+
+
+@pytest.mark.parametrize("path", all_configs(), ids=lambda p: p.name)
+async def test_openapi_json_of_every_config_validates(path: Path, tmp_path: Path) -> None:
+    cfg = materialise(path, tmp_path)
+    try:
+        compiled = load_and_compile(str(cfg))
+    except ConfigError:
+        assert path.name.endswith("_invalid.yaml")
+        pytest.skip(f"{path.name} is invalid on purpose")
+    out = tmp_path / "artifacts"
+    async with serve(cfg, mock=True, output_dir=str(out)) as srv:
+        status, headers, doc = await get_json(srv, "/openapi.json")
+    assert status == 200
+    assert headers["Content-Type"].startswith("application/json")
+    validate(doc)  # OpenAPI 3.1 (the validator picks the version from `openapi`)
+    assert doc["openapi"] == "3.1.0"
+    # Every $ref points at something that exists.
+    for ref in set(refs(doc)):
+        pointer(doc, ref)
+    ops = {p: item for p, item in doc["paths"].items() if re.fullmatch(r"/agent/[^/{]+", p)}
+    assert set(ops) == {f"/agent/{n}" for n in compiled.agents}
+    for name in compiled.agents:
+        assert list(ops[f"/agent/{name}"]) == ["post"]
+        assert ops[f"/agent/{name}"]["post"]["operationId"] == name
+    # Serving wrote the same document to the artifacts directory (§4.2).
+    assert json.loads((out / "openapi.json").read_text()) == doc
+
+
+# --------------------------------------------------------------------------
+# One config in depth, with and without API_KEY
+
+
+@pytest.fixture(scope="module")
+async def keyed(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[InProcess]:
+    async with serve(API_MOCK, env={"API_KEY": f"{KEY},other-key"}, mock=True) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+async def open_srv() -> AsyncIterator[InProcess]:
+    async with serve(API_MOCK, mock=True) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+async def keyed_doc(keyed: InProcess) -> dict[str, Any]:
+    status, _, doc = await get_json(keyed, "/openapi.json")  # no key needed
+    assert status == 200
+    validate(doc)
+    return doc
+
+
+async def test_each_agent_is_one_operation(keyed_doc: dict[str, Any]) -> None:
+    compiled = load_and_compile(str(API_MOCK))
+    op_ids = [op["operationId"] for item in keyed_doc["paths"].values() for op in item.values()]
+    assert len(op_ids) == len(set(op_ids)), "operationIds are unique"
+    for name, agent in compiled.agents.items():
+        op = keyed_doc["paths"][f"/agent/{name}"]["post"]
+        assert op["operationId"] == name
+        desc = agent.assistant.description
+        if desc:
+            assert op["summary"] == desc
+            assert desc in op["description"]
+        body = op["requestBody"]
+        assert body["required"] is True
+        assert list(body["content"]) == ["application/json"]
+
+
+async def test_request_body_is_the_input_schema(keyed_doc: dict[str, Any]) -> None:
+    compiled = load_and_compile(str(API_MOCK))
+    types = compiled.config.types
+    for name, agent in compiled.agents.items():
+        schema = keyed_doc["paths"][f"/agent/{name}"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+        a = agent.assistant
+        if a.input_type_name:
+            assert schema == {"$ref": f"#/components/schemas/{a.input_type_name}"}
+            component = keyed_doc["components"]["schemas"][a.input_type_name]
+            own = {k: v for k, v in agent.input_schema.items() if k not in ("$schema", "title", "$defs")}
+            assert component == json.loads(json.dumps(own).replace('"#/$defs/', '"#/components/schemas/'))
+        else:
+            assert schema == {"type": "object"}
+        # Same verdicts as the server's own validator on a valid and on invalid bodies.
+        v = validator_for(keyed_doc, schema)
+        good = sample(a.input_type, types) if a.input_type is not None else {"anything": [1, 2]}
+        assert v.is_valid(good) and not agent.input_validator.errors(good)
+        for bad in ({}, {"name": ""}, {"name": 5}, {"unknown_field": 1}, []):
+            if a.input_type is None and isinstance(bad, dict):
+                continue
+            assert v.is_valid(bad) == (not agent.input_validator.errors(bad) if isinstance(bad, dict) else False), (name, bad)
+
+
+async def test_200_is_the_envelope_typed_by_the_output_schema(keyed: InProcess, keyed_doc: dict[str, Any]) -> None:
+    compiled = load_and_compile(str(API_MOCK))
+    for name, agent in compiled.agents.items():
+        op = keyed_doc["paths"][f"/agent/{name}"]["post"]
+        schema = response_schema(keyed_doc, op, 200)
+        assert schema["required"] == ["data", "trace"]
+        assert schema["properties"]["trace"] == {"$ref": "#/components/schemas/aiwfd-Trace"}
+        data = schema["properties"]["data"]
+        a = agent.assistant
+        if a.output_type is None:
+            assert data["type"] == "string"
+        elif a.output_type_name and re.fullmatch(r"\w+", a.output_type_name):
+            assert data == {"$ref": f"#/components/schemas/{a.output_type_name}"}
+        # A real answer conforms, and a wrong `data` does not.
+        body = sample(a.input_type, compiled.config.types) if a.input_type is not None else {"x": 1}
+        async with keyed.session.post(keyed.url(f"/agent/{name}"), json=body, headers={"X-API-Key": KEY}) as r:
+            assert r.status == 200, await r.text()
+            answer = await r.json()
+        v = validator_for(keyed_doc, schema)
+        v.validate(answer)
+        assert not v.is_valid({"data": {"no": "such"} if a.output_type is None else 12345, "trace": answer["trace"]})
+        assert not v.is_valid({"data": answer["data"]})
+
+
+async def test_every_error_status_is_documented_with_the_error_schema(keyed: InProcess,
+                                                                       keyed_doc: dict[str, Any]) -> None:
+    error = keyed_doc["components"]["schemas"]["aiwfd-Error"]
+    assert error["required"] == ["error", "request_id"]
+    assert set(error["properties"]["error"]["properties"]["type"]["enum"]) == ALL_TYPES
+    for path, item in keyed_doc["paths"].items():
+        if not re.fullmatch(r"/agent/[^/{]+", path):
+            continue
+        op = item["post"]
+        documented = {int(s) for s in op["responses"] if s != "200"}
+        assert documented == set(AGENT_ERRORS), path
+        for status, types in AGENT_ERRORS.items():
+            resp = pointer(keyed_doc, op["responses"][str(status)]["$ref"])
+            assert resp["headers"]["X-Request-ID"]
+            schema = resp["content"]["application/json"]["schema"]
+            assert {"$ref": "#/components/schemas/aiwfd-Error"} in schema["allOf"]
+            v = validator_for(keyed_doc, schema)
+            for t in ALL_TYPES:  # the per-status schema admits exactly that status's types
+                doc = {"error": {"type": t, "message": "m", "details": []}, "request_id": "r"}
+                assert v.is_valid(doc) == (t in types), (status, t)
+    # Real error answers conform to what is documented for them.
+    op = keyed_doc["paths"]["/agent/greeter"]["post"]
+    cases = [
+        ({}, {"name": "Ann"}, 401),
+        ({"X-API-Key": KEY}, {"name": ""}, 422),
+        ({"X-API-Key": KEY, "Content-Type": "text/plain"}, "hi", 415),
+        ({"X-API-Key": KEY, "Content-Type": "application/json"}, "[1,", 400),
+    ]
+    for headers, body, status in cases:
+        kw = {"json": body} if isinstance(body, dict) else {"data": body}
+        async with keyed.session.post(keyed.url("/agent/greeter"), headers=headers, **kw) as r:
+            assert r.status == status
+            validator_for(keyed_doc, response_schema(keyed_doc, op, status)).validate(await r.json())
+
+
+async def test_security_schemes(keyed_doc: dict[str, Any], open_srv: InProcess) -> None:
+    schemes = keyed_doc["components"]["securitySchemes"]
+    assert schemes["apiKey"] == {**schemes["apiKey"], "type": "apiKey", "in": "header", "name": "X-API-Key"}
+    assert schemes["bearer"]["type"] == "http" and schemes["bearer"]["scheme"] == "bearer"
+    assert "security" not in keyed_doc  # nothing global: the service routes need no key
+    for path, item in keyed_doc["paths"].items():
+        for op in item.values():
+            if path.startswith("/agent/") and not path.endswith("/schema"):
+                assert op["security"] == [{"apiKey": []}, {"bearer": []}]
+            else:
+                assert op["security"] == []
+    # Without API_KEY the key is optional (`{}`), and 401 cannot happen.
+    status, _, doc = await get_json(open_srv, "/openapi.json")
+    validate(doc)
+    assert doc["components"]["securitySchemes"] == keyed_doc["components"]["securitySchemes"]
+    op = doc["paths"]["/agent/greeter"]["post"]
+    assert {} in op["security"] and {"apiKey": []} in op["security"]
+    assert "401" not in op["responses"]
+
+
+async def test_service_routes_are_documented(keyed: InProcess, keyed_doc: dict[str, Any]) -> None:
+    paths = keyed_doc["paths"]
+    for p in ("/health", "/agents", "/agent/{name}/schema", "/openapi.json", "/metrics", "/docs"):
+        assert list(paths[p]) == ["get"], p
+    schema_op = paths["/agent/{name}/schema"]["get"]
+    assert schema_op["parameters"][0]["schema"]["enum"] == sorted(load_and_compile(str(API_MOCK)).agents)
+    assert "404" in schema_op["responses"]
+    for path, op_path in (("/health", "/health"), ("/agents", "/agents"), ("/agent/greeter/schema", "/agent/{name}/schema")):
+        status, _, body = await get_json(keyed, path)
+        assert status == 200
+        validator_for(keyed_doc, response_schema(keyed_doc, paths[op_path]["get"], 200)).validate(body)
+
+
+async def test_document_is_cached_per_load(keyed: InProcess) -> None:
+    snap = keyed.server.runtime.snapshot  # type: ignore[union-attr]
+    async with keyed.session.get(keyed.url("/openapi.json")) as r:
+        assert await r.read() == snap.openapi_json
+
+
+# --------------------------------------------------------------------------
+# GET /agent/{name}/schema
+
+
+async def test_agent_schema(keyed: InProcess) -> None:
+    compiled = load_and_compile(str(API_MOCK))
+    for name, agent in compiled.agents.items():
+        status, headers, doc = await get_json(keyed, f"/agent/{name}/schema")  # no key: like /agents
+        assert status == 200, doc
+        assert headers["Content-Type"].startswith("application/json")
+        assert set(doc) == {"input", "output"}
+        assert doc["input"] == agent.input_schema
+        if agent.output_schema is None:
+            assert doc["output"]["type"] == "string"
+        else:
+            assert doc["output"] == agent.output_schema
+        for s in doc.values():
+            jsonschema.Draft202012Validator.check_schema(s)
+
+
+async def test_agent_schema_of_unknown_agent_is_404(keyed: InProcess) -> None:
+    status, headers, doc = await get_json(keyed, "/agent/greeterr/schema")
+    assert status == 404
+    assert doc["error"]["type"] == "not_found"
+    assert "did you mean 'greeter'" in doc["error"]["message"]
+    assert doc["request_id"] == headers["X-Request-ID"]
+    async with keyed.session.post(keyed.url("/agent/greeter/schema"), json={}) as r:
+        assert r.status == 405
+        assert (await r.json())["error"]["type"] == "method_not_allowed"
+
+
+# --------------------------------------------------------------------------
+# Rebuilt on reload; written by `aiwfd compile`
+
+RELOAD_BASE = """\
+version: 0.3
+types:
+  Req:
+    name: string(1..10)
+assistants:
+  first:
+    use: mock
+    model: m
+    input_type: Req
+"""
+RELOAD_MORE = RELOAD_BASE + """\
+  second:
+    use: mock
+    model: m
+    description: Added by a reload.
+    input_type: Req
+    output_type: Req
+"""
+
+
+async def test_document_is_rebuilt_on_reload(tmp_path: Path) -> None:
+    cfg = write_config(tmp_path, RELOAD_BASE)
+    out = tmp_path / "out"
+    async with serve(cfg, output_dir=str(out)) as srv:
+        _, _, before = await get_json(srv, "/openapi.json")
+        assert "/agent/second" not in before["paths"]
+        write_config(tmp_path, RELOAD_MORE)
+        assert await srv.server.reload()
+        _, _, after = await get_json(srv, "/openapi.json")
+        validate(after)
+        assert after["paths"]["/agent/second"]["post"]["summary"] == "Added by a reload."
+        assert after["paths"]["/agent/{name}/schema"]["get"]["parameters"][0]["schema"]["enum"] == ["first", "second"]
+        assert json.loads((out / "openapi.json").read_text()) == after
+        status, _, schema = await get_json(srv, "/agent/second/schema")
+        assert status == 200 and schema["output"]["title"] == "Req"
+        # An invalid config keeps the previous document.
+        write_config(tmp_path, "assistants: [")
+        assert not await srv.server.reload()
+        _, _, kept = await get_json(srv, "/openapi.json")
+        assert kept == after
+
+
+def test_document_is_rebuilt_on_sighup(tmp_path: Path) -> None:
+    """The real daemon: SIGHUP → the new agent is in /openapi.json."""
+    import urllib.request
+
+    cfg = write_config(tmp_path, RELOAD_BASE)
+    with AiwfdProcess(["serve", "-f", str(cfg), "-p", "0"]) as proc:
+        def doc() -> dict[str, Any]:
+            with urllib.request.urlopen(proc.url("/openapi.json"), timeout=10) as r:
+                return json.loads(r.read())
+        assert "/agent/second" not in doc()["paths"]
+        write_config(tmp_path, RELOAD_MORE)
+        proc.send(signal.SIGHUP)
+        proc.wait_for_log(r"reloaded .*: 2 agents")
+        assert "/agent/second" in doc()["paths"]
+
+
+def test_compile_writes_openapi_json(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    r = run_cli(["compile", "-f", str(API_MOCK), "-o", str(out)])
+    assert r.returncode == 0, r.stderr
+    doc = json.loads((out / "openapi.json").read_text())
+    validate(doc)
+    compiled = load_and_compile(str(API_MOCK))
+    assert {f"/agent/{n}" for n in compiled.agents} <= set(doc["paths"])
+    # compile cannot know API_KEY: the key is shown as optional and 401 is documented.
+    op = doc["paths"]["/agent/greeter"]["post"]
+    assert {} in op["security"] and {"apiKey": []} in op["security"]
+    assert "401" in op["responses"]
+    assert (out / "agents" / "greeter.json").is_file()
