@@ -75,7 +75,10 @@ class Server:
         self.settings = settings
         self.install_signals = install_signals
         self.request_log = request_log
-        self._base_env = dict(os.environ)
+        # What the process inherited (everything not read from the .env file);
+        # a reload merges it with the file read again (Settings.reread_env).
+        self._base_env = {k: v for k, v in settings.env.items()
+                          if settings.env_file_values.get(k) != v}
         self.notifier = Notifier()
         self.transport = transport_from_env(settings.env)
         self.runtime: Runtime | None = None
