@@ -367,7 +367,9 @@ def _item_error_component() -> dict[str, Any]:
 
 
 def _service_operation(op_id: str, summary: str, responses: dict[str, Any], **extra: Any) -> dict[str, Any]:
-    return {"operationId": op_id, "summary": summary, "tags": ["service"], "security": [],
+    # "service." cannot begin an agent name, so no agent (say one named
+    # `health`) can take a service operation's id.
+    return {"operationId": f"service.{op_id}", "summary": summary, "tags": ["service"], "security": [],
             "responses": {**responses, **_errors(SERVICE_STATUSES)}, **extra}
 
 

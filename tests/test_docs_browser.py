@@ -156,7 +156,7 @@ async def test_chromium_renders_every_operation(srv: InProcess, tmp_path: Path) 
     for name in compiled.agents:
         assert name in shown_ids, (name, sorted(shown_ids))
         assert f"/agent/{name}" in shown_paths
-    assert {"health", "listAgents", "agentSchema", "metrics"} <= shown_ids
+    assert {"service.health", "service.listAgents", "service.agentSchema", "service.metrics"} <= shown_ids
     assert "OAS 3.1" in dom  # Swagger UI read the document as OpenAPI 3.1
     # The screenshot is a real 1280x1600 picture with something on it.
     data = shot.read_bytes()

@@ -410,3 +410,17 @@ def test_compile_writes_openapi_json(tmp_path: Path) -> None:
     assert {} in op["security"] and {"apiKey": []} in op["security"]
     assert "401" in op["responses"]
     assert (out / "agents" / "greeter.json").is_file()
+
+
+def test_agents_named_like_service_operations_keep_ids_unique(tmp_path: Path) -> None:
+    from aiwfd.openapi import build_openapi
+
+    names = ["health", "metrics", "docs", "openapi", "listAgents", "agentSchema"]
+    cfg = write_config(tmp_path, "assistants:\n" + "".join(
+        f"  {n}:\n    use: mock\n    model: m\n" for n in names))
+    doc = build_openapi(load_and_compile(str(cfg)))
+    validate(doc)
+    op_ids = [op["operationId"] for item in doc["paths"].values() for op in item.values()]
+    assert len(op_ids) == len(set(op_ids)), sorted(op_ids)
+    for n in names:
+        assert doc["paths"][f"/agent/{n}"]["post"]["operationId"] == n
