@@ -181,6 +181,9 @@ class Server:
         self.stopped.set()
 
     def on_sighup(self) -> None:
+        if self.stopped.is_set():
+            logger.info("SIGHUP while shutting down: not reloading")
+            return
         if self._reload_task is not None and not self._reload_task.done():
             self._reload_again = True  # coalesce a burst of SIGHUPs into one more reload
             return
