@@ -1,0 +1,3 @@
+module example.com/aiwfd-client
+
+go 1.19
