@@ -138,8 +138,9 @@ class Server:
         if not s.api_keys and not _is_loopback(s.host):
             logger.warning("API_KEY is not set and %s is not a loopback address: anyone who can "
                            "reach this port can call the agents", s.host)
-        logger.info("aiwfd %s serving %s (%d agents%s) on http://%s:%d", __version__, s.file,
-                    len(compiled.agents), ", mock provider" if s.mock else "",
+        n = len(compiled.agents)
+        logger.info("aiwfd %s serving %s (%d agent%s%s) on http://%s:%d", __version__, s.file,
+                    n, "" if n == 1 else "s", ", mock provider" if s.mock else "",
                     _url_host(s.host), self.port)
         self.notifier.ready()
         interval = watchdog_interval()

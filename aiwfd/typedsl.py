@@ -300,7 +300,7 @@ class _Parser:
         inner = self.until(")")
         self.expect(")")
         values: list[str] = []
-        for raw in (v.strip() for v in inner.split(",")) if inner.strip() else ():
+        for raw in self.enum_values(inner) if inner.strip() else ():
             if len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "\"'":
                 raw = raw[1:-1]
             if not raw:
@@ -311,6 +311,27 @@ class _Parser:
         if not values:
             raise self.fail("enum() needs at least one value")
         return Enum(tuple(values))
+
+    def enum_values(self, inner: str) -> list[str]:
+        """Split at commas outside quotes: enum("in progress, late", done)."""
+        parts, current, quote = [], "", None
+        for c in inner:
+            if quote:
+                current += c
+                if c == quote:
+                    quote = None
+            elif c in "\"'":
+                quote = c
+                current += c
+            elif c == ",":
+                parts.append(current.strip())
+                current = ""
+            else:
+                current += c
+        if quote:
+            raise self.fail("unterminated quote in enum(…)")
+        parts.append(current.strip())
+        return parts
 
     def map(self) -> Map:
         self.expect("(")

@@ -326,3 +326,10 @@ def test_inline_array_must_have_one_element(tmp_path: Path) -> None:
     [p] = info.value.problems
     assert (p.line, p.path) == (3, "types.T.tags")
     assert "one-element list" in p.message
+
+
+def test_enum_values_may_be_quoted_with_commas_inside() -> None:
+    node = typedsl.parse('enum("in progress, late", done, \'on hold\')', lambda alias, name: name)
+    assert typedsl.schema(node) == {"type": "string", "enum": ["in progress, late", "done", "on hold"]}
+    with pytest.raises(typedsl.TypeSyntaxError, match="unterminated quote"):
+        typedsl.parse('enum("a, b)', lambda alias, name: name)
