@@ -40,8 +40,8 @@ from aiohttp import web
 from aiwfd import views
 from aiwfd.agent import CallStats, call_agent
 from aiwfd.compiler import CompiledAgent
-from aiwfd.errors import HTTPError, InternalError, InvalidInput, Unavailable, UpstreamTimeout
-from aiwfd.keys import REQUEST_ID, RUNTIME, STATS
+from aiwfd.errors import HTTPError, InternalError, InvalidInput, UpstreamTimeout
+from aiwfd.keys import REQUEST_ID, STATS
 from aiwfd.middlewares import json_response
 from aiwfd.runtime import Runtime, Snapshot
 
@@ -52,13 +52,8 @@ _KINDS = {bool: "a boolean", int: "a number", float: "a number", str: "a string"
 
 
 async def handler(request: web.Request) -> web.Response:
-    rt = request.app[RUNTIME]
-    if rt.closing:
-        raise Unavailable("the server is shutting down; retry on another instance")
-    snap = rt.acquire()
+    rt, snap, agent, body = await views.begin(request)
     try:
-        agent = await views.prepare(request, snap)
-        body = await views.read_json(request, snap.max_body, rt.settings.body_timeout)
         server = snap.compiled.config.server
         inputs = read_inputs(body, server.batch_max)
         total = request[STATS] = CallStats()

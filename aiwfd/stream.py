@@ -51,7 +51,7 @@ from aiwfd import views
 from aiwfd.agent import CallStats, call_agent
 from aiwfd.compiler import Compiled, CompiledAgent
 from aiwfd.errors import HTTPError, InternalError, InvalidOutput, Unavailable, error_body
-from aiwfd.keys import REQUEST_ID, RUNTIME, STATS, STREAM_ERROR
+from aiwfd.keys import REQUEST_ID, STATS, STREAM_ERROR
 from aiwfd.runtime import Runtime, Snapshot
 
 logger = logging.getLogger("aiwfd")
@@ -136,13 +136,8 @@ class EventWriter:
 
 
 async def handler(request: web.Request) -> web.StreamResponse:
-    rt = request.app[RUNTIME]
-    if rt.closing:
-        raise Unavailable("the server is shutting down; retry on another instance")
-    snap = rt.acquire()
+    rt, snap, agent, body = await views.begin(request)
     try:
-        agent = await views.prepare(request, snap)
-        body = await views.read_json(request, snap.max_body, rt.settings.body_timeout)
         views.check_input(agent, body)
         stats = request[STATS] = CallStats()
         rid = request[REQUEST_ID]

@@ -20,7 +20,7 @@ from aiwfd.errors import (
 from aiwfd.jsonparse import check_charset, parse_object
 from aiwfd.keys import AGENT, REQUEST_ID, RUNTIME, STATS
 from aiwfd.middlewares import json_response
-from aiwfd.runtime import Snapshot
+from aiwfd.runtime import Runtime, Snapshot
 
 if sys.version_info >= (3, 11):
     from asyncio import timeout as _timeout
@@ -58,7 +58,10 @@ async def agent_schema(request: web.Request) -> web.Response:
     return web.Response(body=body, content_type="application/json")
 
 
-async def call(request: web.Request) -> web.Response:
+async def begin(request: web.Request) -> tuple[Runtime, Snapshot, CompiledAgent, dict[str, Any]]:
+    """What every agent endpoint does first: take the current snapshot, check
+    the key, the agent and the media type, read the body. The caller releases
+    the snapshot (`rt.release(snap)`) once it has answered."""
     rt = request.app[RUNTIME]
     if rt.closing:
         # The drain is over: a model call started now could not finish.
@@ -67,6 +70,15 @@ async def call(request: web.Request) -> web.Response:
     try:
         agent = await prepare(request, snap)
         body = await read_json(request, snap.max_body, rt.settings.body_timeout)
+    except BaseException:
+        rt.release(snap)
+        raise
+    return rt, snap, agent, body
+
+
+async def call(request: web.Request) -> web.Response:
+    rt, snap, agent, body = await begin(request)
+    try:
         check_input(agent, body)
         stats = request[STATS] = CallStats()
         result = await call_agent(snap.compiled, agent, snap.client(agent), body,
