@@ -110,6 +110,16 @@ class Config:
     providers: Mapping[str, Provider]
     server: ServerSettings
     warnings: tuple[Problem, ...] = field(default=())
+    # Every file read (the agents file and its imports) with the text read.
+    sources: tuple[tuple[str, str], ...] = field(default=(), repr=False)
+
+    def unchanged_on_disk(self) -> bool:
+        """Whether every file this config was read from still holds the same text."""
+        try:
+            return bool(self.sources) and all(
+                FsPath(path).read_text(encoding="utf-8") == text for path, text in self.sources)
+        except (OSError, UnicodeDecodeError):
+            return False
 
 
 def did_you_mean(word: str, choices: Any) -> str | None:
@@ -139,6 +149,7 @@ class _Loader:
         self.warnings: list[Problem] = []
         self.defs: dict[str, Node] = {}
         self.def_origin: dict[str, tuple[str, int | None, str]] = {}
+        self.sources: list[tuple[str, str]] = []
 
     # ------------------------------------------------------------ reporting
 
@@ -173,6 +184,7 @@ class _Loader:
             reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
             self.problems.append(Problem(display, None, "", f"cannot read file: {reason}"))
             return None
+        self.sources.append((str(path), text))
         try:
             src = yamlsrc.parse(text, display)
         except yamlsrc.YAMLSyntaxError as e:
@@ -345,6 +357,7 @@ def load(path: str | os.PathLike[str]) -> Config:
         providers=providers,
         server=server,
         warnings=tuple(_in_file_order(ld.warnings)),
+        sources=tuple(ld.sources),
     )
 
 

@@ -210,11 +210,14 @@ class Server:
         self.notifier.reloading()
         try:
             settings = self.settings.reread_env(self._base_env)
-            compiled: Compiled = await asyncio.to_thread(load_and_compile, settings.file)
+            compiled: Compiled = await asyncio.to_thread(self._load_if_changed, settings.file)
             # Off the loop too: every provider client builds an SSL context
             # (~50 ms of CPU) that would stall requests and the watchdog.
             snapshot = await asyncio.to_thread(build_snapshot, compiled, settings, self.session,
                                                self.transport)
+            old = rt.snapshot
+            if compiled is old.compiled and snapshot.auth == old.auth and "openapi" in old.__dict__:
+                snapshot.__dict__["openapi"] = old.openapi  # same config, same document (cached_property)
         except ConfigError as e:
             for p in e.problems:
                 logger.error("reload: %s", p)
@@ -244,6 +247,15 @@ class Server:
         return True
 
     # ---------------------------------------------------------------- stop
+
+    def _load_if_changed(self, file: str) -> Compiled:
+        """The running config again when no file it was read from changed (a
+        SIGHUP to rotate a key in .env): a 200-agent compile is skipped."""
+        assert self.runtime is not None
+        current = self.runtime.snapshot.compiled
+        if current.config.path == file and current.config.unchanged_on_disk():
+            return current
+        return load_and_compile(file)
 
     async def drain(self) -> None:
         """Stop listening, finish in-flight requests, answer 503 to what is left."""

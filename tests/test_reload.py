@@ -362,3 +362,25 @@ async def test_previous_snapshot_closes_when_its_last_request_ends(tmp_path: Pat
             assert await srv.server.reload() is True
             await asyncio.gather(*list(rt._closing))
             assert current.closed and not rt.snapshot.closed
+
+
+async def test_unchanged_config_is_not_recompiled_but_a_changed_import_is(tmp_path: Path) -> None:
+    """A SIGHUP that only rotates .env reuses the compiled config; a change in
+    any file it was read from (here an imported one) is compiled again."""
+    (tmp_path / "lib.yaml").write_text("types:\n  Out:\n    message: string\n", encoding="utf-8")
+    cfg = tmp_path / "agents.yaml"
+    cfg.write_text("imports:\n  - as: lib\n    path: lib.yaml\nassistants:\n"
+                   "  a:\n    use: mock\n    model: m\n    output_type: $lib.Out\n", encoding="utf-8")
+    async with serve(cfg, mock=True) as srv:
+        first = srv.server.runtime.snapshot
+        assert await srv.server.reload()
+        second = srv.server.runtime.snapshot
+        assert second is not first and second.compiled is first.compiled
+        (tmp_path / "lib.yaml").write_text("types:\n  Out:\n    message: string\n    score: int\n",
+                                           encoding="utf-8")
+        assert await srv.server.reload()
+        third = srv.server.runtime.snapshot
+        assert third.compiled is not first.compiled
+        async with srv.session.post(srv.url("/agent/a"), json={}) as r:
+            assert r.status == 200
+            assert set((await r.json())["data"]) == {"message", "score"}
