@@ -7,7 +7,6 @@ running while the test waits: every blocking wait goes through a thread.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import re
 import signal
 import subprocess
@@ -15,19 +14,17 @@ import sys
 import time
 from functools import partial
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 import aiohttp
 import orjson
 import pytest
 
 from tests.fakeopenai import FakeOpenAI
-from tests.utils import CONFIGS, AiwfdProcess
+from tests.utils import CONFIGS, START_TIMEOUT, AiwfdProcess, started
 
 LIFE = str(CONFIGS / "life_basic.yaml")
 INPUT = {"name": "Alice"}
-# Event-driven waits: generous, they cost nothing when things go well (busy CI machines).
-START_TIMEOUT = 60.0
 
 
 def env_for(fake: FakeOpenAI | None, tmp_path: Path, **extra: str) -> dict[str, str]:
@@ -38,14 +35,6 @@ def env_for(fake: FakeOpenAI | None, tmp_path: Path, **extra: str) -> dict[str, 
     return env
 
 
-@contextlib.asynccontextmanager
-async def aiwfd(args: list[str], env: dict[str, str]) -> AsyncIterator[AiwfdProcess]:
-    """A real process, started and always stopped without blocking the loop (the fake lives in it)."""
-    proc = await asyncio.to_thread(partial(AiwfdProcess, args, env=env, timeout=START_TIMEOUT))
-    try:
-        yield proc
-    finally:
-        await asyncio.to_thread(proc.stop, signal.SIGTERM, 15)
 
 
 def ephemeral_dirs(root: Path, pid: int) -> list[Path]:
@@ -82,7 +71,7 @@ async def wait_log(proc: AiwfdProcess, pattern: str, start: int = 0, timeout: fl
 
 async def test_sigterm_finishes_all_inflight_requests(tmp_path: Path) -> None:
     async with FakeOpenAI(latency=2.0) as fake, \
-            aiwfd(["serve", "-f", LIFE, "-p", "0"], env_for(fake, tmp_path)) as proc:
+            started(["serve", "-f", LIFE, "-p", "0"], env_for(fake, tmp_path)) as proc:
         [ephemeral] = ephemeral_dirs(tmp_path, proc.pid)
         assert (ephemeral / "agents" / "greeter.json").is_file()
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
@@ -127,7 +116,7 @@ async def test_sigterm_finishes_all_inflight_requests(tmp_path: Path) -> None:
 async def test_shutdown_timeout_answers_503_to_what_is_still_running(tmp_path: Path) -> None:
     timeout = 1.0
     async with FakeOpenAI(latency=5.0) as fake, \
-            aiwfd(["serve", "-f", LIFE, "-p", "0", "--shutdown-timeout", str(timeout)],
+            started(["serve", "-f", LIFE, "-p", "0", "--shutdown-timeout", str(timeout)],
                   env_for(fake, tmp_path)) as proc:
         [ephemeral] = ephemeral_dirs(tmp_path, proc.pid)
         async with aiohttp.ClientSession() as session:
@@ -156,7 +145,7 @@ async def test_shutdown_timeout_answers_503_to_what_is_still_running(tmp_path: P
 
 async def test_second_sigint_exits_at_once(tmp_path: Path) -> None:
     async with FakeOpenAI(latency=30.0) as fake, \
-            aiwfd(["serve", "-f", LIFE, "-p", "0"], env_for(fake, tmp_path)) as proc:
+            started(["serve", "-f", LIFE, "-p", "0"], env_for(fake, tmp_path)) as proc:
         [ephemeral] = ephemeral_dirs(tmp_path, proc.pid)
         async with aiohttp.ClientSession() as session:
             pending = asyncio.create_task(call(session, proc.url("/agent/greeter")))
@@ -196,7 +185,7 @@ async def test_kill9_leftovers_removed_at_next_start(tmp_path: Path) -> None:
             await asyncio.to_thread(killed.stop, signal.SIGKILL, 5)
         assert crashed.is_dir() and (crashed / "agents" / "greeter.json").is_file()  # nobody cleaned up
 
-        async with aiwfd(args, env_for(None, tmp_path)) as proc:
+        async with started(args, env_for(None, tmp_path)) as proc:
             line = await wait_log(proc, r"removed .* left by a process that no longer runs")
             assert crashed.name in line
             assert not crashed.exists()

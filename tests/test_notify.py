@@ -30,18 +30,7 @@ OFFLINE = {"OPENAI_API_KEY": "sk-x", "OPENAI_BASE_URL": "http://127.0.0.1:9/v1"}
 START_TIMEOUT = 60.0
 
 Message = dict[str, str]
-# Loads fine, but the HTTP client cannot be built for this base_url.
-BAD_PROVIDER = """\
-version: 0.3
-providers:
-  bad-url:
-    base_url: "http://[::1"
-assistants:
-  other:
-    use: bad-url
-    model: m
-    system_prompt: "never served"
-"""
+BAD_PROVIDER = (CONFIGS / "life_bad_provider.yaml").read_text(encoding="utf-8")
 
 
 class NotifySocket:

@@ -13,15 +13,14 @@ import re
 import signal
 import time
 from collections import Counter
-from functools import partial
 from pathlib import Path
-from typing import Any, AsyncIterator, Iterable
+from typing import Any, Iterable
 
 import aiohttp
 import orjson
 
 from tests.fakeopenai import DEFAULT_TEXT, FakeOpenAI, RecordedRequest, Reply
-from tests.utils import CONFIGS, AiwfdProcess, fake_env, serve
+from tests.utils import CONFIGS, AiwfdProcess, fake_env, serve, started
 
 HEADER = """\
 version: 0.3
@@ -47,20 +46,8 @@ EXTRA_AGENT = """\
     input_type: GreetingRequest
 """
 
-# Event-driven waits: generous, they cost nothing when things go well (busy CI machines).
-START_TIMEOUT = 60.0
 
-BAD_PROVIDER = """\
-version: 0.3
-providers:
-  bad-url:
-    base_url: "http://[::1"
-assistants:
-  other:
-    use: bad-url
-    model: m
-    system_prompt: "never served"
-"""
+BAD_PROVIDER = (CONFIGS / "life_bad_provider.yaml").read_text(encoding="utf-8")
 
 
 def config_text(prompt: str, extra_agents: Iterable[str] = ()) -> str:
@@ -74,13 +61,6 @@ def replace_file(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-@contextlib.asynccontextmanager
-async def aiwfd(args: list[str], env: dict[str, str]) -> AsyncIterator[AiwfdProcess]:
-    proc = await asyncio.to_thread(partial(AiwfdProcess, args, env=env, timeout=START_TIMEOUT))
-    try:
-        yield proc
-    finally:
-        await asyncio.to_thread(proc.stop, signal.SIGTERM, 15)
 
 
 async def wait_log(proc: AiwfdProcess, pattern: str, start: int = 0, timeout: float = 20.0) -> str:
@@ -113,7 +93,7 @@ async def test_sighup_under_load_drops_nothing_and_uses_the_new_config(tmp_path:
     cfg = tmp_path / "agents.yaml"
     replace_file(cfg, config_text("prompt v0"))
     env = {"TMPDIR": str(tmp_path)}
-    async with FakeOpenAI() as fake, aiwfd(["serve", "-f", str(cfg), "-p", "0"],
+    async with FakeOpenAI() as fake, started(["serve", "-f", str(cfg), "-p", "0"],
                                            {**fake_env(fake), **env}) as proc:
         pid = proc.pid
         url = proc.url
@@ -200,7 +180,7 @@ async def test_sighup_under_load_drops_nothing_and_uses_the_new_config(tmp_path:
 async def test_invalid_config_on_sighup_logs_every_error_and_keeps_serving(tmp_path: Path) -> None:
     cfg = tmp_path / "agents.yaml"
     replace_file(cfg, (CONFIGS / "life_basic.yaml").read_text())
-    async with FakeOpenAI() as fake, aiwfd(["serve", "-f", str(cfg), "-p", "0"],
+    async with FakeOpenAI() as fake, started(["serve", "-f", str(cfg), "-p", "0"],
                                            {**fake_env(fake), "TMPDIR": str(tmp_path)}) as proc:
         async with aiohttp.ClientSession() as session:
             assert (await post(session, proc.url("/agent/greeter"), "before"))[0] == 200
@@ -253,7 +233,7 @@ async def test_rotated_keys_in_env_file_take_effect_on_sighup(tmp_path: Path) ->
     env_file = tmp_path / "aiwfd.env"
     replace_file(env_file, "API_KEY=old-client-key\nOPENAI_API_KEY=sk-old-upstream\n")
     async with FakeOpenAI(api_key="sk-old-upstream") as fake, \
-            aiwfd(["serve", "-f", str(cfg), "-p", "0", "--env-file", str(env_file)],
+            started(["serve", "-f", str(cfg), "-p", "0", "--env-file", str(env_file)],
                   {"OPENAI_BASE_URL": fake.base_url, "TMPDIR": str(tmp_path)}) as proc:
         url = proc.url("/agent/greeter")
         old, new = {"X-API-Key": "old-client-key"}, {"Authorization": "Bearer new-client-key"}
@@ -306,7 +286,7 @@ async def test_reload_closes_the_old_provider_clients_seen_from_outside(tmp_path
     cfg = tmp_path / "agents.yaml"
     replace_file(cfg, config_text("v0"))
     async with FakeOpenAI() as fake, \
-            aiwfd(["serve", "-f", str(cfg), "-p", "0"],
+            started(["serve", "-f", str(cfg), "-p", "0"],
                   {**fake_env(fake), "AIWF_TRANSPORT": "sdk", "TMPDIR": str(tmp_path)}) as proc:
         async with aiohttp.ClientSession() as session:
             for i in range(4):

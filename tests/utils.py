@@ -14,7 +14,9 @@ A real process (for signals, the CLI, stderr, exit codes)::
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import functools
 import io
 import os
 import re
@@ -24,7 +26,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncIterator, Iterator, Mapping
 
@@ -196,6 +198,21 @@ class AiwfdProcess:
             self.stop()
         else:
             self.wait(5)
+
+
+# Event-driven waits are generous: they cost nothing when things go well.
+START_TIMEOUT = 60.0
+
+
+@contextlib.asynccontextmanager
+async def started(args: list[str], env: Mapping[str, str]) -> AsyncIterator[AiwfdProcess]:
+    """A real process, started and always stopped without blocking the test's
+    loop (an in-process fake model may live in it)."""
+    proc = await asyncio.to_thread(functools.partial(AiwfdProcess, args, env=env, timeout=START_TIMEOUT))
+    try:
+        yield proc
+    finally:
+        await asyncio.to_thread(proc.stop, signal.SIGTERM, 15)
 
 
 def run_cli(args: list[str], env: Mapping[str, str] | None = None, cwd: str | Path | None = None,
