@@ -15,32 +15,18 @@ import jsonschema
 import openai
 import pytest
 
-try:
-    from tests.fakeopenai import (
-        Drop,
-        FakeOpenAI,
-        Hang,
-        InvalidJSON,
-        Reply,
-        Status,
-        Stream,
-        Violate,
-        sample_for_schema,
-        violating_sample,
-    )
-except ImportError:  # tests/ is on sys.path, not a package
-    from fakeopenai import (  # type: ignore[no-redef]
-        Drop,
-        FakeOpenAI,
-        Hang,
-        InvalidJSON,
-        Reply,
-        Status,
-        Stream,
-        Violate,
-        sample_for_schema,
-        violating_sample,
-    )
+from tests.fakeopenai import (
+    Drop,
+    FakeOpenAI,
+    Hang,
+    InvalidJSON,
+    Reply,
+    Status,
+    Stream,
+    Violate,
+    sample_for_schema,
+    violating_sample,
+)
 
 FAKE_SCRIPT = Path(__file__).with_name("fakeopenai.py")
 MESSAGES: list[Any] = [

@@ -57,7 +57,7 @@ import orjson
 import pytest
 
 from tests.fakeopenai import FakeOpenAI
-from tests.utils import CONFIGS, LISTEN_RE, REPO, AiwfdProcess, fake_process, free_port
+from tests.utils import CONFIGS, LISTEN_RE, REPO, AiwfdProcess, LineReader, fake_process, free_port
 
 NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if os.access("/usr/sbin/nginx", os.X_OK) else None)
 pytestmark = pytest.mark.skipif(NGINX is None, reason="nginx is not installed (apt-get install nginx)")
@@ -159,12 +159,10 @@ class Nginx:
             self.cmd[1:1] = ["-e", str(self.error_log)]
         t = subprocess.run(self.cmd + ["-t"], capture_output=True, text=True, timeout=60)
         assert t.returncode == 0, f"nginx -t failed:\n{t.stderr}"
-        self.lines: list[str] = []
-        self._cond = threading.Condition()
         self.proc = subprocess.Popen(self.cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE)
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
+        self._stderr = LineReader(self.proc.stderr)
+        self.lines = self._stderr.lines
         try:
             # The master opens the listening sockets before it forks workers:
             # once a worker is started, connections are accepted.
@@ -173,30 +171,11 @@ class Nginx:
             self.stop()
             raise
 
-    def _read(self) -> None:
-        assert self.proc.stderr is not None
-        for raw in self.proc.stderr:
-            with self._cond:
-                self.lines.append(raw.decode("utf-8", "replace").rstrip("\n"))
-                self._cond.notify_all()
-        with self._cond:
-            self._cond.notify_all()
-
     def wait_for(self, pattern: str, timeout: float = 20.0) -> str:
-        rx = re.compile(pattern)
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            i = 0
-            while True:
-                for i in range(i, len(self.lines)):
-                    if rx.search(self.lines[i]):
-                        return self.lines[i]
-                i = len(self.lines)
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or not self._reader.is_alive():
-                    raise AssertionError(f"nginx: no line matching {pattern!r}:\n" + "\n".join(self.lines)
-                                         + "\n" + self.read_error_log())
-                self._cond.wait(min(remaining, 0.5))
+        try:
+            return self._stderr.wait_for(pattern, timeout)
+        except AssertionError as e:
+            raise AssertionError(f"nginx: {e}\n{self.read_error_log()}") from None
 
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.port}{path}"
@@ -230,7 +209,7 @@ class Nginx:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(5)
-        self._reader.join(5)
+        self._stderr.join(5)
 
 
 # --------------------------------------------------------------------------

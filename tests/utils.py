@@ -95,6 +95,51 @@ async def serve(config: str | os.PathLike[str], env: Mapping[str, str] | None = 
         await server.stop()
 
 
+class LineReader:
+    """A child's output stream read line by line by a thread; `wait_for`
+    waits on new lines (a condition variable), not on a clock."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        self.lines: list[str] = []
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        for raw in self.stream:
+            with self._cond:
+                self.lines.append(raw.decode("utf-8", "replace").rstrip("\n"))
+                self._cond.notify_all()
+        with self._cond:
+            self._cond.notify_all()
+
+    def wait_for(self, pattern: str, timeout: float = 20.0, start: int = 0) -> str:
+        """The first line from index `start` matching `pattern`; AssertionError
+        when none came within `timeout` or the stream ended without one."""
+        rx = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            i = start
+            while True:
+                while i < len(self.lines):
+                    if rx.search(self.lines[i]):
+                        return self.lines[i]
+                    i += 1
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not self._thread.is_alive():
+                    raise AssertionError(f"no line matching {pattern!r}; so far:\n" + "\n".join(self.lines))
+                self._cond.wait(min(remaining, 0.5))
+
+    def join(self, timeout: float) -> None:
+        self._thread.join(timeout)
+
+    @property
+    def text(self) -> str:
+        with self._cond:
+            return "\n".join(self.lines)
+
+
 class AiwfdProcess:
     """`python -m aiwfd ARGS` as a child process, its stderr collected line by line."""
 
@@ -111,11 +156,9 @@ class AiwfdProcess:
             [sys.executable, "-m", "aiwfd", *args], env=full_env, cwd=cwd,
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         )
-        self.lines: list[str] = []
+        self._stderr = LineReader(self.proc.stderr)
+        self.lines = self._stderr.lines
         self.stdout = ""
-        self._cond = threading.Condition()
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
         self._out_reader = threading.Thread(target=self._read_stdout, daemon=True)
         self._out_reader.start()
         self.host: str | None = None
@@ -125,15 +168,6 @@ class AiwfdProcess:
             m = LISTEN_RE.search(line)
             assert m
             self.host, self.port = m.group(1), int(m.group(2))
-
-    def _read(self) -> None:
-        assert self.proc.stderr is not None
-        for raw in self.proc.stderr:
-            with self._cond:
-                self.lines.append(raw.decode("utf-8", "replace").rstrip("\n"))
-                self._cond.notify_all()
-        with self._cond:
-            self._cond.notify_all()
 
     def _read_stdout(self) -> None:
         assert self.proc.stdout is not None
@@ -151,35 +185,21 @@ class AiwfdProcess:
         return self.base + path
 
     def wait_for_log(self, pattern: str, timeout: float = 20.0, start: int = 0) -> str:
-        """The first stderr line from index `start` matching `pattern`; waits on new lines, not on a clock."""
-        rx = re.compile(pattern)
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            i = start
-            while True:
-                while i < len(self.lines):
-                    if rx.search(self.lines[i]):
-                        return self.lines[i]
-                    i += 1
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or (self.proc.poll() is not None and not self._reader.is_alive()):
-                    raise AssertionError(f"no stderr line matching {pattern!r}; stderr so far:\n"
-                                         + "\n".join(self.lines))
-                self._cond.wait(min(remaining, 0.5))
+        """The first stderr line from index `start` matching `pattern`."""
+        return self._stderr.wait_for(pattern, timeout, start)
 
     def send(self, sig: int) -> None:
         self.proc.send_signal(sig)
 
     def wait(self, timeout: float = 30.0) -> int:
         rc = self.proc.wait(timeout)
-        self._reader.join(5)
+        self._stderr.join(5)
         self._out_reader.join(5)
         return rc
 
     @property
     def stderr(self) -> str:
-        with self._cond:
-            return "\n".join(self.lines)
+        return self._stderr.text
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
         if self.proc.poll() is None:
