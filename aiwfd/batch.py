@@ -41,14 +41,12 @@ from aiwfd import views
 from aiwfd.agent import CallStats, call_agent
 from aiwfd.compiler import CompiledAgent
 from aiwfd.errors import HTTPError, InternalError, InvalidInput, UpstreamTimeout
+from aiwfd.jsonparse import json_kind
 from aiwfd.keys import REQUEST_ID, STATS
 from aiwfd.middlewares import json_response
 from aiwfd.runtime import Runtime, Snapshot
 
 logger = logging.getLogger("aiwfd")
-
-_KINDS = {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "an array",
-          type(None): "null"}
 
 
 async def handler(request: web.Request) -> web.Response:
@@ -71,7 +69,7 @@ def read_inputs(body: dict[str, Any], limit: int) -> list[Any]:
     if "inputs" not in body:
         errors.insert(0, {"path": "inputs", "message": "required field is missing"})
     elif not isinstance(inputs, list):
-        errors.insert(0, {"path": "inputs", "message": f"expected an array, got {_kind(inputs)}"})
+        errors.insert(0, {"path": "inputs", "message": f"expected an array, got {json_kind(inputs)}"})
     elif len(inputs) > limit:
         errors.insert(0, {"path": "inputs",
                           "message": f"{len(inputs)} inputs; a batch holds at most {limit} (server.batch_max)"})
@@ -82,14 +80,10 @@ def read_inputs(body: dict[str, Any], limit: int) -> list[Any]:
     return inputs
 
 
-def _kind(value: Any) -> str:
-    return _KINDS.get(type(value), "an object")
-
-
 def check_item(agent: CompiledAgent, item: Any) -> InvalidInput | None:
     if not isinstance(item, dict):
         return InvalidInput("an input must be a JSON object",
-                            details=[{"path": "", "message": f"expected an object, got {_kind(item)}"}])
+                            details=[{"path": "", "message": f"expected an object, got {json_kind(item)}"}])
     try:
         views.check_input(agent, item)
     except InvalidInput as e:

@@ -78,7 +78,7 @@ def parse_object(raw: bytes) -> dict[str, Any]:
     if _skip_ws(text, end) != len(text):
         raise InvalidJSON("body is not valid JSON: extra data after the value")
     if not isinstance(value, dict):
-        raise InvalidJSON(f"body must be a JSON object, not {_kind(value)}")
+        raise InvalidJSON(f"body must be a JSON object, not {json_kind(value)}")
     # "\ud800" alone decodes to a string no UTF-8 encoder accepts; refuse it here
     # rather than fail later when the body is sent to the model.
     if _SURROGATE_ESCAPE.search(text) and not _encodable(value):
@@ -135,7 +135,10 @@ def _depth(text: str) -> int:
     return deepest
 
 
-def _kind(v: Any) -> str:
+def json_kind(v: Any) -> str:
+    """What a parsed JSON value is, for messages: "an array", "null", …"""
+    if isinstance(v, dict):
+        return "an object"
     if isinstance(v, list):
         return "an array"
     if isinstance(v, str):

@@ -127,7 +127,7 @@ async def test_one_bad_input_never_fails_the_others(srv: InProcess, fake: EchoFa
     # One log line for the batch: attempts and tokens summed over the inputs.
     line = srv.log_lines()[-1]
     tokens = results[0]["trace"]["usage"]["total"]
-    assert f"POST /agent/twice/batch - " in line and "status=200" in line
+    assert "POST /agent/twice/batch - " in line and "status=200" in line
     assert f"request_id={headers['X-Request-ID']} attempts=3 tokens={tokens}" in line, line
 
 
