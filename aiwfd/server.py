@@ -28,6 +28,7 @@ from aiwfd import __version__
 from aiwfd.app import create_app
 from aiwfd.compiler import Compiled, load_and_compile
 from aiwfd.errors import ConfigError, StartupError
+from aiwfd.listener import GreedyTCPSite
 from aiwfd.llm import transport_from_env
 from aiwfd.logs import ProtocolErrorLogger, RequestLog
 from aiwfd.notify import Notifier, watchdog_interval
@@ -119,7 +120,7 @@ class Server:
         self.runner = web.AppRunner(app, handle_signals=False, access_log=None,
                                     shutdown_timeout=1.0, logger=ProtocolErrorLogger())
         await self.runner.setup()
-        site = web.TCPSite(self.runner, s.host, s.port, backlog=1024, reuse_address=True)
+        site = GreedyTCPSite(self.runner, s.host, s.port, backlog=1024, reuse_address=True)
         try:
             await site.start()
         except OSError as e:
