@@ -101,6 +101,12 @@ def resolved(provider: Provider, env: Mapping[str, str]) -> tuple[str, str | Non
     return base_url, key
 
 
+def signature(provider: Provider, env: Mapping[str, str], session: aiohttp.ClientSession | None,
+              transport: Transport) -> tuple[Any, ...]:
+    """What an OpenAICompatible client of `provider` would be built from (raises like `resolved`)."""
+    return (provider, *resolved(provider, env), id(session), transport)
+
+
 class OpenAICompatible:
     """A provider speaking OpenAI's chat-completions API."""
 
@@ -109,6 +115,9 @@ class OpenAICompatible:
         base_url, key = resolved(provider, env)
         self.name = provider.name
         self.transport: Transport = transport if session is not None else "sdk"
+        # Everything the client is built from: a reload whose provider has the
+        # same signature keeps this client (and its pooled connections).
+        self.signature = signature(provider, env, session, transport)
         self.client = openai.AsyncOpenAI(
             api_key=key or "unused",
             base_url=base_url,

@@ -21,7 +21,7 @@ from aiwfd.artifacts import write_artifacts
 from aiwfd.compiler import Compiled, CompiledAgent
 from aiwfd.cors import CorsPolicy, policy
 from aiwfd.errors import StartupError
-from aiwfd.llm import ModelClient, OpenAICompatible, Transport
+from aiwfd.llm import ModelClient, OpenAICompatible, Transport, signature
 from aiwfd.logs import RequestLog
 from aiwfd.metrics import Metrics
 from aiwfd.mock import MockClient
@@ -45,6 +45,8 @@ class Snapshot:
     inflight: int = 0
     retired: bool = False
     closed: bool = False
+    # Clients the snapshot that replaced this one reuses: not closed with it.
+    handed_over: list[ModelClient] = field(default_factory=list)
 
     def client(self, agent: CompiledAgent) -> ModelClient:
         return self.clients[agent.provider.name]
@@ -81,6 +83,8 @@ class Snapshot:
             return
         self.closed = True
         for c in self.clients.values():
+            if c in self.handed_over:  # the next snapshot kept it
+                continue
             try:
                 await c.close()
             except Exception:  # a client that fails to close must not stop the others
@@ -88,8 +92,13 @@ class Snapshot:
 
 
 def build_snapshot(compiled: Compiled, settings: Settings, session: aiohttp.ClientSession | None,
-                   transport: Transport) -> Snapshot:
-    """Create the clients the agents need; raises StartupError when a key is missing."""
+                   transport: Transport, previous: Snapshot | None = None) -> Snapshot:
+    """Create the clients the agents need; raises StartupError when a key is missing.
+
+    A client of `previous` whose provider, key, base URL and transport are
+    unchanged is reused: building one costs ~30-50 ms (an SSL context with the
+    CA bundle), and its connections stay pooled across the reload.
+    """
     clients: dict[str, ModelClient] = {}
     for agent in compiled.agents.values():
         p = agent.provider
@@ -99,6 +108,11 @@ def build_snapshot(compiled: Compiled, settings: Settings, session: aiohttp.Clie
             clients[p.name] = MockClient(compiled.config.types)
         else:
             try:
+                old = previous.clients.get(p.name) if previous is not None and not previous.retired else None
+                if isinstance(old, OpenAICompatible) and old.signature == signature(p, settings.env, session,
+                                                                                    transport):
+                    clients[p.name] = old
+                    continue
                 clients[p.name] = OpenAICompatible(p, settings.env, session, transport)
             except StartupError:
                 raise
@@ -167,6 +181,8 @@ class Runtime:
     def swap(self, new: Snapshot) -> Snapshot:
         old = self.snapshot
         self.snapshot = new
+        kept = {id(c) for c in new.clients.values()}
+        old.handed_over = [c for c in old.clients.values() if id(c) in kept]
         old.retired = True
         if old.inflight == 0:
             self._close_later(old)

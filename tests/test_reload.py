@@ -319,8 +319,12 @@ async def test_previous_snapshot_closes_when_its_last_request_ends(tmp_path: Pat
             assert old.inflight == 1
 
             replace_file(cfg, config_text("new prompt"))
+            # A rotated key: the new snapshot needs a client of its own. (In
+            # process, the environment a reload starts from is the one serve() got.)
+            srv.server._base_env["OPENAI_API_KEY"] = "sk-rotated-key"
             assert await srv.server.reload() is True
             assert rt.snapshot is not old and old.retired
+            assert rt.snapshot.clients["openai"] is not old_client
             # Its request is still running: not closed yet.
             assert fake.inflight == 1 and old.inflight == 1
             assert not old.closed and not old_client.client.is_closed()
@@ -342,6 +346,39 @@ async def test_previous_snapshot_closes_when_its_last_request_ends(tmp_path: Pat
             assert await srv.server.reload() is True
             await asyncio.gather(*list(rt._closing))
             assert current.closed and not rt.snapshot.closed
+
+
+async def test_a_client_with_unchanged_settings_is_kept_across_reloads(tmp_path: Path, monkeypatch: Any) -> None:
+    """Same provider, key and base URL: the next snapshot reuses the client (and
+    its pooled connections); closing the replaced snapshot leaves it open."""
+    cfg = tmp_path / "agents.yaml"
+    replace_file(cfg, config_text("old prompt"))
+    async with FakeOpenAI() as fake:
+        env = fake_env(fake)
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        async with serve(cfg, env=env) as srv:
+            rt = srv.server.runtime
+            assert rt is not None
+            old = rt.snapshot
+            client = old.clients["openai"]
+            replace_file(cfg, config_text("new prompt"))
+            assert await srv.server.reload() is True
+            await asyncio.gather(*list(rt._closing))
+            assert old.closed and rt.snapshot.clients["openai"] is client
+            assert not client.client.is_closed()
+            status, _ = await post(srv.session, srv.url("/agent/greeter"), "after-reload")
+            assert status == 200
+            assert system_prompt(request_for(fake, "after-reload")) == "new prompt"
+            assert request_for(fake, "after-reload").headers["authorization"] == "Bearer sk-test-openai-key"
+
+            srv.server._base_env["OPENAI_API_KEY"] = "sk-rotated-key"
+            assert await srv.server.reload() is True
+            await asyncio.gather(*list(rt._closing))
+            assert rt.snapshot.clients["openai"] is not client and client.client.is_closed()
+            status, _ = await post(srv.session, srv.url("/agent/greeter"), "rotated")
+            assert status == 200
+            assert request_for(fake, "rotated").headers["authorization"] == "Bearer sk-rotated-key"
 
 
 async def test_unchanged_config_is_not_recompiled_but_a_changed_import_is(tmp_path: Path) -> None:
