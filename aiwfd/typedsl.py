@@ -345,10 +345,41 @@ class _Parser:
 
 
 def parse(text: str, resolve: Resolver) -> Node:
-    """Parse one type expression; references are resolved through `resolve`."""
+    """Parse one type expression; references are resolved through `resolve`.
+
+    Parses are memoized by text: a 200-agent file repeats `string`, `Lang` or
+    `string(1..100)` hundreds of times, and a reload parses the same file
+    again. A hit is used only when `resolve` answers every reference the
+    expression made exactly as before, so a type renamed or redefined
+    elsewhere is parsed (and reported) afresh.
+    """
     if not isinstance(text, str) or not text.strip():
         raise TypeSyntaxError("empty type expression")
-    return _Parser(text.strip(), resolve).parse()
+    hit = _parsed.get(text)
+    if hit is not None:
+        node, lookups = hit
+        try:
+            if all(resolve(alias, name) == key for alias, name, key in lookups):
+                return node
+        except TypeSyntaxError:
+            pass  # parse again below, for the full error
+    lookups = []
+
+    def recording(alias: str | None, name: str) -> str:
+        key = resolve(alias, name)
+        lookups.append((alias, name, key))
+        return key
+
+    node = _Parser(text.strip(), recording).parse()
+    if len(_parsed) >= _PARSED_MAX:
+        _parsed.clear()
+    _parsed[text] = (node, tuple(lookups))
+    return node
+
+
+# text -> (node, the (alias, name) -> key lookups the parse made). Nodes are frozen.
+_parsed: dict[str, tuple[Node, tuple[tuple[str | None, str, str], ...]]] = {}
+_PARSED_MAX = 50_000
 
 
 # --------------------------------------------------------------------------- schemas
