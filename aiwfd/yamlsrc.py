@@ -44,6 +44,9 @@ class YAMLSyntaxError(ValueError):
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
+_STR_TAG = "tag:yaml.org,2002:str"
+
+
 def parse(text: str, file: str) -> Source:
     loader = _Loader(text)
     try:
@@ -94,6 +97,8 @@ def _convert(node: yaml.Node, path: Path, src: Source, ctor: yaml.SafeLoader, ac
             items.append(_convert(v, path + (i,), src, ctor, active))
         active.discard(id(node))
         return items
+    if node.tag == _STR_TAG:  # what construct_object would return, without its bookkeeping
+        return node.value
     try:
         return ctor.construct_object(node)
     except yaml.constructor.ConstructorError as e:
