@@ -216,3 +216,35 @@ async def test_sane_usage_is_summed_as_integers(srv: InProcess, fake: FakeOpenAI
     assert status == 200, doc
     assert doc["trace"]["usage"] == {"prompt": 7, "completion": 5, "total": 12}
     assert type(doc["trace"]["usage"]["completion"]) is int
+
+
+# --------------------------------------------------------------------------
+# The SDK client behind the aiohttp transport
+
+
+async def test_the_sdk_client_resolves_the_same_settings_without_a_network_stack() -> None:
+    """Over the shared session the SDK client gets no network stack of its own
+    (no SSL context, no connection pool) but resolves every setting as the SDK's
+    default client does, and refuses to send rather than bypass the session."""
+    import aiohttp
+
+    from aiwfd.config import Provider
+    from aiwfd.llm import OpenAICompatible
+
+    p = Provider("corp", "openai", organization="org-1", project="proj-1", timeout=7.0)
+    env = {"OPENAI_API_KEY": "sk-x", "OPENAI_BASE_URL": "http://127.0.0.1:9/v1"}
+    async with aiohttp.ClientSession() as session:
+        ours = OpenAICompatible(p, env, session, "aiohttp")
+        sdk = OpenAICompatible(p, env, session, "sdk")
+        try:
+            a, b = ours.client, sdk.client
+            assert a.base_url == b.base_url and a.timeout == b.timeout == 7.0
+            assert a.auth_headers == b.auth_headers == {"Authorization": "Bearer sk-x"}
+            assert a.default_headers == b.default_headers
+            assert a.default_headers["OpenAI-Organization"] == "org-1"
+            assert ours._headers == sdk._headers
+            with pytest.raises(RuntimeError, match="AIWF_TRANSPORT=aiohttp"):
+                await ours.client.models.list()
+        finally:
+            await ours.close()
+            await sdk.close()
