@@ -613,6 +613,15 @@ class Bench:
             for srv in servers:
                 self.put(srv, "p50_200", median(per[srv.name]))
                 self.put(srv, "added_200", median(per[srv.name]) - model)
+            # The loopback hops themselves cost 1-5 ms on this VM from one run to the next (the raw
+            # forwarder shows it): what aiwfd adds on top of the least code is the stable figure.
+            if "raw" in per:
+                raw = median(per["raw"])
+                for srv in servers:
+                    if srv.is_aiwfd:
+                        self.notes.append(f"Added latency beyond the raw forwarder: {srv.name} p50 "
+                                          f"{median(per[srv.name]) - raw:+.2f} ms (raw itself: "
+                                          f"{raw - model:+.2f} ms over the model).")
         finally:
             self.procs.stop_many(list(started.values()))
 
