@@ -39,7 +39,9 @@ def test_quick_run_fills_every_row(tmp_path: Path) -> None:
     for expected in ("req/s c16", "req/s c256", "p50 ms c16", "p99 ms c256", "errors c256",
                      "server CPU ms/req c16", "p50 added ms, c16, 200 ms model",
                      "failed of 1,000 in flight (1 s model)", "peak RSS MB, 1,000 in flight",
-                     "SIGHUP reload ms (200 agents)", "failed requests during reloads"):
+                     "SIGHUP reload ms, edited 200-agent config (until it answers)",
+                     "… until the `reloaded` line (artifacts written)",
+                     "SIGHUP reload ms, no file changed (key rotation)", "failed requests during reloads"):
         assert expected in labels, labels
     for row in rows:
         label = row[0]
