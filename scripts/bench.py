@@ -405,6 +405,21 @@ def settle(port: int, timeout: float = 15.0) -> None:
         time.sleep(0.02)
 
 
+def wait_idle(proc: Proc, timeout: float = 30.0) -> None:
+    """Wait until `proc` has finished the requests the load generator left queued.
+
+    Every server under test shares one CPU. A slow server stopped at c256
+    still has up to 256 requests to answer (sdk-default: ~2 s of CPU), and
+    the next server's run would share the CPU with that backlog.
+    """
+    deadline = time.monotonic() + timeout
+    quiet = 0
+    while quiet < 2 and time.monotonic() < deadline and proc.alive():
+        before = proc.cpu_seconds()
+        time.sleep(0.1)
+        quiet = quiet + 1 if proc.cpu_seconds() - before <= 0.01 else 0
+
+
 class Loader:
     """wrk when available (and not refused), else scripts/bench_load.py."""
 
@@ -455,6 +470,7 @@ class Loader:
                              max_ms=d["max_ms"] if done else nan, seconds=d["seconds"], extra=d)
         if target:
             res.cpu_s = target.cpu_seconds() - cpu0
+            wait_idle(target)
         return res
 
     def _run(self, argv: list[str], timeout: float) -> str:
