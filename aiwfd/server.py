@@ -353,7 +353,9 @@ class Server:
         # What is loaded by now (the SDKs' modules, the first config) lives as
         # long as the process: keep it out of the collector, whose full passes
         # over it stall the loop ~200 ms (requests, and the watchdog ping).
+        # `aiwfd serve` starts with the collector off (serve_cli): on from here.
         gc.freeze()
+        gc.enable()
         await self.stopped.wait()
         await self.stop()
         return 0
