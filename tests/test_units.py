@@ -9,10 +9,8 @@ stand-in upstreams, retry a POST that got a 503 and pass X-Request-ID through.
 
 from __future__ import annotations
 
-import grp
 import http.server
 import os
-import pwd
 import re
 import shlex
 import shutil
@@ -26,9 +24,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.nginxconf import NGINX, SHIPPED, main_conf, shipped_conf
+
 ROOT = Path(__file__).resolve().parent.parent
 UNIT_DIR = ROOT / "systemd"
-NGINX_CONF = ROOT / "deploy" / "nginx" / "aiwfd.conf"
 SHIPPED_EXEC = "/opt/aiwfd/venv/bin/aiwfd"
 SECURITY_MAX = 2.5
 
@@ -42,7 +41,6 @@ needs_systemd_analyze = pytest.mark.skipif(
     SYSTEMD_ANALYZE is None, reason="systemd-analyze is not installed (apt-get install systemd)"
 )
 
-NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if os.access("/usr/sbin/nginx", os.X_OK) else None)
 needs_nginx = pytest.mark.skipif(NGINX is None, reason="nginx is not installed (apt-get install nginx)")
 
 
@@ -257,7 +255,7 @@ def test_systemd_analyze_security_score(tmp_path, name, check_as):
 
 
 def test_nginx_example_has_the_contract():
-    text = NGINX_CONF.read_text()
+    text = SHIPPED.read_text()
     code = "\n".join(ln.split("#", 1)[0] for ln in text.splitlines())  # comments out
     squash = re.sub(r"\s+", " ", code)
     assert re.search(r"upstream aiwfd \{", squash)
@@ -294,36 +292,8 @@ def _free_port() -> int:
 
 def nginx_test_config(dirpath: Path, listen: int, upstreams: list[int] | None = None) -> Path:
     """A main nginx.conf in dirpath that includes a copy of the example."""
-    text = NGINX_CONF.read_text()
-    text = text.replace("listen 80;", f"listen 127.0.0.1:{listen};")
-    text = re.sub(r"\n\s*listen \[::\]:80;", "", text)
-    text = text.replace("/var/log/nginx/aiwfd.access.log", str(dirpath / "access.log"))
-    if upstreams is not None:
-        lines = "".join(f"    server 127.0.0.1:{p} max_fails=3 fail_timeout=10s;\n" for p in upstreams)
-        text = re.sub(r"(    server 127\.0\.0\.1:\d+[^\n]*\n)+", lambda _: lines, text, count=1)
-    (dirpath / "aiwfd.conf").write_text(text)
-    user = ""
-    if os.geteuid() == 0:
-        # Workers would drop to the build's default user, which may not exist.
-        user = f"user {pwd.getpwuid(0).pw_name} {grp.getgrgid(0).gr_name};"
-    main = f"""
-{user}
-daemon off;
-worker_processes 1;
-pid {dirpath}/nginx.pid;
-error_log {dirpath}/error.log;
-events {{ worker_connections 64; }}
-http {{
-    client_body_temp_path {dirpath}/client_body_temp;
-    proxy_temp_path {dirpath}/proxy_temp;
-    fastcgi_temp_path {dirpath}/fastcgi_temp;
-    uwsgi_temp_path {dirpath}/uwsgi_temp;
-    scgi_temp_path {dirpath}/scgi_temp;
-    access_log {dirpath}/access.log;
-    include {dirpath}/aiwfd.conf;
-}}
-"""
-    (dirpath / "nginx.conf").write_text(main)
+    (dirpath / "aiwfd.conf").write_text(shipped_conf(listen, dirpath / "access.log", upstreams))
+    (dirpath / "nginx.conf").write_text(main_conf(dirpath, workers=1, connections=64))
     return dirpath / "nginx.conf"
 
 
