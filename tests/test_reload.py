@@ -301,14 +301,11 @@ async def test_reload_closes_the_old_provider_clients_seen_from_outside(tmp_path
             assert system_prompt(request_for(fake, "n3")) == "v3"
 
 
-async def test_previous_snapshot_closes_when_its_last_request_ends(tmp_path: Path, monkeypatch: Any) -> None:
+async def test_previous_snapshot_closes_when_its_last_request_ends(tmp_path: Path) -> None:
     cfg = tmp_path / "agents.yaml"
     replace_file(cfg, config_text("old prompt"))
     async with FakeOpenAI() as fake:
-        env = fake_env(fake)
-        for k, v in env.items():  # a reload re-reads the process environment
-            monkeypatch.setenv(k, v)
-        async with serve(cfg, env=env) as srv:
+        async with serve(cfg, env=fake_env(fake)) as srv:
             rt = srv.server.runtime
             assert rt is not None
             old = rt.snapshot
@@ -348,16 +345,13 @@ async def test_previous_snapshot_closes_when_its_last_request_ends(tmp_path: Pat
             assert current.closed and not rt.snapshot.closed
 
 
-async def test_a_client_with_unchanged_settings_is_kept_across_reloads(tmp_path: Path, monkeypatch: Any) -> None:
+async def test_a_client_with_unchanged_settings_is_kept_across_reloads(tmp_path: Path) -> None:
     """Same provider, key and base URL: the next snapshot reuses the client (and
     its pooled connections); closing the replaced snapshot leaves it open."""
     cfg = tmp_path / "agents.yaml"
     replace_file(cfg, config_text("old prompt"))
     async with FakeOpenAI() as fake:
-        env = fake_env(fake)
-        for k, v in env.items():
-            monkeypatch.setenv(k, v)
-        async with serve(cfg, env=env) as srv:
+        async with serve(cfg, env=fake_env(fake)) as srv:
             rt = srv.server.runtime
             assert rt is not None
             old = rt.snapshot
