@@ -120,12 +120,12 @@ class OpenAICompatible:
 
     def __init__(self, provider: Provider, env: Mapping[str, str], session: aiohttp.ClientSession | None,
                  transport: Transport = "aiohttp") -> None:
-        base_url, key = resolved(provider, env)
-        self.name = provider.name
-        self.transport: Transport = transport if session is not None else "sdk"
         # Everything the client is built from: a reload whose provider has the
         # same signature keeps this client (and its pooled connections).
         self.signature = signature(provider, env, session, transport)
+        _, base_url, key, _, _ = self.signature
+        self.name = provider.name
+        self.transport: Transport = transport if session is not None else "sdk"
         self.client = openai.AsyncOpenAI(
             api_key=key or "unused",
             base_url=base_url,
