@@ -15,6 +15,33 @@ from tests.utils import CONFIGS, fake_env, free_port
 
 LOCAL_API_KEY = "local-test-key"
 
+# The `system` marker (setup.cfg): whole modules of long tests that start heavy
+# outside programs. `python3 -m pytest -m "not system"` leaves them out: the
+# inner loop, and CI's second run on the oldest Python setup.cfg declares.
+# Marked here by file name so that the modules themselves need no edit.
+SYSTEM_MODULES = {
+    # scripts/bench.py --quick end to end: real servers, a fake model process,
+    # wrk and nginx, every row of the table (about 40 s alone).
+    "test_bench.py": "the benchmark smoke run",
+    # real nginx in front of several real `aiwfd serve` processes, thousands
+    # of calls through it while instances restart and reload (about 25 s).
+    "test_nginx.py": "nginx and a cluster of real daemons under load",
+    # schemathesis' coverage and fuzzing phases against four real servers (about 20 s).
+    "test_schemathesis.py": "schemathesis against real servers",
+    # Debian's headless Chromium renders /docs and calls an agent cross-origin.
+    "test_docs_browser.py": "headless Chromium",
+    # scripts/install.sh makes a venv and pip-installs aiwfd into it;
+    # scripts/cluster.sh starts instances behind nginx.
+    "test_install.py": "a venv, pip install, and nginx",
+}
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.path.name in SYSTEM_MODULES:
+            item.add_marker(pytest.mark.system)
+
 
 def agents_env(fake: FakeOpenAI, **extra: str) -> dict[str, str]:
     """fake_env plus the key of the `local` provider of http_agents.yaml."""
