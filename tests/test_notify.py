@@ -2,10 +2,19 @@
 
 The test plays systemd: it binds a unix datagram socket, passes it as
 NOTIFY_SOCKET and reads what the daemon sends, with the time each arrived.
+It can also play a late systemd (one busy with a `daemon-reload`), which
+leaves its socket unread while the daemon keeps serving. The Notifier's own
+queueing is also tested in-process, on both event loops the daemon runs on.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import errno
+import http.client
+import logging
+import math
 import os
 import re
 import signal
@@ -20,7 +29,9 @@ from typing import Callable, Iterator
 
 import orjson
 import pytest
+import uvloop
 
+from aiwfd.notify import Notifier
 from tests.utils import CONFIGS, LISTEN_RE, AiwfdProcess, run_cli
 
 LIFE = str(CONFIGS / "life_basic.yaml")
@@ -36,8 +47,11 @@ BAD_PROVIDER = (CONFIGS / "life_bad_provider.yaml").read_text(encoding="utf-8")
 class NotifySocket:
     """A NOTIFY_SOCKET: a thread receives the datagrams and stamps their arrival."""
 
-    def __init__(self, address: str, on_message: Callable[[Message], None] | None = None) -> None:
+    def __init__(self, address: str, on_message: Callable[[Message], None] | None = None,
+                 reading: threading.Event | None = None) -> None:
+        """`reading`: the socket is left unread until it is set (a late manager)."""
         self.env_value = address
+        self.reading = reading
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.sock.bind("\0" + address[1:] if address.startswith("@") else address)
         self.sock.settimeout(0.1)  # lets close() stop the thread
@@ -51,6 +65,8 @@ class NotifySocket:
 
     def _run(self) -> None:
         while not self._closed:
+            if self.reading is not None and not self.reading.wait(0.1):
+                continue
             try:
                 data = self.sock.recv(65536)
             except socket.timeout:
@@ -95,6 +111,16 @@ class NotifySocket:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise AssertionError(f"{len(found)} of {n} {key} datagrams")
+                self._cond.wait(remaining)
+
+    def wait_len(self, n: int, timeout: float = START_TIMEOUT) -> None:
+        """Until `n` messages have arrived."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while len(self.messages) < n:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise AssertionError(f"{len(self.messages)} of {n} datagrams")
                 self._cond.wait(remaining)
 
     def states(self, start: int = 0) -> list[str]:
@@ -291,3 +317,257 @@ def test_failed_start_never_sends_ready(tmp_path: Path, case: str) -> None:
     finally:
         listener.close()
         sock.close()
+
+
+# ---------------------------------------------------------------- a manager that reads late
+
+
+def fill(sock: socket.socket) -> int:
+    """Fill the manager's queue from another socket, as other services would
+    (systemd has one notify socket for all); how many datagrams it holds."""
+    other = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
+    n = 0
+    try:
+        while True:
+            other.sendto(b"X=1", sock.getsockname())
+            n += 1
+    except BlockingIOError:
+        return n
+    finally:
+        other.close()
+
+
+def test_a_late_manager_never_stalls_requests(tmp_path: Path) -> None:
+    """Issue 12: nobody reads the socket for 5 s while 50 reloads and a load run.
+
+    The manager's queue holds net.unix.max_dgram_qlen + 1 datagrams. A blocking
+    send then froze the loop, and every request with it, until the socket was
+    read. Now no request waits, and once the socket is read the newest state
+    (READY=1) follows what was queued, not the stale RELOADING=1 after it.
+    """
+    reading = threading.Event()
+    ns = NotifySocket(str(tmp_path / "notify.sock"), reading=reading)
+    # Room for three of the daemon's messages: READY=1, then the first reload's two.
+    capacity = fill(ns.sock)
+    for _ in range(3):
+        ns.sock.recv(65536)
+    stop_load = threading.Event()
+    latencies: list[tuple[str, float]] = []  # (request, seconds), from every load thread
+    errors: list[str] = []
+
+    def load(port: int, path: str, body: bytes | None) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        try:
+            while not stop_load.is_set():
+                started = time.monotonic()
+                try:
+                    conn.request("POST" if body else "GET", path, body=body,
+                                 headers={"Content-Type": "application/json"} if body else {})
+                    with conn.getresponse() as r:
+                        r.read()
+                        if r.status != 200:
+                            errors.append(f"{path}: {r.status}")
+                except (OSError, http.client.HTTPException) as e:
+                    errors.append(f"{path}: {e!r} after {time.monotonic() - started:.1f}s")
+                    latencies.append((path, math.inf))
+                    conn.close()
+                    continue
+                latencies.append((path, time.monotonic() - started))
+        finally:
+            conn.close()
+
+    try:
+        with AiwfdProcess(["serve", "-f", LIFE, "--mock", "-p", "0"], env=env_for(ns.env_value, tmp_path),
+                          timeout=START_TIMEOUT) as proc:
+            assert proc.port is not None
+            # The deliberate part: the socket stays unread for 5 s, whatever happens meanwhile.
+            late = threading.Timer(5.0, reading.set)
+            late.start()
+            threads = [threading.Thread(target=load, args=a, daemon=True) for a in
+                       [(proc.port, "/health", None), (proc.port, "/agent/greeter", b'{"name": "Ann"}')]]
+            for t in threads:
+                t.start()
+            try:
+                for _ in range(50):  # one at a time: 100 state messages, none coalesced
+                    mark = len(proc.lines)
+                    proc.send(signal.SIGHUP)
+                    proc.wait_for_log("reloaded ", start=mark, timeout=START_TIMEOUT)
+                reloads_done_unread = not reading.is_set()
+                late.join()
+                # Read at last: what was queued, then what the daemon kept for later.
+                ns.wait_len(capacity + 1)
+            finally:
+                stop_load.set()
+                late.cancel()
+                reading.set()
+                for t in threads:
+                    t.join(15)
+            mark = len(ns)
+            proc.send(signal.SIGTERM)
+            ns.wait_for("STOPPING", mark)
+            assert proc.wait(15) == 0
+        slowest = max(latencies, key=lambda x: x[1])
+        assert slowest[1] < 1.0, f"slowest of {len(latencies)} requests: {slowest[0]} {slowest[1]:.2f}s"
+        assert not errors, errors[:5]
+        assert len(latencies) > 100 and any(p == "/agent/greeter" for p, _ in latencies)
+        assert reloads_done_unread, "the 50 reloads took longer than the 5 s the socket stayed unread"
+        # What fitted, then the newest state (the 50th reload's READY=1), not the
+        # second reload's RELOADING=1 that did not fit; then STOPPING=1.
+        assert ns.states() == ["READY", "RELOADING", "READY", "READY", "STOPPING"], ns.states()
+        assert "READY" in ns.messages[capacity]
+        assert proc.stderr.count("NOTIFY_SOCKET is full") == 1  # one warning, not one per message
+        assert "Traceback" not in proc.stderr and " error: " not in proc.stderr
+    finally:
+        ns.close()
+
+
+# ---------------------------------------------------------------- the Notifier in-process
+
+LOOPS = {"asyncio": asyncio.run, "uvloop": uvloop.run}  # `aiwfd serve` runs on uvloop when installed
+
+
+@contextlib.contextmanager
+def never_blocks(seconds: float = 10.0) -> Iterator[None]:
+    """A send that blocks (as one to a full socket did) fails the test instead of hanging the run."""
+    def expired(signum: int, frame: object) -> None:
+        raise AssertionError(f"blocked for {seconds} s")
+
+    old = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def drain(sock: socket.socket) -> list[str]:
+    """What sits in the manager's queue, first line of each message."""
+    sock.setblocking(False)
+    got = []
+    while True:
+        try:
+            got.append(sock.recv(65536).decode().split("\n", 1)[0])
+        except BlockingIOError:
+            return got
+
+
+async def receive(sock: socket.socket) -> str:
+    """The next message, waiting for it on the loop (the Notifier's writer runs meanwhile)."""
+    sock.setblocking(False)
+    data = await asyncio.wait_for(asyncio.get_running_loop().sock_recv(sock, 65536), 10)
+    return data.decode().split("\n", 1)[0]
+
+
+@pytest.fixture
+def manager(tmp_path: Path) -> Iterator[socket.socket]:
+    """The manager's socket, never read unless the test reads it."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(tmp_path / "notify.sock"))
+    yield sock
+    sock.close()
+
+
+class CountingNotifier(Notifier):
+    """Counts the attempts to send (one per message, one per writer call)."""
+
+    flushes = 0
+
+    def _flush(self, wait: bool = True) -> None:
+        self.flushes += 1
+        super()._flush(wait)
+
+
+@pytest.mark.parametrize("run", LOOPS.values(), ids=LOOPS.keys())
+def test_full_socket_keeps_the_newest_state_and_the_ping(manager: socket.socket, run: Callable[..., None],
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, "aiwfd")
+    queued = fill(manager)
+    notifier = CountingNotifier({"NOTIFY_SOCKET": manager.getsockname()})
+
+    async def main() -> None:
+        started = time.monotonic()
+        notifier.ready()
+        for _ in range(30):
+            notifier.reloading()
+            notifier.watchdog()
+            notifier.ready()
+        notifier.watchdog()
+        assert time.monotonic() - started < 0.5  # never waited for the socket
+        # A writer that fired while the queue is still full would spin: it waits instead.
+        calls = notifier.flushes  # one per message so far
+        for _ in range(100):
+            await asyncio.sleep(0)
+        assert notifier.flushes == calls
+        # Read at last: the newest state, then one ping (it never displaced READY=1), then nothing.
+        assert drain(manager) == ["X=1"] * queued
+        assert [await receive(manager), await receive(manager)] == ["READY=1", "WATCHDOG=1"]
+        assert notifier.flushes == calls + 1  # one writer call sent both
+        assert notifier._waiting is None  # and removed the writer
+        assert drain(manager) == []
+        # Full again: a second episode is logged at debug level, not warned about again.
+        queued2 = fill(manager)
+        notifier.reloading()
+        notifier.ready()
+        assert drain(manager) == ["X=1"] * queued2
+        assert await receive(manager) == "READY=1"
+        notifier.close()
+
+    with never_blocks():
+        run(main())
+    warnings = [r for r in caplog.records if "is full" in r.getMessage()]
+    assert [r.levelno for r in warnings] == [logging.WARNING, logging.DEBUG]
+
+
+@pytest.mark.parametrize("run", LOOPS.values(), ids=LOOPS.keys())
+def test_close_tries_stopping_once_and_never_blocks(manager: socket.socket, run: Callable[..., None]) -> None:
+    fill(manager)
+    notifier = Notifier({"NOTIFY_SOCKET": manager.getsockname()})
+
+    async def main() -> None:
+        notifier.stopping()
+        manager.recv(65536)  # room for one, but the loop never gets to run the writer
+        started = time.monotonic()
+        notifier.close()  # the last try sends it
+        assert drain(manager)[-1] == "STOPPING=1"
+        # Still full at close: given up at once, and no writer left on a closed socket.
+        again = Notifier({"NOTIFY_SOCKET": manager.getsockname()})
+        fill(manager)
+        again.stopping()
+        again.close()
+        assert time.monotonic() - started < 0.5
+        assert again._waiting is None and again._sock is None
+        again.stopping()  # after close: nothing, no error
+
+    with never_blocks():
+        run(main())
+
+
+def test_manager_gone_is_logged_once_then_found_again(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = str(tmp_path / "notify.sock")
+    gone = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    gone.bind(path)
+    gone.close()  # the path is left behind, with nobody bound to it: ECONNREFUSED
+    notifier = Notifier({"NOTIFY_SOCKET": path})
+
+    async def main() -> None:
+        for _ in range(5):
+            notifier.watchdog()
+            notifier.ready()
+        assert notifier._waiting is None  # not waiting for a socket nobody reads
+        # A manager back on the same path (restarted) gets the next message.
+        os.unlink(path)
+        back = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        back.bind(path)
+        try:
+            notifier.ready()
+            assert drain(back) == ["READY=1"]
+        finally:
+            back.close()
+        notifier.close()
+
+    with never_blocks():
+        asyncio.run(main())
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1, [r.getMessage() for r in errors]
+    assert os.strerror(errno.ECONNREFUSED) in errors[0].getMessage()
