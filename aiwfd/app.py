@@ -5,7 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from aiwfd import batch, docs, metrics, middlewares, stream, views
-from aiwfd.keys import RUNTIME
+from aiwfd.keys import NO_ROUTE, RUNTIME
 from aiwfd.runtime import Runtime
 
 
@@ -17,11 +17,15 @@ def create_app(runtime: Runtime) -> web.Application:
     runtime.metrics.configure(inflight=lambda: len(runtime.inflight_tasks), mock=runtime.settings.mock)
     app.router.add_get("/health", views.health, allow_head=True)
     app.router.add_get("/agents", views.agents)
-    app.router.add_post("/agent/{name}", views.call)
-    app.router.add_post("/agent/{name}/stream", stream.handler)
-    app.router.add_post("/agent/{name}/batch", batch.handler)
+    # 100 Continue is sent by the handlers once the headers pass (views.send_continue).
+    app.router.add_post("/agent/{name}", views.call, expect_handler=views.no_continue)
+    app.router.add_post("/agent/{name}/stream", stream.handler, expect_handler=views.no_continue)
+    app.router.add_post("/agent/{name}/batch", batch.handler, expect_handler=views.no_continue)
     app.router.add_get("/agent/{name}/schema", views.agent_schema)
     app.router.add_get("/openapi.json", views.openapi)
     app.router.add_get("/metrics", metrics.handler)
     docs.add_routes(app)
+    # Last: what no route above matched (404, or 405 with Allow).
+    app.router.add_route("*", "/{tail:.*}", views.no_route, expect_handler=views.no_continue,
+                         name=NO_ROUTE)
     return app

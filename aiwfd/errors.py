@@ -5,12 +5,15 @@
     ├── StartupError           the daemon cannot start (key not set, port in use, …)
     └── HTTPError              answered to a client; knows its status and `type`
         ├── InvalidJSON            400 invalid_json
+        ├── InvalidRequest         400 invalid_request
         ├── Unauthorized           401 unauthorized
         ├── NotFound               404 not_found
         ├── MethodNotAllowed       405 method_not_allowed
         ├── RequestTimeout         408 request_timeout
         ├── PayloadTooLarge        413 payload_too_large
+        ├── URITooLong             414 uri_too_long
         ├── UnsupportedMediaType   415 unsupported_media_type
+        ├── HeadersTooLarge        431 headers_too_large
         ├── InvalidInput           422 invalid_input
         ├── RateLimited            429 rate_limited
         ├── UpstreamError          502 upstream_error
@@ -86,6 +89,10 @@ class InvalidJSON(HTTPError):
     status, type, default_message = 400, "invalid_json", "request body is not a JSON object"
 
 
+class InvalidRequest(HTTPError):
+    status, type, default_message = 400, "invalid_request", "malformed HTTP request"
+
+
 class Unauthorized(HTTPError):
     status, type, default_message = 401, "unauthorized", "missing or invalid API key"
 
@@ -104,6 +111,14 @@ class RequestTimeout(HTTPError):
 
 class PayloadTooLarge(HTTPError):
     status, type, default_message = 413, "payload_too_large", "request body too large"
+
+
+class URITooLong(HTTPError):
+    status, type, default_message = 414, "uri_too_long", "the request line is too long"
+
+
+class HeadersTooLarge(HTTPError):
+    status, type, default_message = 431, "headers_too_large", "the request headers are too large"
 
 
 class UnsupportedMediaType(HTTPError):

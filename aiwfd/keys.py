@@ -18,3 +18,5 @@ AGENT = "aiwfd.agent"
 # The error type a streamed answer ended with, after its 200 went out (aiwfd.stream),
 # for the request log and metrics.
 STREAM_ERROR = "aiwfd.stream_error"
+# The name of the catch-all route (aiwfd.views.no_route): metrics count it as unmatched.
+NO_ROUTE = "aiwfd.no_route"

@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import itertools
 import logging
 import socket
-from typing import Any
+from typing import Any, Callable
 
 from aiohttp import web
 
@@ -83,13 +82,23 @@ class Listener:
 
 
 class GreedyTCPSite(web.TCPSite):
-    """aiohttp's TCPSite, listening through `Listener` instead of loop.create_server."""
+    """aiohttp's TCPSite, listening through `Listener` instead of loop.create_server.
+
+    `connections` makes the protocol of each accepted socket (default: the
+    runner's server, i.e. aiohttp's RequestHandler).
+    """
+
+    def __init__(self, runner: web.BaseRunner, host: str | None = None, port: int | None = None, *,
+                 connections: Callable[[], asyncio.Protocol] | None = None, **kwargs: Any) -> None:
+        super().__init__(runner, host, port, **kwargs)
+        self._connections = connections
 
     async def start(self) -> None:
         await web.BaseSite.start(self)  # registers the site with the runner
         loop = asyncio.get_running_loop()
         sockets = await bind(loop, self._host, self._port, self._backlog, reuse_address=bool(self._reuse_address))
-        self._server = Listener(loop, sockets, self._runner.server, self._backlog)  # type: ignore[assignment]
+        factory = self._connections or self._runner.server
+        self._server = Listener(loop, sockets, factory, self._backlog)  # type: ignore[assignment]
         self._bound_port = sockets[0].getsockname()[1]
 
 
@@ -100,7 +109,7 @@ async def bind(loop: asyncio.AbstractEventLoop, host: str | None, port: int, bac
                                    flags=socket.AI_PASSIVE)
     sockets: list[socket.socket] = []
     try:
-        for af, socktype, proto, _canon, sa in dict.fromkeys(itertools.chain(infos)):
+        for af, socktype, proto, _canon, sa in dict.fromkeys(infos):
             sock = socket.socket(af, socktype, proto)
             sockets.append(sock)
             if reuse_address:

@@ -31,7 +31,7 @@ from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, M
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
 
-from aiwfd.keys import AGENT, RUNTIME, STATS
+from aiwfd.keys import AGENT, NO_ROUTE, RUNTIME, STATS
 
 if TYPE_CHECKING:
     from aiwfd.agent import CallStats
@@ -147,7 +147,7 @@ class Metrics:
     def record(self, request: web.Request, status: int, seconds: float, error_type: str | None) -> None:
         """One answered request (called by the core middleware)."""
         resource = request.match_info.route.resource
-        route = resource.canonical if resource is not None else UNMATCHED
+        route = resource.canonical if resource is not None and resource.name != NO_ROUTE else UNMATCHED
         method = request.method
         if method not in METHODS:
             method = "other"
@@ -157,6 +157,10 @@ class Metrics:
             agent = request.get(AGENT)
             if agent is not None:
                 self.record_agent(agent, request.get(STATS), status, error_type)
+
+    def record_rejected(self, status: int) -> None:
+        """A request the HTTP protocol answered itself (malformed, or its head too slow)."""
+        self.http_requests.inc((UNMATCHED, "other", status))
 
     def record_agent(self, agent: "CompiledAgent", stats: "CallStats | None", status: int,
                      error_type: str | None) -> None:

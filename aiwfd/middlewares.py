@@ -25,6 +25,7 @@ from aiwfd.errors import (
     RequestTimeout, Unavailable, UnsupportedMediaType, error_body,
 )
 from aiwfd.keys import REQUEST_ID, RUNTIME, STATS, STREAM_ERROR
+from aiwfd.protocol import CONTINUED
 
 logger = logging.getLogger("aiwfd")
 
@@ -116,6 +117,10 @@ async def core(request: web.Request, handler: Handler) -> web.StreamResponse:
     if not resp.prepared:
         resp.headers["X-Request-ID"] = rid
         if rt.draining:
+            resp.force_close()
+        elif request.get(CONTINUED) is False:
+            # Refused before `100 Continue`: the client holds its body back,
+            # so the connection cannot carry a next request.
             resp.force_close()
         if cors is not None:
             cors.apply(request, resp)

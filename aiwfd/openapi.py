@@ -28,9 +28,9 @@ from typing import Any, Literal
 from aiwfd import __version__, typedsl
 from aiwfd.compiler import Compiled, CompiledAgent
 from aiwfd.errors import (
-    HTTPError, InternalError, InvalidInput, InvalidJSON, InvalidOutput, MethodNotAllowed, NotFound,
-    PayloadTooLarge, RateLimited, RequestTimeout, Unauthorized, Unavailable, UnsupportedMediaType,
-    UpstreamError, UpstreamTimeout,
+    HeadersTooLarge, HTTPError, InternalError, InvalidInput, InvalidJSON, InvalidOutput, InvalidRequest,
+    MethodNotAllowed, NotFound, PayloadTooLarge, RateLimited, RequestTimeout, Unauthorized, Unavailable,
+    UnsupportedMediaType, UpstreamError, UpstreamTimeout, URITooLong,
 )
 
 Auth = Literal["required", "none", "unknown"]
@@ -45,8 +45,8 @@ COMPONENTS_PREFIX = "#/components/schemas/"
 
 # Every error of SPEC §3.1, in status order.
 ERROR_CLASSES: tuple[type[HTTPError], ...] = (
-    InvalidJSON, Unauthorized, NotFound, MethodNotAllowed, RequestTimeout, PayloadTooLarge,
-    UnsupportedMediaType, InvalidInput, RateLimited, InternalError, UpstreamError, InvalidOutput,
+    InvalidJSON, InvalidRequest, Unauthorized, NotFound, MethodNotAllowed, RequestTimeout, PayloadTooLarge,
+    URITooLong, UnsupportedMediaType, HeadersTooLarge, InvalidInput, RateLimited, InternalError, UpstreamError, InvalidOutput,
     Unavailable, UpstreamTimeout,
 )
 ERROR_TYPES: tuple[str, ...] = tuple(c.type for c in ERROR_CLASSES)
@@ -54,13 +54,15 @@ ERROR_TYPES: tuple[str, ...] = tuple(c.type for c in ERROR_CLASSES)
 # status -> (component name, description)
 ERROR_RESPONSES: dict[int, tuple[str, str]] = {
     400: ("InvalidJSON", "`invalid_json`: the body is not JSON, or not a JSON object (strict parsing: "
-                         "no NaN, no duplicate keys, no nesting deeper than 64)"),
+                         "no NaN, no duplicate keys, no nesting deeper than 64), or its gzip/deflate data "
+                         "is invalid; or `invalid_request`: the HTTP request itself is malformed"),
     401: ("Unauthorized", "`unauthorized`: the API key is missing or wrong (only when the server has API_KEY set)"),
     404: ("NotFound", "`not_found`: unknown agent or path"),
     405: ("MethodNotAllowed", "`method_not_allowed`: wrong method; `Allow` lists the right ones"),
     408: ("RequestTimeout", "`request_timeout`: the body did not arrive within the server's body timeout"),
     413: ("PayloadTooLarge", "`payload_too_large`: the body is over the server's limit (default 1 MiB)"),
-    415: ("UnsupportedMediaType", "`unsupported_media_type`: Content-Type is present and not JSON"),
+    415: ("UnsupportedMediaType", "`unsupported_media_type`: Content-Type is present and not JSON, "
+                                  "or a Content-Encoding other than gzip or deflate"),
     422: ("InvalidInput", "`invalid_input`: the body does not match the input schema; "
                           "`details` lists each `{path, message}`"),
     429: ("RateLimited", "`rate_limited`: the model provider kept answering 429 after retries"),

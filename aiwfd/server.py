@@ -32,7 +32,9 @@ from aiwfd.errors import ConfigError, StartupError
 from aiwfd.listener import GreedyTCPSite
 from aiwfd.llm import transport_from_env
 from aiwfd.logs import ProtocolErrorLogger, RequestLog
+from aiwfd.middlewares import new_request_id
 from aiwfd.notify import Notifier, watchdog_interval
+from aiwfd.protocol import ConnectionFactory
 from aiwfd.runtime import Runtime, Snapshot, build_snapshot
 from aiwfd.settings import Settings
 
@@ -118,10 +120,16 @@ class Server:
         self.runtime = Runtime(settings=s, snapshot=snapshot, artifacts_dir=str(artifacts_dir),
                                request_log=self.request_log or RequestLog(s.log_format))
         app = create_app(self.runtime)
+        # auto_decompress off: aiwfd.body inflates bodies itself, within the size limit.
         self.runner = web.AppRunner(app, handle_signals=False, access_log=None,
-                                    shutdown_timeout=1.0, logger=ProtocolErrorLogger())
+                                    shutdown_timeout=1.0, logger=ProtocolErrorLogger(),
+                                    keepalive_timeout=s.keepalive_timeout, auto_decompress=False)
         await self.runner.setup()
-        site = GreedyTCPSite(self.runner, s.host, s.port, backlog=1024, reuse_address=True)
+        assert self.runner.server is not None
+        connections = ConnectionFactory(self.runner.server, header_timeout=s.header_timeout,
+                                        new_id=new_request_id, report=self._report_rejected)
+        site = GreedyTCPSite(self.runner, s.host, s.port, backlog=1024, reuse_address=True,
+                             connections=connections)
         try:
             await site.start()
         except OSError as e:
@@ -148,6 +156,13 @@ class Server:
         interval = watchdog_interval()
         if interval:
             self._watchdog = asyncio.get_running_loop().create_task(self._watchdog_loop(interval))
+
+    def _report_rejected(self, status: int, request_id: str, error_type: str) -> None:
+        """A request the protocol refused before the app saw it: log and count it like any other."""
+        rt = self.runtime
+        if rt is not None:
+            rt.request_log.write("-", "-", 0.0, status, request_id, error=error_type)
+            rt.metrics.record_rejected(status)
 
     def _prepare_artifacts_dir(self) -> Path:
         if self.settings.output_dir:

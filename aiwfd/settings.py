@@ -24,6 +24,12 @@ LogLevel = Literal["debug", "info", "warning", "error"]
 DEFAULT_PORT = 8080
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_BODY_TIMEOUT = 10.0
+# The request head must be complete this long after a connection opens (or
+# after the first byte of the next request on a kept-alive one).
+DEFAULT_HEADER_TIMEOUT = 10.0
+# Above nginx's 60 s upstream keepalive_timeout, so that nginx closes an idle
+# pooled connection first and never sends a request into our close.
+DEFAULT_KEEPALIVE_TIMEOUT = 75.0
 # nginx's default proxy_read_timeout is 60 s: finish (or fail) before it gives up.
 DEFAULT_DEADLINE = 55.0
 # Seconds between `: keep-alive` comments on a streamed answer (SPEC §7.4).
@@ -42,6 +48,8 @@ class Settings:
     log_level: LogLevel = "info"
     max_body: int | None = None
     body_timeout: float = DEFAULT_BODY_TIMEOUT
+    header_timeout: float = DEFAULT_HEADER_TIMEOUT
+    keepalive_timeout: float = DEFAULT_KEEPALIVE_TIMEOUT
     shutdown_timeout: float | None = None
     deadline: float = DEFAULT_DEADLINE
     # env AIWF_SSE_KEEPALIVE: seconds between keep-alive comments of /agent/{name}/stream.
@@ -141,12 +149,25 @@ def from_args(args: argparse.Namespace, process_env: Mapping[str, str] | None = 
         log_level=log_level,  # type: ignore[arg-type]
         max_body=max_body,
         body_timeout=args.body_timeout,
+        header_timeout=args.header_timeout,
+        keepalive_timeout=args.keepalive_timeout,
         shutdown_timeout=args.shutdown_timeout,
         deadline=args.deadline,
         sse_keepalive=sse_keepalive,
         env=env,
         env_file_values=file_values,
     )
+
+
+def seconds(text: str) -> float:
+    """A duration flag: a finite number of seconds above 0 and at most a day."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value <= 86400:  # NaN fails every comparison
+        raise argparse.ArgumentTypeError(f"invalid duration {text!r}: expected seconds, more than 0 and at most 86400")
+    return value
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -162,6 +183,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-body", default=None, metavar="SIZE", help="largest request body (default 1MiB)")
     p.add_argument("--body-timeout", type=float, default=DEFAULT_BODY_TIMEOUT, metavar="SECONDS",
                    help=f"time allowed for the request body to arrive (default {DEFAULT_BODY_TIMEOUT:g})")
+    p.add_argument("--header-timeout", type=seconds, default=DEFAULT_HEADER_TIMEOUT, metavar="SECONDS",
+                   help="time allowed for a request's headers to arrive; slower connections are "
+                        f"closed (default {DEFAULT_HEADER_TIMEOUT:g})")
+    p.add_argument("--keepalive-timeout", type=seconds, default=DEFAULT_KEEPALIVE_TIMEOUT, metavar="SECONDS",
+                   help="close a keep-alive connection idle this long; keep it above a proxy's own "
+                        f"(nginx: 60) (default {DEFAULT_KEEPALIVE_TIMEOUT:g})")
     p.add_argument("--shutdown-timeout", type=float, default=None, metavar="SECONDS",
                    help=f"how long SIGTERM waits for in-flight requests (default {DEFAULT_SHUTDOWN_TIMEOUT:g})")
     p.add_argument("--deadline", type=float, default=DEFAULT_DEADLINE, metavar="SECONDS",

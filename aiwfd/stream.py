@@ -95,8 +95,10 @@ def partial_json(text: str) -> Any:
 class EventWriter:
     """The `call_agent` listener that writes deltas, partials and retries as events."""
 
-    def __init__(self, resp: web.StreamResponse, compiled: Compiled, agent: CompiledAgent) -> None:
+    def __init__(self, resp: web.StreamResponse, compiled: Compiled, agent: CompiledAgent,
+                 request_id: str) -> None:
         self.resp = resp
+        self.request_id = request_id
         self.compiled = compiled
         self.agent = agent
         # `partial` is for object outputs: not plain text, not a wrapped {"value": …}.
@@ -120,8 +122,12 @@ class EventWriter:
             if isinstance(data, dict):
                 try:
                     data = self.compiled.clean_output(self.agent, data)
-                except Exception:  # best effort: an odd half-answer is shown as it parsed
-                    pass
+                except Exception:
+                    # A bug in drop_nulls (it takes any JSON): logged like every
+                    # other, and the half-answer is shown as it parsed.
+                    rid = self.request_id
+                    logger.exception("internal error cleaning a partial answer (request_id=%s)", rid,
+                                     extra={"request_id": rid})
                 if data != self.partial:
                     self.partial = data
                     out += event("partial", {"data": data})
@@ -147,7 +153,7 @@ async def handler(request: web.Request) -> web.StreamResponse:
             resp.force_close()
         if snap.cors is not None:
             snap.cors.apply(request, resp)
-        writer = EventWriter(resp, snap.compiled, agent)
+        writer = EventWriter(resp, snap.compiled, agent, rid)
         error: str | None
         try:
             await resp.prepare(request)

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import hmac
-import sys
 from typing import Any
 
 from aiohttp import web
@@ -13,20 +11,13 @@ from aiwfd import __version__
 from aiwfd.agent import CallStats, call_agent
 from aiwfd.compiler import CompiledAgent
 from aiwfd.config import did_you_mean
-from aiwfd.errors import (
-    InvalidInput, NotFound, PayloadTooLarge, RequestTimeout, Unauthorized, Unavailable,
-    UnsupportedMediaType,
-)
-from aiwfd.jsonparse import check_charset, parse_object
+from aiwfd.body import check_length, content_encoding, read_json
+from aiwfd.errors import InvalidInput, MethodNotAllowed, NotFound, Unauthorized, Unavailable, UnsupportedMediaType
+from aiwfd.jsonparse import check_charset
 from aiwfd.keys import AGENT, REQUEST_ID, RUNTIME, STATS
 from aiwfd.middlewares import json_response
+from aiwfd.protocol import CONTINUED
 from aiwfd.runtime import Runtime, Snapshot
-
-if sys.version_info >= (3, 11):
-    from asyncio import timeout as _timeout
-else:  # pragma: no cover
-    from async_timeout import timeout as _timeout
-
 
 async def health(request: web.Request) -> web.Response:
     rt = request.app[RUNTIME]
@@ -68,8 +59,9 @@ async def begin(request: web.Request) -> tuple[Runtime, Snapshot, CompiledAgent,
         raise Unavailable("the server is shutting down; retry on another instance")
     snap = rt.acquire()
     try:
-        agent = await prepare(request, snap)
-        body = await read_json(request, snap.max_body, rt.settings.body_timeout)
+        agent, coding = prepare(request, snap)
+        await send_continue(request)
+        body = await read_json(request, snap.max_body, rt.settings.body_timeout, coding)
     except BaseException:
         rt.release(snap)
         raise
@@ -88,8 +80,9 @@ async def call(request: web.Request) -> web.Response:
         rt.release(snap)
 
 
-async def prepare(request: web.Request, snap: Snapshot) -> CompiledAgent:
-    """Auth, then the agent, then the media type: all before the body is read."""
+def prepare(request: web.Request, snap: Snapshot) -> tuple[CompiledAgent, str]:
+    """Auth, the agent, the media type, the encoding and the declared size:
+    all before the body is read (and before `100 Continue` invites it)."""
     check_auth(request, snap.api_keys)
     name = request.match_info["name"]
     agent = snap.compiled.agents.get(name)
@@ -102,7 +95,48 @@ async def prepare(request: web.Request, snap: Snapshot) -> CompiledAgent:
         if ctype != "application/json" and not (ctype.startswith("application/") and ctype.endswith("+json")):
             raise UnsupportedMediaType(f"Content-Type {ctype[:60]!r} is not JSON; send application/json")
         check_charset(request.charset)
-    return agent
+    coding = content_encoding(request)
+    check_length(request, snap.max_body)
+    return agent, coding
+
+
+async def send_continue(request: web.Request) -> None:
+    """`100 Continue`, once the headers have passed every check (SPEC §3.1).
+
+    The agent routes take `no_continue` as their expect handler, so aiohttp
+    does not send it before the route's checks; other expectations are ignored
+    (RFC 9110 §10.1.1 allows it) rather than refused.
+    """
+    if request.get(CONTINUED) is False:
+        request[CONTINUED] = True
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # the interim answer is not the response
+
+
+async def no_continue(request: web.Request) -> None:
+    """The expect handler of the agent routes and the catch-all: nothing is
+    sent yet; the request is marked as waiting for `100 Continue`."""
+    expect = request.headers.get("Expect", "")
+    if expect.lower() == "100-continue" and request.version >= (1, 1) and not request.content.is_eof():
+        request[CONTINUED] = False
+
+
+async def no_route(request: web.Request) -> web.StreamResponse:
+    """The catch-all route: 405 with `Allow` where another method fits the path, else 404.
+
+    A route of its own (rather than the router's MatchInfoError) so that its
+    expect handler is `no_continue`: aiohttp's default would invite the body
+    of a request that is about to be refused.
+    """
+    allowed: set[str] = set()
+    own = request.match_info.route.resource
+    for resource in request.app.router.resources():
+        if resource is not own:
+            allowed |= (await resource.resolve(request))[1]
+    if allowed:
+        allow = ", ".join(sorted(allowed))
+        raise MethodNotAllowed(f"method not allowed; use {allow}", headers={"Allow": allow})
+    raise NotFound("no such path; agents are at POST /agent/{name}")
 
 
 def check_auth(request: web.Request, keys: tuple[bytes, ...]) -> None:
@@ -124,38 +158,6 @@ def check_auth(request: web.Request, keys: tuple[bytes, ...]) -> None:
         ok |= hmac.compare_digest(raw, key)
     if not ok:
         raise Unauthorized("invalid API key", headers={"WWW-Authenticate": "Bearer"})
-
-
-async def read_json(request: web.Request, limit: int, timeout: float) -> dict[str, Any]:
-    length = request.content_length
-    if length is not None and length > limit:
-        raise PayloadTooLarge(f"request body of {length} bytes is over the limit of {limit}")
-    if length is not None and request.content.is_eof():
-        # The whole body came with the headers (the usual case): nothing can
-        # stall, so skip arming a timer.
-        return parse_object(await request.content.read())
-    try:
-        async with _timeout(timeout):
-            if length is not None:
-                raw = await request.content.readexactly(length) if length else b""
-            else:
-                raw = await _read_limited(request, limit)
-    except asyncio.IncompleteReadError:
-        raise RequestTimeout("the request body ended before Content-Length bytes arrived") from None
-    except TimeoutError:
-        raise RequestTimeout(f"the request body did not arrive within {timeout:g}s") from None
-    return parse_object(raw)
-
-
-async def _read_limited(request: web.Request, limit: int) -> bytes:
-    chunks = []
-    size = 0
-    async for chunk in request.content.iter_any():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"request body is over the limit of {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def check_input(agent: CompiledAgent, body: dict[str, Any]) -> None:

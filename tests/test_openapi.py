@@ -32,7 +32,7 @@ KEY = "test-key-1"
 DOC_ID = "urn:aiwfd:openapi"
 
 # §3.1: every status and type a call of an agent can answer (405 cannot: POST is the route's method).
-AGENT_ERRORS = {400: {"invalid_json"}, 401: {"unauthorized"}, 404: {"not_found"}, 408: {"request_timeout"},
+AGENT_ERRORS = {400: {"invalid_json", "invalid_request"}, 401: {"unauthorized"}, 404: {"not_found"}, 408: {"request_timeout"},
                 413: {"payload_too_large"}, 415: {"unsupported_media_type"}, 422: {"invalid_input"},
                 429: {"rate_limited"}, 500: {"internal_error"}, 502: {"upstream_error", "invalid_output"},
                 503: {"unavailable"}, 504: {"upstream_timeout"}}
