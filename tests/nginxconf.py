@@ -25,7 +25,7 @@ def shipped_conf(listen: int, access_log: Path, ports: list[int] | None = None) 
     """deploy/nginx/aiwfd.conf with a loopback listen, a tmp log path and, given `ports`, those servers.
 
     Everything else (keep-alive, retries, timeouts, headers, each server's
-    max_fails/fail_timeout) is the shipped text.
+    server parameters) is the shipped text.
     """
     text = SHIPPED.read_text(encoding="utf-8")
     if ports is not None:

@@ -18,8 +18,16 @@ time, from one keep-alive aiohttp client. Once DISRUPT_AT calls completed:
   port; B gets SIGHUP with a changed system prompt. Zero failed calls: every
   answer is 200 with a `{"data", "trace"}` body.
 * test_kill_9_cost: kill -9 of an instance, restarted like Restart=always
-  would. Measured, not asserted: prints a "KILL -9 COST:" line (failed calls,
-  calls nginx passed on to another instance, possible second model calls).
+  would: zero failed calls, and a "KILL -9 COST:" line (calls nginx passed on
+  to another instance, possible second model calls).
+* test_back_to_back_and_random_restarts_lose_nothing (issue 12): all
+  instances restarted back to back with no pause, then each RESTARTS_EACH
+  times at random moments, under plain calls, streams and batches at once
+  (run_mixed): zero failed requests. This is what the upstream's
+  `max_fails=0` is for; AIWFD_TEST_NGINX_SERVER_PARAMS="max_fails=3
+  fail_timeout=10s" runs it with other server parameters, to measure them.
+* test_nginx_own_errors_are_json: nginx's own 502/504/413/400/414/431/404
+  answer in SPEC 3.1's JSON shape with the request id; aiwfd's pass untouched.
 * test_a_long_drain_loses_nothing: SIGTERM while one slow call keeps the drain
   going for SLOW_SECONDS, longer than proxy_next_upstream_timeout (10 s). This
   is the keep-alive race of production (model calls take seconds): nginx keeps
@@ -38,8 +46,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import random
 import re
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -69,6 +80,14 @@ DISRUPT_AT = 400      # completed calls before the signals start
 TAIL = 300            # calls still sent after the last disruption finished
 SLOW_SECONDS = 11.0   # the slow agent's model: longer than proxy_next_upstream_timeout (10 s)
 RUN_TIMEOUT = 120.0   # a hung run fails instead of hanging the suite
+RESTARTS_EACH = 5     # test_back_to_back_and_random_restarts_lose_nothing: random restarts per instance
+MAX_GAP = 1.5         # ... each after a random pause of up to this many seconds (seeded)
+SEED = 12
+TAIL_SECONDS = 2.0    # mixed load still sent after the last restart
+MIXED_TIMEOUT = 150.0
+# For measuring alternatives, not for CI: replaces the parameters of every
+# upstream `server` line (e.g. "max_fails=3 fail_timeout=10s", the old ones).
+SERVER_PARAMS = os.environ.get("AIWFD_TEST_NGINX_SERVER_PARAMS")
 
 INPUT = orjson.dumps({"name": "Alice"})
 HEADERS = {"Content-Type": "application/json"}
@@ -92,7 +111,11 @@ def upstream_conf(listen: int, ports: list[int], access_log: Path) -> str:
     next_upstream = re.search(r"proxy_next_upstream ([^;]*);", code)
     assert next_upstream, "shipped config: no proxy_next_upstream"
     assert {"error", "timeout", "http_503", "non_idempotent"} <= set(next_upstream.group(1).split())
-    return shipped_conf(listen, access_log, ports)
+    text = shipped_conf(listen, access_log, ports)
+    if SERVER_PARAMS is not None:
+        text, n = re.subn(r"^([ \t]*server 127\.0\.0\.1:\d+)[^;\n]*;", rf"\g<1> {SERVER_PARAMS};", text, flags=re.M)
+        assert n == len(ports)
+    return text
 
 
 class Nginx:
@@ -208,6 +231,19 @@ class Cluster:
             raise
         proc.host, proc.port = m.group(1), int(m.group(2))
         return proc
+
+    async def restart(self, i: int) -> None:
+        """`systemctl restart`: SIGTERM, the drain, exit 0, start again on the same port.
+
+        Returns once the new process listens, as `systemctl restart` of the
+        Type=notify unit returns once READY=1 came.
+        """
+        old = self.instances[i]
+        old.send(signal.SIGTERM)
+        rc = await asyncio.to_thread(old.wait, 40)
+        self.retired.append(old)
+        assert rc == 0, f"instance {old.port} exited {rc}:\n{old.stderr[-3000:]}"
+        self.instances[i] = await asyncio.to_thread(self.start_instance, i, old.port or 0)
 
     def ports(self) -> list[int]:
         out = [p.port for p in self.instances]
@@ -382,8 +418,7 @@ def report(c: Cluster, ng: Nginx, res: Result, label: str) -> str:
     agent = [a for a in access if "/agent/" in a["req"]]
     retried = [a for a in agent if "," in a["upstream"]]  # nginx lists every attempt: "A, B"
     problems = ng.problems()
-    kinds = Counter(re.sub(r"^.*?\[\w+\] \d+#\d+: (\*\d+ )?", "", ln).split(" while ")[0].split(",")[0]
-                    for ln in problems)
+    kinds = error_kinds(problems)
     lines = [
         f"{label}: {res.sent} calls in {res.seconds:.1f}s ({res.sent / max(res.seconds, 1e-9):.0f}/s), "
         f"{res.ok} ok, {len(res.failures)} failed; statuses {dict(res.statuses)}; "
@@ -392,16 +427,181 @@ def report(c: Cluster, ng: Nginx, res: Result, label: str) -> str:
         f"(ustatus of those: {dict(Counter(a['ustatus'] for a in retried))})",
         f"nginx error.log (warn and worse): {dict(kinds)}",
     ]
-    if res.failures:
-        lines.append("first failures:\n  " + "\n  ".join(res.failures[:20]))
-        failed = {f.split(":", 1)[0] for f in res.failures}
-        lines.append("their access-log lines:\n  " + "\n  ".join(
-            a["line"] for a in access if a["rid"] in failed)[:20000])
-        lines.append("nginx error.log (warn and worse):\n  " + "\n  ".join(problems[-60:]))
-        for p in c.retired + c.instances:
-            lines.append(f"aiwfd pid {p.pid} port {p.port} (rc {p.proc.poll()}), last lines:\n  "
-                         + "\n  ".join(ln for ln in p.lines if "POST /agent/" not in ln)[-3000:])
-    return "\n".join(lines)
+    return "\n".join(lines + failure_details(c, access, problems, res.failures))
+
+
+def failure_details(c: Cluster, access: list[dict[str, str]], problems: list[str], failures: list[str]) -> list[str]:
+    """What a failed run's assertion shows: the failures, their access-log lines, nginx's and aiwfd's logs."""
+    if not failures:
+        return []
+    failed = {f.split(":", 1)[0] for f in failures}
+    lines = ["first failures:\n  " + "\n  ".join(failures[:20]),
+             "their access-log lines:\n  " + "\n  ".join(a["line"] for a in access if a["rid"] in failed)[:20000],
+             "nginx error.log (warn and worse):\n  " + "\n  ".join(problems[-60:])]
+    for p in c.retired[-8:] + c.instances:
+        lines.append(f"aiwfd pid {p.pid} port {p.port} (rc {p.proc.poll()}), last lines:\n  "
+                     + "\n  ".join(ln for ln in p.lines if "POST /agent/" not in ln)[-3000:])
+    return lines
+
+
+def error_kinds(problems: list[str]) -> Counter[str]:
+    """nginx error.log lines by what happened ("no live upstreams", "connect() failed (111: ...)")."""
+    return Counter(re.sub(r"^.*?\[\w+\] \d+#\d+: (\*\d+ )?", "", ln).split(" while ")[0].split(",")[0]
+                   for ln in problems)
+
+
+# --------------------------------------------------------------------------
+# the mixed load: plain calls, streams and batches side by side
+
+BATCH_INPUTS = 8      # inputs per batch (batch_concurrency 8: one round of model calls)
+MIX = {"plain": 20, "stream": 8, "batch": 4}  # workers of each kind (CONCURRENCY in all)
+BATCH_BODY = orjson.dumps({"inputs": [{"name": f"Ann {i}"} for i in range(BATCH_INPUTS)]})
+
+
+@dataclass
+class Mixed:
+    """Per kind: requests sent, failures, latencies (seconds, successful ones)."""
+
+    sent: Counter[str] = field(default_factory=Counter)
+    ok: Counter[str] = field(default_factory=Counter)
+    failures: list[str] = field(default_factory=list)
+    latencies: dict[str, list[float]] = field(default_factory=lambda: {k: [] for k in MIX})
+    seconds: float = 0.0
+    started: float = field(default_factory=time.monotonic)
+    failed_at: list[float] = field(default_factory=list)  # seconds after `started`
+    phases: list[str] = field(default_factory=list)  # what the disruption did, and when
+
+    def now(self) -> float:
+        return time.monotonic() - self.started
+
+    def p99(self, kind: str) -> float:
+        xs = sorted(self.latencies[kind])
+        return xs[min(len(xs) - 1, int(len(xs) * 0.99))] if xs else float("nan")
+
+    def summary(self) -> str:
+        window = (f"; failures from t={min(self.failed_at):.1f}s to t={max(self.failed_at):.1f}s"
+                  if self.failed_at else "")
+        return ", ".join(f"{k}: {self.sent[k]} sent, {self.sent[k] - self.ok[k]} failed, "
+                         f"p99 {self.p99(k) * 1000:.0f} ms, max {max(self.latencies[k], default=0) * 1000:.0f} ms"
+                         for k in MIX) + window
+
+
+def sse_events(raw: bytes) -> list[tuple[str, bytes]]:
+    """(event, data) pairs of a complete text/event-stream body; comments dropped."""
+    out = []
+    for block in raw.replace(b"\r\n", b"\n").split(b"\n\n"):
+        name, data = "message", []
+        for line in block.split(b"\n"):
+            if line.startswith(b"event:"):
+                name = line[6:].strip().decode()
+            elif line.startswith(b"data:"):
+                data.append(line[5:].lstrip(b" "))
+        if data:
+            out.append((name, b"\n".join(data)))
+    return out
+
+
+def stream_problem(status: int, content_type: str, raw: bytes) -> str | None:
+    """None if the stream is an agent answer: 200, events, the last one `result` {data, trace}."""
+    if status != 200:
+        return f"HTTP {status}: {raw[:300]!r}"
+    if not content_type.startswith("text/event-stream"):
+        return f"not an event stream ({content_type}): {raw[:300]!r}"
+    events = sse_events(raw)
+    if not events or events[0][0] != "start":
+        return f"no start event: {raw[:300]!r}"
+    if events[-1][0] != "result":
+        return f"ended with {events[-1][0]!r}, not result: {raw[-300:]!r}"
+    return valid_body(events[-1][1])
+
+
+def batch_problem(status: int, raw: bytes) -> str | None:
+    """None if every input of the batch was answered."""
+    if status != 200:
+        return f"HTTP {status}: {raw[:300]!r}"
+    try:
+        doc = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return f"not JSON: {raw[:200]!r}"
+    results = doc.get("results") if isinstance(doc, dict) else None
+    if not isinstance(results, list) or len(results) != BATCH_INPUTS:
+        return f"not {BATCH_INPUTS} results: {raw[:300]!r}"
+    for item in results:
+        problem = valid_body(orjson.dumps(item))
+        if problem:
+            return f"an item failed: {problem}"
+    return None
+
+
+async def run_mixed(ng: Nginx, disrupt: Callable[[Mixed], Awaitable[None]]) -> Mixed:
+    """MIX workers of each kind through nginx until `disrupt` has finished, and TAIL_SECONDS more.
+
+    The load is on before `disrupt` starts: every kind has had at least
+    one success (so the pools are warm and a failure is the disruption's).
+    """
+    res = Mixed()
+    done = asyncio.Event()
+    warm = {k: asyncio.Event() for k in MIX}
+    n = 0
+
+    async def one(session: aiohttp.ClientSession, kind: str) -> None:
+        nonlocal n
+        n += 1
+        rid = f"{kind}-{n}"
+        res.sent[kind] += 1
+        started = time.monotonic()
+        try:
+            if kind == "plain":
+                async with session.post(ng.url("/agent/greeter"), data=INPUT,
+                                        headers={**HEADERS, "X-Request-ID": rid}) as r:
+                    raw = await r.read()
+                    problem = (f"HTTP {r.status}: {raw[:300]!r}" if r.status != 200 else None) or valid_body(raw)
+            elif kind == "stream":
+                async with session.post(ng.url("/agent/greeter/stream"), data=INPUT,
+                                        headers={**HEADERS, "X-Request-ID": rid}) as r:
+                    raw = await r.read()
+                    problem = stream_problem(r.status, r.headers.get("Content-Type", ""), raw)
+            else:
+                async with session.post(ng.url("/agent/greeter/batch"), data=BATCH_BODY,
+                                        headers={**HEADERS, "X-Request-ID": rid}) as r:
+                    raw = await r.read()
+                    problem = batch_problem(r.status, raw)
+        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+            problem = f"{type(e).__name__}: {e}"
+        if problem is None:
+            res.ok[kind] += 1
+            res.latencies[kind].append(time.monotonic() - started)
+            warm[kind].set()
+        else:
+            res.failures.append(f"{rid}: {problem}")
+            res.failed_at.append(res.now())
+
+    async def worker(session: aiohttp.ClientSession, kind: str) -> None:
+        while not done.is_set():
+            await one(session, kind)
+
+    async def disruptor() -> None:
+        try:
+            await asyncio.gather(*(e.wait() for e in warm.values()))
+            await disrupt(res)
+            await asyncio.sleep(TAIL_SECONDS)  # load on the instances restarted last, too
+        finally:
+            done.set()
+
+    connector = aiohttp.TCPConnector(limit=CONCURRENCY, force_close=False)
+    timeout = aiohttp.ClientTimeout(total=90)
+    res.started = time.monotonic()
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        tasks = [asyncio.create_task(worker(session, kind)) for kind, k in MIX.items() for _ in range(k)]
+        dis = asyncio.create_task(disruptor())
+        try:
+            await asyncio.wait_for(asyncio.gather(dis, *tasks), MIXED_TIMEOUT)
+        finally:
+            for t in [dis, *tasks]:
+                t.cancel()
+            await asyncio.gather(dis, *tasks, return_exceptions=True)
+    res.seconds = res.now()
+    return res
 
 
 # --------------------------------------------------------------------------
@@ -445,8 +645,163 @@ async def test_rolling_restart_and_reload_lose_nothing(shared: Cluster, tmp_path
     assert b.proc.poll() is None and b.pid == c.instances[ib].pid, "B was restarted, not reloaded"
 
 
+@pytest.mark.system
+async def test_back_to_back_and_random_restarts_lose_nothing(
+        shared: Cluster, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Every instance restarted back to back (the operator's `for p in ...; do systemctl
+    restart aiwfd@$p; done`, no wait in between), then each RESTARTS_EACH more times at
+    random moments (at most INSTANCES-1 at once, so one always serves), under plain calls,
+    streams and batches through the shipped config: not one request fails.
+
+    With the old `max_fails=3 fail_timeout=10s` the refusals of the first restarts marked
+    the instances down for 10 s each, and nginx answered "no live upstreams" to everything
+    once the third went down.
+    """
+    c = shared
+    rng = random.Random(SEED)
+    pauses = [[rng.uniform(0, MAX_GAP) for _ in range(RESTARTS_EACH)] for _ in range(INSTANCES)]
+    async with nginx_in_front(c, tmp_path / "nginx") as ng:
+        at_most = asyncio.Semaphore(INSTANCES - 1)
+
+        async def randomly(i: int) -> None:
+            for pause in pauses[i]:
+                await asyncio.sleep(pause)
+                async with at_most:
+                    await c.restart(i)
+
+        async def disrupt(res: Mixed) -> None:
+            started = res.now()
+            for i in range(INSTANCES):
+                await c.restart(i)
+            res.phases.append(f"{INSTANCES} back to back from t={started:.1f}s to t={res.now():.1f}s")
+            started = res.now()
+            await asyncio.gather(*(randomly(i) for i in range(INSTANCES)))
+            res.phases.append(f"{INSTANCES}x{RESTARTS_EACH} at random from t={started:.1f}s to t={res.now():.1f}s")
+
+        res = await run_mixed(ng, disrupt)
+    access, problems = ng.access(), ng.problems()
+    moved = [a for a in access if "/agent/" in a["req"] and "," in a["upstream"]]
+    text = "\n".join([
+        f"restarts ({SERVER_PARAMS or 'shipped server parameters'}): {'; '.join(res.phases)}; "
+        f"{sum(res.sent.values())} requests in {res.seconds:.1f}s, {len(res.failures)} failed",
+        f"  {res.summary()}",
+        f"  nginx: {len(moved)} passed to another instance; error.log: {dict(error_kinds(problems))}",
+        *failure_details(c, access, problems, res.failures),
+    ])
+    with capsys.disabled():
+        print("\n" + text)
+    assert len(res.phases) == 2, text
+    if res.failures:
+        pytest.fail(text, pytrace=False)
+    assert all(res.sent[k] >= 10 * n for k, n in MIX.items()), text
+
+
+def nginx_error(status: int, headers: Any, raw: bytes, want_status: int, want_type: str,
+                rid: str | None = None) -> str:
+    """Check one of nginx's own errors: SPEC 3.1's shape, JSON, the id in body and header; returns the id."""
+    assert status == want_status, (status, raw[:300])
+    assert headers.get("Content-Type", "").split(";")[0] == "application/json", (headers, raw[:300])
+    doc = orjson.loads(raw)
+    assert set(doc) == {"error", "request_id"}, doc
+    assert set(doc["error"]) == {"type", "message", "details"}, doc
+    assert doc["error"]["type"] == want_type and doc["error"]["details"] == [], doc
+    assert isinstance(doc["error"]["message"], str) and doc["error"]["message"], doc
+    assert headers.get("X-Request-ID") == doc["request_id"], (headers, doc)
+    if rid is None:
+        assert re.fullmatch(r"[0-9a-f]{32}", doc["request_id"]), doc  # nginx's $request_id
+    else:
+        assert doc["request_id"] == rid, doc
+    return doc["request_id"]
+
+
+def raw_exchange(port: int, data: bytes) -> tuple[int, dict[str, str], bytes]:
+    """Send bytes aiohttp would refuse to send; read the answer until nginx closes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(data)
+        out = b""
+        while chunk := s.recv(65536):
+            out += chunk
+    head, _, body = out.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = dict(ln.split(": ", 1) for ln in lines[1:] if ": " in ln)
+    return int(lines[0].split()[1]), headers, body
+
+
+async def test_nginx_own_errors_are_json(shared: Cluster, tmp_path: Path) -> None:
+    """nginx's own 502 (nothing reachable), 504 (connect timed out), 413, 400, 414, 431 and
+    404 answer in SPEC 3.1's JSON shape with nginx's request id; aiwfd's own errors
+    (here a 404) pass through untouched."""
+    dead = free_port()  # nothing listens there
+    # An upstream that never completes a connect: a listening socket whose
+    # accept queue is full drops further SYNs, so nginx's 2 s connect timeout fires.
+    stuck = socket.socket()
+    stuck.bind(("127.0.0.1", 0))
+    stuck.listen(0)
+    fillers = []
+    with contextlib.ExitStack() as stack:
+        stack.callback(stuck.close)
+        for _ in range(2):  # the queue holds backlog + 1
+            f = socket.socket()
+            stack.callback(f.close)
+            f.setblocking(False)
+            f.connect_ex(stuck.getsockname())
+            fillers.append(f)
+        (tmp_path / "dead").mkdir()
+        (tmp_path / "stuck").mkdir()
+        ng = await asyncio.to_thread(Nginx, tmp_path / "dead", [dead])
+        stack.callback(ng.stop)
+        ng_stuck = await asyncio.to_thread(Nginx, tmp_path / "stuck", [stuck.getsockname()[1]])
+        stack.callback(ng_stuck.stop)
+        async with nginx_in_front(shared, tmp_path / "cluster") as ng_live, aiohttp.ClientSession() as http:
+
+            async def call(url: str, data: bytes = INPUT, **headers: str) -> tuple[int, Any, bytes]:
+                async with http.post(url, data=data, headers={**HEADERS, **headers}) as r:
+                    return r.status, r.headers, await r.read()
+
+            # 502: every instance refused. The client's id is kept; one aiwfd
+            # would not keep (and that would break the JSON) is replaced.
+            nginx_error(*await call(ng.url("/agent/greeter"), **{"X-Request-ID": "client-7"}), 502,
+                        "upstream_error", "client-7")
+            nginx_error(*await call(ng.url("/agent/greeter/stream")), 502, "upstream_error")
+            nginx_error(*await call(ng.url("/agent/greeter"), **{"X-Request-ID": 'a"b\\c'}), 502, "upstream_error")
+            async with http.get(ng.url("/health")) as r:
+                nginx_error(r.status, r.headers, await r.read(), 502, "upstream_error")
+            # 504: the connect timed out (proxy_connect_timeout 2s).
+            nginx_error(*await call(ng_stuck.url("/agent/greeter"), **{"X-Request-ID": "slow-1"}), 504,
+                        "upstream_timeout", "slow-1")
+            # 413: over client_max_body_size, answered by nginx before any instance sees it.
+            nginx_error(*await call(ng.url("/agent/greeter"), b"{" + b" " * (1 << 20) + b"}",
+                                    **{"X-Request-ID": "big-1"}), 413, "payload_too_large", "big-1")
+            # 400, 414 and 431 (nginx's 494): requests nginx cannot parse or hold.
+            for data, status, kind in [
+                    (b"GARBAGE\r\n\r\n", 400, "invalid_request"),
+                    (b"GET /%00 HTTP/1.1\r\nHost: x\r\n\r\n", 400, "invalid_request"),
+                    (b"GET / HTTP/1.1\r\nHost: a b\r\n\r\n", 400, "invalid_request"),
+                    (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414, "invalid_request"),
+                    (b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 9000 + b"\r\n\r\n", 431, "headers_too_large"),
+                    (b"GET /_aiwfd/502 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", 404, "not_found")]:
+                nginx_error(*await asyncio.to_thread(raw_exchange, ng.port, data), status, kind)
+
+            # aiwfd's own errors are not replaced (no proxy_intercept_errors): its 404, its id.
+            async with http.get(ng_live.url("/no/such/path"), headers={"X-Request-ID": "mine-1"}) as r:
+                raw = await r.read()
+                direct = orjson.loads(raw)
+                assert r.status == 404 and direct["error"]["type"] == "not_found", raw
+                assert direct["error"]["message"] != "no such path", "nginx's page, not aiwfd's answer"
+                assert direct["request_id"] == r.headers["X-Request-ID"] == "mine-1"
+            # ... nor its 422.
+            status, _, raw = await call(ng_live.url("/agent/greeter"), b'{"name": ""}')
+            assert status == 422 and orjson.loads(raw)["error"]["type"] == "invalid_input", raw
+    assert ng.proc.returncode is not None and ng_stuck.proc.returncode is not None
+
+
 async def test_kill_9_cost(shared: Cluster, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """What a crash costs with the shipped config: measured and printed, not asserted to be zero."""
+    """A crash under plain calls loses none (nginx passes the broken ones on); what it costs is printed.
+
+    Only plain calls: a stream whose instance dies after its first event
+    cannot be passed on (nginx has sent its start to the client), and that
+    is a client's retry whatever the config.
+    """
     c = shared
     async with nginx_in_front(c, tmp_path / "nginx") as ng:
         victim = c.instances[0]
@@ -476,7 +831,8 @@ async def test_kill_9_cost(shared: Cluster, tmp_path: Path, capsys: pytest.Captu
                f"call), {refused} refused at connect (free)")
     with capsys.disabled():
         print("\n" + text + "\n" + summary)
-    assert res.ok + len(res.failures) == res.sent >= CALLS
+    assert not res.failures, text
+    assert res.ok == res.sent >= CALLS
 
 
 async def test_a_long_drain_loses_nothing(shared: Cluster, slow_fake: FakeOpenAI, tmp_path: Path) -> None:
