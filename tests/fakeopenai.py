@@ -847,7 +847,7 @@ class FakeOpenAI:
         self.paused.set()
         try:
             await asyncio.wait_for(self._release.wait(), seconds)
-        except TimeoutError:
+        except asyncio.TimeoutError:  # not the builtin TimeoutError before 3.11
             pass
         finally:
             self.paused.clear()
