@@ -6,6 +6,7 @@
 #   scripts/cluster.sh --mock                     # 3 instances, nginx on :8080
 #   scripts/cluster.sh --instances 2 -f agents.yaml --env-file .env
 #   curl -s localhost:8080/agents
+#   kill -USR1 <cluster.sh pid>                   # rolling restart, back to back
 set -euo pipefail
 
 usage() {
@@ -25,6 +26,11 @@ usage: cluster.sh [--instances N] [--base-port PORT] [--port PORT] [-f FILE]
                     `python3 -m aiwfd` from this repository); env AIWFD too
   --keep            keep the temporary directory (logs, nginx.conf) at exit
   -- ARGS           passed to every `aiwfd serve`
+
+SIGUSR1 restarts every instance, one after the other with no pause, as
+`for p in ...; do systemctl restart aiwfd@$p; done` does: SIGTERM, the drain,
+start again on the same port; the next one as soon as this one listens.
+nginx (deploy/nginx/aiwfd.conf, max_fails=0) loses no request meanwhile.
 EOF
 }
 
@@ -139,38 +145,72 @@ set -m
 
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
-for ((i = 0; i < instances; i++)); do
-    port=$((base_port + i))
-    port_open "$port" && die "port $port is already in use"
-    args=(serve -f "$config" -o "$dir/instance-$port" --host 127.0.0.1 -p "$port")
+# Instance i on its port, in the background; its log appended to (restarts).
+start_instance() {
+    local i=$1 port=${ports[$1]}
+    local args=(serve -f "$config" -o "$dir/instance-$port" --host 127.0.0.1 -p "$port")
     [ "$mock" -eq 1 ] && args+=(--mock)
     [ -n "$env_file" ] && args+=(--env-file "$env_file")
-    "${aiwfd[@]}" "${args[@]}" ${extra[@]+"${extra[@]}"} >"$dir/aiwfd-$port.log" 2>&1 &
-    pids+=("$!")
-    ports+=("$port")
-done
+    "${aiwfd[@]}" "${args[@]}" ${extra[@]+"${extra[@]}"} >>"$dir/aiwfd-$port.log" 2>&1 &
+    pids[i]=$!
+}
 
-# Wait until every instance listens (or one of them gives up).
-for i in "${!pids[@]}"; do
-    port=${ports[$i]}
+# Until instance i listens (what READY=1 means to systemd), or it gives up.
+wait_listening() {
+    local i=$1 port=${ports[$1]} t
     for ((t = 0; t < 300; t++)); do
-        port_open "$port" && break
+        port_open "$port" && return 0
         if ! kill -0 "${pids[$i]}" 2>/dev/null; then
             tail -n 20 "$dir/aiwfd-$port.log" >&2 || true
             die "instance on port $port exited during start-up (log above)"
         fi
         sleep 0.1
     done
-    port_open "$port" || die "instance on port $port did not listen within 30 s"
-    say "aiwfd on 127.0.0.1:$port (pid ${pids[$i]}, log $dir/aiwfd-$port.log)"
+    die "instance on port $port did not listen within 30 s"
+}
+
+for ((i = 0; i < instances; i++)); do
+    port=$((base_port + i))
+    port_open "$port" && die "port $port is already in use"
+    ports+=("$port")
+    start_instance "$i"
 done
 
-# nginx.conf: the deploy example, with this cluster's upstream servers, a
-# loopback listen and every path inside $dir.
+# Wait until every instance listens (or one of them gives up).
+for i in "${!pids[@]}"; do
+    wait_listening "$i"
+    say "aiwfd on 127.0.0.1:${ports[$i]} (pid ${pids[$i]}, log $dir/aiwfd-${ports[$i]}.log)"
+done
+
+# SIGUSR1: the rolling restart of the units' comment, back to back.
+restart_requested=0
+trap 'restart_requested=1' USR1
+rolling_restart() {
+    local i pid rc
+    for i in "${!pids[@]}"; do
+        pid=${pids[$i]}
+        kill -TERM "$pid" 2>/dev/null || true
+        rc=0
+        wait "$pid" || rc=$?
+        # A signal (another USR1) ends `wait` early: wait until it really exited.
+        while kill -0 "$pid" 2>/dev/null; do rc=0; wait "$pid" || rc=$?; done
+        [ "$rc" -eq 0 ] || say "instance on port ${ports[$i]} exited $rc while stopping"
+        start_instance "$i"
+        wait_listening "$i"
+        dead[i]=""
+        say "restarted aiwfd on 127.0.0.1:${ports[$i]} (pid ${pids[$i]})"
+    done
+    say "rolling restart done"
+}
+
+# nginx.conf: the deploy example, with this cluster's upstream servers (each
+# with the shipped server parameters, e.g. max_fails=0), a loopback listen
+# and every path inside $dir.
 port_open "$nginx_port" && die "port $nginx_port is already in use"
+server_params=$(sed -n 's/^[[:space:]]*server 127\.0\.0\.1:[0-9][0-9]*\([^;]*\);.*/\1/p' "$template" | head -n 1)
 servers=""
 for port in "${ports[@]}"; do
-    servers+="    server 127.0.0.1:$port max_fails=3 fail_timeout=10s;"$'\n'
+    servers+="    server 127.0.0.1:$port$server_params;"$'\n'
 done
 awk -v servers="$servers" -v listen="    listen 127.0.0.1:$nginx_port;" -v logpath="$dir/access.log" '
     /^[[:space:]]*server 127\.0\.0\.1:[0-9]+/ { if (!done) { printf "%s", servers; done = 1 } next }
@@ -222,7 +262,7 @@ port_open "$nginx_port" || die "nginx did not listen within 10 s"
 say "nginx on 127.0.0.1:$nginx_port (pid $nginx_pid, conf $dir/nginx.conf)"
 echo "http://127.0.0.1:$nginx_port/"
 say "try: curl -s http://127.0.0.1:$nginx_port/agents"
-say "Ctrl-C stops everything"
+say "rolling restart: kill -USR1 $$; Ctrl-C stops everything"
 
 # Stay in the foreground; report instances that die (nginx routes around
 # them), stop when nginx dies.
@@ -230,6 +270,11 @@ dead=()
 while :; do
     if ! kill -0 "$nginx_pid" 2>/dev/null; then
         die "nginx exited; see $dir/error.log"
+    fi
+    if [ "$restart_requested" -eq 1 ]; then
+        restart_requested=0
+        say "rolling restart of ${#pids[@]} instance(s), back to back"
+        rolling_restart
     fi
     for i in "${!pids[@]}"; do
         if [ -z "${dead[$i]:-}" ] && ! kill -0 "${pids[$i]}" 2>/dev/null; then

@@ -26,6 +26,8 @@ time, from one keep-alive aiohttp client. Once DISRUPT_AT calls completed:
   (run_mixed): zero failed requests. This is what the upstream's
   `max_fails=0` is for; AIWFD_TEST_NGINX_SERVER_PARAMS="max_fails=3
   fail_timeout=10s" runs it with other server parameters, to measure them.
+* test_cluster_sh_rolling_restart_loses_nothing: scripts/cluster.sh --mock
+  and its SIGUSR1 rolling restart (back to back), twice, under the same load.
 * test_nginx_own_errors_are_json: nginx's own 502/504/413/400/414/431/404
   answer in SPEC 3.1's JSON shape with the request id; aiwfd's pass untouched.
 * test_a_long_drain_loses_nothing: SIGTERM while one slow call keeps the drain
@@ -52,6 +54,7 @@ import re
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -65,7 +68,7 @@ import pytest
 
 from tests.fakeopenai import FakeOpenAI
 from tests.nginxconf import NGINX, SHIPPED, main_conf, shipped_conf
-from tests.utils import CONFIGS, LISTEN_RE, AiwfdProcess, LineReader, fake_process, free_port
+from tests.utils import CONFIGS, LISTEN_RE, REPO, AiwfdProcess, LineReader, fake_process, free_port
 
 pytestmark = pytest.mark.skipif(NGINX is None, reason="nginx is not installed (apt-get install nginx)")
 
@@ -793,6 +796,77 @@ async def test_nginx_own_errors_are_json(shared: Cluster, tmp_path: Path) -> Non
             status, _, raw = await call(ng_live.url("/agent/greeter"), b'{"name": ""}')
             assert status == 422 and orjson.loads(raw)["error"]["type"] == "invalid_input", raw
     assert ng.proc.returncode is not None and ng_stuck.proc.returncode is not None
+
+
+def consecutive_free_ports(n: int) -> list[int]:
+    """n consecutive free loopback ports (cluster.sh numbers its instances from a base port)."""
+    for base in range(30000 + os.getpid() % 20000, 60000, 89):
+        try:
+            with contextlib.ExitStack() as stack:
+                for port in range(base, base + n):
+                    sock = stack.enter_context(socket.socket())
+                    sock.bind(("127.0.0.1", port))
+            return list(range(base, base + n))
+        except OSError:
+            continue
+    raise RuntimeError("no free ports")
+
+
+@dataclass
+class Front:
+    """What run_mixed needs of an nginx: its URLs."""
+
+    port: int
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+
+@pytest.mark.system
+async def test_cluster_sh_rolling_restart_loses_nothing(tmp_path: Path) -> None:
+    """scripts/cluster.sh --mock (real instances behind the shipped config): SIGUSR1 restarts
+    every instance back to back; twice, under plain calls, streams and batches, none fails."""
+    *instances, front = consecutive_free_ports(INSTANCES + 1)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("API_KEY", "OPENAI_API_KEY", "OPENAI_BASE_URL", "PORT", "HOST", "NOTIFY_SOCKET")}
+    proc = subprocess.Popen(
+        ["bash", str(REPO / "scripts" / "cluster.sh"), "--mock", "--instances", str(INSTANCES),
+         "--base-port", str(instances[0]), "--port", str(front), "-f", str(REPO / "config.example.yaml"),
+         "--aiwfd", f"{sys.executable} -m aiwfd"],
+        env={**env, "TMPDIR": str(tmp_path)}, cwd=tmp_path, stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    err = LineReader(proc.stderr)
+    try:
+        await asyncio.to_thread(err.wait_for, r"rolling restart: kill -USR1", 60)
+        pids = {ln.split("pid ")[1].split(",")[0] for ln in err.lines if ln.startswith("cluster.sh: aiwfd on")}
+
+        async def disrupt(res: Mixed) -> None:
+            for n in range(2):
+                start = len(err.lines)
+                proc.send_signal(signal.SIGUSR1)
+                await asyncio.to_thread(err.wait_for, r"rolling restart done|error", 60, start)
+                res.phases.append(f"rolling restart {n + 1} done at t={res.now():.1f}s")
+
+        res = await run_mixed(Front(front), disrupt)  # type: ignore[arg-type]
+    finally:
+        proc.send_signal(signal.SIGTERM)  # the trap stops nginx and drains the instances
+        try:
+            rc = await asyncio.to_thread(proc.wait, 60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            rc = await asyncio.to_thread(proc.wait, 10)
+        err.join(5)
+    text = f"cluster.sh: {'; '.join(res.phases)}; {res.summary()}\n" + "\n".join(res.failures[:20]) \
+        + "\n" + err.text[-5000:]
+    print(text)
+    assert rc == 143, text
+    assert len(res.phases) == 2 and "error" not in err.text, text
+    restarted = {ln.split("pid ")[1].rstrip(")") for ln in err.lines if ln.startswith("cluster.sh: restarted")}
+    assert len(restarted) == 2 * INSTANCES and not restarted & pids, text
+    assert not res.failures, text
+    for port in [*instances, front]:
+        with socket.socket() as sock:
+            assert sock.connect_ex(("127.0.0.1", port)) != 0, f"port {port} still open"
 
 
 async def test_kill_9_cost(shared: Cluster, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
