@@ -11,8 +11,8 @@ import sys
 from typing import Sequence, TextIO
 
 from aiwfd import __version__
-from aiwfd.artifacts import write_artifacts
-from aiwfd.compiler import Compiled, load_and_compile
+from aiwfd.spec.artifacts import write_artifacts
+from aiwfd.spec.compiler import Compiled, load_and_compile
 from aiwfd.errors import ConfigError, StartupError
 
 EXIT_OK = 0
@@ -47,7 +47,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "compile":
             compiled = load_and_compile(args.file)
             print_warnings(compiled, sys.stderr)
-            from aiwfd.openapi import build_openapi
+            from aiwfd.spec.openapi import build_openapi
 
             written = write_artifacts(compiled, args.output, {"openapi.json": build_openapi(compiled)})
             print(f"{args.file}: wrote {len(written)} files to {args.output}")

@@ -21,8 +21,8 @@ def run(args: argparse.Namespace) -> int:
     # ~0.15-0.2 s of start-up. What they allocate lives as long as the process.
     gc.disable()
     # Imported here: `aiwfd validate` should not pay for the openai SDK's import.
-    from aiwfd import logs, server
-
+    from aiwfd import logs
+    from aiwfd.daemon import server
     s = settings.from_args(args)
     logs.setup(s.log_format, s.log_level)
     return server.run(s)

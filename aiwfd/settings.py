@@ -15,7 +15,7 @@ from typing import Literal, Mapping
 
 from dotenv import dotenv_values
 
-from aiwfd.config import DEFAULT_MAX_BODY, DEFAULT_SHUTDOWN_TIMEOUT, Config, parse_size
+from aiwfd.spec.config import DEFAULT_MAX_BODY, DEFAULT_SHUTDOWN_TIMEOUT, Config, parse_size
 from aiwfd.errors import StartupError
 
 LogFormat = Literal["text", "json"]

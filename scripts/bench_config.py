@@ -5,7 +5,7 @@ Generates a realistic config (200 agents, 400 types by default: objects of 5–1
 fields mixing bounds, enums, formats, optional fields, arrays of references and
 nested inline objects), writes it to a temporary directory and measures
 
-  * load + compile (`aiwfd.compiler.load_and_compile`), median of N runs;
+  * load + compile (`aiwfd.spec.compiler.load_and_compile`), median of N runs;
   * validating typical request bodies with the compiled validators
     (`agent.input_validator.errors(body)`): valid bodies, and invalid bodies
     (one mutation each) separately, since those are explained by jsonschema.
@@ -31,8 +31,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from aiwfd import typedsl  # noqa: E402
-from aiwfd.compiler import Compiled, load_and_compile  # noqa: E402
+from aiwfd.spec import typedsl  # noqa: E402
+from aiwfd.spec.compiler import Compiled, load_and_compile  # noqa: E402
 
 TARGET_LOAD_S = 1.0
 TARGET_VALID_US = 20.0

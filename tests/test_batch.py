@@ -20,8 +20,8 @@ from aiohttp import web
 from openapi_spec_validator import validate
 from prometheus_client.parser import text_string_to_metric_families
 
-from aiwfd.compiler import load_and_compile
-from aiwfd.config import DEFAULT_BATCH_CONCURRENCY, DEFAULT_BATCH_MAX
+from aiwfd.spec.compiler import load_and_compile
+from aiwfd.spec.config import DEFAULT_BATCH_CONCURRENCY, DEFAULT_BATCH_MAX
 from tests.fakeopenai import Behaviour, FakeOpenAI, Reply, Status
 from tests.utils import CONFIGS, InProcess, fake_env, serve, write_config
 

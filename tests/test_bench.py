@@ -75,8 +75,8 @@ def test_references_send_what_aiwfd_sends_for_the_greeter() -> None:
         import bench_refs
     finally:
         sys.path.remove(str(SCRIPTS))
-    from aiwfd.agent import build_payload
-    from aiwfd.compiler import load_and_compile
+    from aiwfd.engine import build_payload
+    from aiwfd.spec.compiler import load_and_compile
 
     compiled = load_and_compile(str(SCRIPTS / "bench" / "bench.yaml"))
     body = {"name": "Zoë", "language": "fr"}
@@ -91,7 +91,7 @@ def test_generated_config_loads_and_its_body_is_valid() -> None:
         from gen_agents import AGENT_BODY, generate
     finally:
         sys.path.remove(str(SCRIPTS / "bench"))
-    from aiwfd.compiler import load_and_compile
+    from aiwfd.spec.compiler import load_and_compile
 
     path = Path(__import__("tempfile").mkdtemp()) / "agents.yaml"
     path.write_text(generate(3), encoding="utf-8")

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from aiwfd import typedsl
-from aiwfd.compiler import load_and_compile
+from aiwfd.spec import typedsl
+from aiwfd.spec.compiler import load_and_compile
 from aiwfd.errors import ConfigError
 
 BASE = """\

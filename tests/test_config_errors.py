@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from aiwfd.config import load
+from aiwfd.spec.config import load
 from aiwfd.errors import ConfigError, Problem
 
 GOOD_AGENT = """\

@@ -37,11 +37,12 @@ from typing import Any
 import pytest
 import yaml
 
-from aiwfd import config as cfg
-from aiwfd import errors, llm, settings
+from aiwfd.spec import config as cfg
+from aiwfd import errors, settings
+from aiwfd.providers import llm
 from aiwfd.cli import build_parser
-from aiwfd.compiler import load_and_compile
-from aiwfd.metrics import Metrics
+from aiwfd.spec.compiler import load_and_compile
+from aiwfd.http.metrics import Metrics
 from tests.utils import REPO, serve
 
 DOCS = REPO / "docs"
@@ -51,7 +52,7 @@ API_MD = DOCS / "api.md"
 DEPLOY_MD = DOCS / "deploy.md"
 DOCKERFILE = REPO / "deploy" / "docker" / "Dockerfile"
 K8S = REPO / "deploy" / "k8s" / "aiwfd.yaml"
-CODE = sorted((REPO / "aiwfd").glob("*.py"))
+CODE = sorted((REPO / "aiwfd").rglob("*.py"))
 
 
 def docs_text() -> str:
@@ -331,7 +332,7 @@ def test_every_metric_is_documented() -> None:
 
 
 def test_every_route_is_documented() -> None:
-    routes = re.findall(r"""add_(get|post)\(\s*["']([^"']+)["']""", (REPO / "aiwfd" / "app.py").read_text())
+    routes = re.findall(r"""add_(get|post)\(\s*["']([^"']+)["']""", (REPO / "aiwfd" / "http" / "app.py").read_text())
     assert len(routes) >= 8
     text = API_MD.read_text(encoding="utf-8")
     for method, path in routes:
@@ -339,7 +340,7 @@ def test_every_route_is_documented() -> None:
 
 
 def test_every_stream_event_is_documented() -> None:
-    source = (REPO / "aiwfd" / "stream.py").read_text(encoding="utf-8")
+    source = (REPO / "aiwfd" / "http" / "stream.py").read_text(encoding="utf-8")
     events = set(re.findall(r"""(?:event|send)\(\s*["']([a-z]+)["']""", source))
     assert {"start", "delta", "result", "error"} <= events
     rows = API_MD.read_text(encoding="utf-8")

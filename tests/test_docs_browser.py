@@ -30,8 +30,8 @@ from urllib.parse import urljoin, urlsplit
 import pytest
 from aiohttp import web
 
-from aiwfd.compiler import load_and_compile
-from aiwfd.docs import asset_dir
+from aiwfd.spec.compiler import load_and_compile
+from aiwfd.http.docs import asset_dir
 from tests.utils import CONFIGS, InProcess, free_port, serve, write_config
 
 API_MOCK = CONFIGS / "api_mock.yaml"

@@ -19,7 +19,7 @@ from typing import Any, AsyncIterator
 
 import pytest
 
-from aiwfd import views
+from aiwfd.http import views
 from tests.conftest import RawResponse, agents_env, raw_http
 from tests.fakeopenai import FakeOpenAI, Hang, Status, Violate
 from tests.utils import InProcess, serve

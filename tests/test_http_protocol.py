@@ -25,7 +25,7 @@ from typing import Any, AsyncIterator
 
 import pytest
 
-from aiwfd import compiler
+from aiwfd.spec import compiler
 from tests.conftest import agents_env
 from tests.fakeopenai import FakeOpenAI
 from tests.utils import InProcess, serve

@@ -15,7 +15,7 @@ from typing import Any, Awaitable, Callable
 import pytest
 from aiohttp import web
 
-from aiwfd.listener import GreedyTCPSite, Listener
+from aiwfd.daemon.listener import GreedyTCPSite, Listener
 
 uvloop = pytest.importorskip("uvloop")
 

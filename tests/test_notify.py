@@ -31,7 +31,7 @@ import orjson
 import pytest
 import uvloop
 
-from aiwfd.notify import Notifier
+from aiwfd.daemon.notify import Notifier
 from tests.utils import CONFIGS, LISTEN_RE, AiwfdProcess, run_cli
 
 LIFE = str(CONFIGS / "life_basic.yaml")

@@ -22,9 +22,9 @@ from referencing import Registry
 from referencing.jsonschema import DRAFT202012
 
 from aiwfd import errors as E
-from aiwfd.compiler import load_and_compile
+from aiwfd.spec.compiler import load_and_compile
 from aiwfd.errors import ConfigError
-from aiwfd.mock import sample
+from aiwfd.providers.mock import sample
 from tests.utils import CONFIGS, REPO, AiwfdProcess, InProcess, run_cli, serve, write_config
 
 API_MOCK = CONFIGS / "api_mock.yaml"
@@ -413,7 +413,7 @@ def test_compile_writes_openapi_json(tmp_path: Path) -> None:
 
 
 def test_agents_named_like_service_operations_keep_ids_unique(tmp_path: Path) -> None:
-    from aiwfd.openapi import build_openapi
+    from aiwfd.spec.openapi import build_openapi
 
     names = ["health", "metrics", "docs", "openapi", "listAgents", "agentSchema"]
     cfg = write_config(tmp_path, "assistants:\n" + "".join(

@@ -228,8 +228,8 @@ async def test_the_sdk_client_resolves_the_same_settings_without_a_network_stack
     default client does, and refuses to send rather than bypass the session."""
     import aiohttp
 
-    from aiwfd.config import Provider
-    from aiwfd.llm import OpenAICompatible
+    from aiwfd.spec.config import Provider
+    from aiwfd.providers.llm import OpenAICompatible
 
     p = Provider("corp", "openai", organization="org-1", project="proj-1", timeout=7.0)
     env = {"OPENAI_API_KEY": "sk-x", "OPENAI_BASE_URL": "http://127.0.0.1:9/v1"}

@@ -16,11 +16,11 @@ from typing import Any, Iterator
 import pytest
 from jsonschema import Draft202012Validator
 
-from aiwfd import typedsl
-from aiwfd.compiler import Compiled, compile_config
-from aiwfd.config import load
+from aiwfd.spec import typedsl
+from aiwfd.spec.compiler import Compiled, compile_config
+from aiwfd.spec.config import load
 from aiwfd.errors import ConfigError
-from aiwfd.validation import FORMAT_CHECKER, Validator, compile_check
+from aiwfd.spec.validation import FORMAT_CHECKER, Validator, compile_check
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 OWN_CONFIGS = ("content_api.yaml", "extraction.yaml", "with_imports.yaml")
@@ -366,7 +366,7 @@ def differential_roots(c: Compiled) -> Iterator[tuple[str, typedsl.Node]]:
 
 
 def test_differential_compile_check_agrees_with_jsonschema() -> None:
-    from aiwfd.compiler import root_schema
+    from aiwfd.spec.compiler import root_schema
 
     rng = random.Random(20240502)
     total = valid_seen = invalid_seen = 0

@@ -20,9 +20,9 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from aiwfd.llm import StreamReader
+from aiwfd.providers.llm import StreamReader
 from aiwfd.settings import DEFAULT_SSE_KEEPALIVE, Settings, add_arguments, from_args
-from aiwfd.stream import TASK_PREFIX
+from aiwfd.http.stream import TASK_PREFIX
 from tests.fakeopenai import Drop, FakeOpenAI, Reply, Status, Stream, Violate, _dumps
 from tests.utils import CONFIGS, InProcess, fake_env, serve
 

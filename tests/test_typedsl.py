@@ -12,11 +12,11 @@ from typing import Any
 import pytest
 from jsonschema import Draft202012Validator
 
-from aiwfd import typedsl
-from aiwfd.compiler import compile_config
-from aiwfd.config import load
+from aiwfd.spec import typedsl
+from aiwfd.spec.compiler import compile_config
+from aiwfd.spec.config import load
 from aiwfd.errors import ConfigError
-from aiwfd.typedsl import TypeSyntaxError
+from aiwfd.spec.typedsl import TypeSyntaxError
 
 DIALECT = "https://json-schema.org/draft/2020-12/schema"
 

@@ -33,7 +33,7 @@ from typing import Any, AsyncIterator, Iterator, Mapping
 import aiohttp
 
 from aiwfd.logs import RequestLog
-from aiwfd.server import Server
+from aiwfd.daemon.server import Server
 from aiwfd.settings import Settings
 
 REPO = Path(__file__).resolve().parent.parent

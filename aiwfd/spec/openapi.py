@@ -25,8 +25,10 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from aiwfd import __version__, typedsl
-from aiwfd.compiler import Compiled, CompiledAgent
+from aiwfd import __version__
+
+from aiwfd.spec import typedsl
+from aiwfd.spec.compiler import Compiled, CompiledAgent
 from aiwfd.errors import (
     HeadersTooLarge, HTTPError, InternalError, InvalidInput, InvalidJSON, InvalidOutput, InvalidRequest,
     MethodNotAllowed, NotFound, PayloadTooLarge, RateLimited, RequestTimeout, Unauthorized, Unavailable,

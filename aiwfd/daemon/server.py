@@ -26,16 +26,16 @@ import aiohttp
 from aiohttp import web
 
 from aiwfd import __version__
-from aiwfd.app import create_app
-from aiwfd.compiler import Compiled, load_and_compile
+from aiwfd.http.app import create_app
+from aiwfd.spec.compiler import Compiled, load_and_compile
 from aiwfd.errors import ConfigError, StartupError
-from aiwfd.listener import GreedyTCPSite
-from aiwfd.llm import transport_from_env
+from aiwfd.daemon.listener import GreedyTCPSite
+from aiwfd.providers.llm import transport_from_env
 from aiwfd.logs import ProtocolErrorLogger, RequestLog
-from aiwfd.middlewares import new_request_id
-from aiwfd.notify import Notifier, watchdog_interval
-from aiwfd.protocol import ConnectionFactory
-from aiwfd.runtime import Runtime, Snapshot, build_snapshot
+from aiwfd.http.middlewares import new_request_id
+from aiwfd.daemon.notify import Notifier, watchdog_interval
+from aiwfd.http.protocol import ConnectionFactory
+from aiwfd.http.runtime import Runtime, Snapshot, build_snapshot
 from aiwfd.settings import Settings
 
 logger = logging.getLogger("aiwfd")
@@ -120,7 +120,7 @@ class Server:
         self.runtime = Runtime(settings=s, snapshot=snapshot, artifacts_dir=str(artifacts_dir),
                                request_log=self.request_log or RequestLog(s.log_format))
         app = create_app(self.runtime)
-        # auto_decompress off: aiwfd.body inflates bodies itself, within the size limit.
+        # auto_decompress off: aiwfd.http.body inflates bodies itself, within the size limit.
         self.runner = web.AppRunner(app, handle_signals=False, access_log=None,
                                     shutdown_timeout=1.0, logger=ProtocolErrorLogger(),
                                     keepalive_timeout=s.keepalive_timeout, auto_decompress=False)

@@ -1,7 +1,7 @@
 """The request body of an agent call: size limit, body timeout, Content-Encoding, JSON.
 
 aiohttp's own decompression is switched off (`auto_decompress=False`, see
-aiwfd/protocol.py): it reads `Content-Length` bytes out of the *decompressed*
+aiwfd/http/protocol.py): it reads `Content-Length` bytes out of the *decompressed*
 stream, so a gzip body was cut at its compressed size, and it checks no limit
 on what it inflates, so a 49 KB gzip bomb became 50 MiB of memory. Here the
 raw body is read (at most the limit), then inflated in 64 KiB steps, so
@@ -20,7 +20,7 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 
 from aiwfd.errors import InvalidJSON, PayloadTooLarge, RequestTimeout, UnsupportedMediaType
-from aiwfd.jsonparse import parse_object
+from aiwfd.spec.jsonparse import parse_object
 
 if sys.version_info >= (3, 11):
     from asyncio import timeout as _timeout

@@ -37,14 +37,14 @@ from typing import Any
 
 from aiohttp import web
 
-from aiwfd import views
-from aiwfd.agent import CallStats, call_agent
-from aiwfd.compiler import CompiledAgent
+from aiwfd.http import views
+from aiwfd.engine import CallStats, call_agent
+from aiwfd.spec.compiler import CompiledAgent
 from aiwfd.errors import HTTPError, InternalError, InvalidInput, UpstreamTimeout
-from aiwfd.jsonparse import json_kind
-from aiwfd.keys import REQUEST_ID, STATS
-from aiwfd.middlewares import json_response
-from aiwfd.runtime import Runtime, Snapshot
+from aiwfd.spec.jsonparse import json_kind
+from aiwfd.http.keys import REQUEST_ID, STATS
+from aiwfd.http.middlewares import json_response
+from aiwfd.http.runtime import Runtime, Snapshot
 
 logger = logging.getLogger("aiwfd")
 

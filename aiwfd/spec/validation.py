@@ -27,8 +27,8 @@ sys.modules.setdefault("rfc3987_syntax", None)  # type: ignore[arg-type]
 import jsonschema  # noqa: E402
 from jsonschema import Draft202012Validator, FormatChecker  # noqa: E402
 
-from aiwfd import typedsl  # noqa: E402
-from aiwfd.typedsl import Node  # noqa: E402
+from aiwfd.spec import typedsl  # noqa: E402
+from aiwfd.spec.typedsl import Node  # noqa: E402
 
 Check = Callable[[Any], bool]
 

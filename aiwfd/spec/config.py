@@ -18,9 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path as FsPath
 from typing import Any, Literal, Mapping
 
-from aiwfd import typedsl, yamlsrc
+from aiwfd.spec import typedsl
+
+from aiwfd.spec import yamlsrc
 from aiwfd.errors import ConfigError, Problem
-from aiwfd.typedsl import Node, TypeSyntaxError
+from aiwfd.spec.typedsl import Node, TypeSyntaxError
 
 AGENT_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 TYPE_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")

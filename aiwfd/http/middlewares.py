@@ -1,5 +1,5 @@
 """The one cross-cutting middleware: request id, error shape, drain, request log,
-CORS (aiwfd.cors) and metrics (aiwfd.metrics).
+CORS (aiwfd.http.cors) and metrics (aiwfd.http.metrics).
 
 It is a single layer on purpose: every middleware layer costs a coroutine
 frame per request, and these concerns share the same timing and request id.
@@ -19,13 +19,13 @@ from typing import Any, Awaitable, Callable
 import orjson
 from aiohttp import web
 
-from aiwfd.agent import CallStats
+from aiwfd.engine import CallStats
 from aiwfd.errors import (
     HTTPError, InternalError, InvalidJSON, MethodNotAllowed, NotFound, PayloadTooLarge,
     RequestTimeout, Unavailable, UnsupportedMediaType, error_body,
 )
-from aiwfd.keys import REQUEST_ID, RUNTIME, STATS, STREAM_ERROR
-from aiwfd.protocol import CONTINUED
+from aiwfd.http.keys import REQUEST_ID, RUNTIME, STATS, STREAM_ERROR
+from aiwfd.http.protocol import CONTINUED
 
 logger = logging.getLogger("aiwfd")
 
@@ -89,7 +89,7 @@ async def core(request: web.Request, handler: Handler) -> web.StreamResponse:
     cors = rt.snapshot.cors
     try:
         try:
-            # An allowed CORS preflight is answered here, for any path (aiwfd.cors).
+            # An allowed CORS preflight is answered here, for any path (aiwfd.http.cors).
             resp = cors.preflight(request) if cors is not None and request.method == "OPTIONS" else None
             if resp is None:
                 resp = await handler(request)
@@ -125,7 +125,7 @@ async def core(request: web.Request, handler: Handler) -> web.StreamResponse:
         if cors is not None:
             cors.apply(request, resp)
     elif error_type is None:
-        # A streamed answer (aiwfd.stream) that ended with an `error` event.
+        # A streamed answer (aiwfd.http.stream) that ended with an `error` event.
         error_type = request.get(STREAM_ERROR)
     stats: CallStats | None = request.get(STATS)
     elapsed = time.monotonic() - started

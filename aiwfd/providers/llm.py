@@ -36,7 +36,7 @@ try:  # the SDK moved to httpx2; older releases use httpx
 except ImportError:  # pragma: no cover - depends on the installed SDK
     import httpx as _httpx  # type: ignore[no-redef]
 
-from aiwfd.config import Provider
+from aiwfd.spec.config import Provider
 from aiwfd.errors import StartupError
 
 if sys.version_info >= (3, 11):

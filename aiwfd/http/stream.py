@@ -47,12 +47,12 @@ import jiter
 import orjson
 from aiohttp import web
 
-from aiwfd import views
-from aiwfd.agent import CallStats, call_agent
-from aiwfd.compiler import Compiled, CompiledAgent
+from aiwfd.http import views
+from aiwfd.engine import CallStats, call_agent
+from aiwfd.spec.compiler import Compiled, CompiledAgent
 from aiwfd.errors import HTTPError, InternalError, InvalidOutput, Unavailable, error_body
-from aiwfd.keys import REQUEST_ID, STATS, STREAM_ERROR
-from aiwfd.runtime import Runtime, Snapshot
+from aiwfd.http.keys import REQUEST_ID, STATS, STREAM_ERROR
+from aiwfd.http.runtime import Runtime, Snapshot
 
 logger = logging.getLogger("aiwfd")
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from aiwfd.config import Cors
+from aiwfd.spec.config import Cors
 
 # Headers a browser script may read beyond the CORS-safelisted ones.
 EXPOSE_HEADERS = "X-Request-ID, Retry-After"

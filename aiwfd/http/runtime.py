@@ -17,15 +17,15 @@ from typing import Any
 import aiohttp
 import orjson
 
-from aiwfd.artifacts import write_artifacts
-from aiwfd.compiler import Compiled, CompiledAgent
-from aiwfd.cors import CorsPolicy, policy
+from aiwfd.spec.artifacts import write_artifacts
+from aiwfd.spec.compiler import Compiled, CompiledAgent
+from aiwfd.http.cors import CorsPolicy, policy
 from aiwfd.errors import StartupError
-from aiwfd.llm import ModelClient, OpenAICompatible, Transport, signature
+from aiwfd.providers.llm import ModelClient, OpenAICompatible, Transport, signature
 from aiwfd.logs import RequestLog
-from aiwfd.metrics import Metrics
-from aiwfd.mock import MockClient
-from aiwfd.openapi import Auth, agent_schema_doc, build_openapi
+from aiwfd.http.metrics import Metrics
+from aiwfd.providers.mock import MockClient
+from aiwfd.spec.openapi import Auth, agent_schema_doc, build_openapi
 from aiwfd.settings import Settings
 
 logger = logging.getLogger("aiwfd")

@@ -8,16 +8,16 @@ from typing import Any
 from aiohttp import web
 
 from aiwfd import __version__
-from aiwfd.agent import CallStats, call_agent
-from aiwfd.compiler import CompiledAgent
-from aiwfd.config import did_you_mean
-from aiwfd.body import check_length, content_encoding, read_json
+from aiwfd.engine import CallStats, call_agent
+from aiwfd.spec.compiler import CompiledAgent
+from aiwfd.spec.config import did_you_mean
+from aiwfd.http.body import check_length, content_encoding, read_json
 from aiwfd.errors import InvalidInput, MethodNotAllowed, NotFound, Unauthorized, Unavailable, UnsupportedMediaType
-from aiwfd.jsonparse import check_charset
-from aiwfd.keys import AGENT, REQUEST_ID, RUNTIME, STATS
-from aiwfd.middlewares import json_response
-from aiwfd.protocol import CONTINUED
-from aiwfd.runtime import Runtime, Snapshot
+from aiwfd.spec.jsonparse import check_charset
+from aiwfd.http.keys import AGENT, REQUEST_ID, RUNTIME, STATS
+from aiwfd.http.middlewares import json_response
+from aiwfd.http.protocol import CONTINUED
+from aiwfd.http.runtime import Runtime, Snapshot
 
 async def health(request: web.Request) -> web.Response:
     rt = request.app[RUNTIME]

@@ -17,11 +17,11 @@ from typing import Any, Protocol
 import openai
 import orjson
 
-from aiwfd.compiler import Compiled, CompiledAgent
+from aiwfd.spec.compiler import Compiled, CompiledAgent
 from aiwfd.errors import (
     HTTPError, InvalidOutput, RateLimited, Unavailable, UpstreamError, UpstreamTimeout,
 )
-from aiwfd.llm import DEFAULT_TIMEOUT, ChatResult, ModelClient
+from aiwfd.providers.llm import DEFAULT_TIMEOUT, ChatResult, ModelClient
 from aiwfd.logs import go_duration
 
 BACKOFF_BASE = 0.25
@@ -92,7 +92,7 @@ def check_answer(compiled: Compiled, agent: CompiledAgent, result: ChatResult) -
 
 
 class Listener(Protocol):
-    """What a streamed call tells as it goes (aiwfd.stream writes it as events)."""
+    """What a streamed call tells as it goes (aiwfd.http.stream writes it as events)."""
 
     async def delta(self, text: str) -> None:
         """The next piece of the current attempt's answer."""

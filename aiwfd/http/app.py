@@ -4,9 +4,19 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from aiwfd import batch, docs, metrics, middlewares, stream, views
-from aiwfd.keys import NO_ROUTE, RUNTIME
-from aiwfd.runtime import Runtime
+from aiwfd.http import batch
+
+from aiwfd.http import docs
+
+from aiwfd.http import metrics
+
+from aiwfd.http import middlewares
+
+from aiwfd.http import stream
+
+from aiwfd.http import views
+from aiwfd.http.keys import NO_ROUTE, RUNTIME
+from aiwfd.http.runtime import Runtime
 
 
 def create_app(runtime: Runtime) -> web.Application:

@@ -11,9 +11,9 @@ from typing import Any, Mapping
 
 import orjson
 
-from aiwfd import typedsl
-from aiwfd.llm import ChatResult, OnDelta
-from aiwfd.typedsl import Node
+from aiwfd.spec import typedsl
+from aiwfd.providers.llm import ChatResult, OnDelta
+from aiwfd.spec.typedsl import Node
 
 # A streamed mock answer comes in this many pieces.
 STREAM_PIECES = 4

@@ -2,7 +2,7 @@
 
     DIR/openapi.json         DIR/agents/<name>.json   DIR/types/<Type>.json
 
-`openapi.json` (aiwfd.openapi) comes in through `extra`: the server passes
+`openapi.json` (aiwfd.spec.openapi) comes in through `extra`: the server passes
 the running snapshot's document, `aiwfd compile` one built without knowing
 API_KEY.
 
@@ -20,7 +20,7 @@ from typing import Any
 
 import orjson
 
-from aiwfd.compiler import Compiled
+from aiwfd.spec.compiler import Compiled
 
 
 # What this process last wrote to each artifact path.

@@ -31,16 +31,16 @@ from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, M
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
 
-from aiwfd.keys import AGENT, NO_ROUTE, RUNTIME, STATS
+from aiwfd.http.keys import AGENT, NO_ROUTE, RUNTIME, STATS
 
 if TYPE_CHECKING:
-    from aiwfd.agent import CallStats
-    from aiwfd.compiler import CompiledAgent
+    from aiwfd.engine import CallStats
+    from aiwfd.spec.compiler import CompiledAgent
 
 UNMATCHED = "unmatched"
 AGENT_ROUTE = "/agent/{name}"
 # Routes whose request is one agent call. A batch (/agent/{name}/batch)
-# records one agent call per input itself (aiwfd.batch).
+# records one agent call per input itself (aiwfd.http.batch).
 CALL_ROUTES = frozenset((AGENT_ROUTE, "/agent/{name}/stream"))
 METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"))
 HTTP_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)

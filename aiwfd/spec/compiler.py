@@ -9,11 +9,11 @@ import re
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from aiwfd import typedsl
-from aiwfd.config import Assistant, Config, Provider, load
+from aiwfd.spec import typedsl
+from aiwfd.spec.config import Assistant, Config, Provider, load
 from aiwfd.errors import Problem
-from aiwfd.typedsl import Node
-from aiwfd.validation import Validator, compile_check
+from aiwfd.spec.typedsl import Node
+from aiwfd.spec.validation import Validator, compile_check
 
 OPEN_OBJECT: dict[str, Any] = {"type": "object"}
 

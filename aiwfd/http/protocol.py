@@ -35,7 +35,7 @@ from aiwfd.errors import (
 
 logger = logging.getLogger("aiwfd")
 
-# A request's flag (aiwfd.views.send_continue): False while it expects
+# A request's flag (aiwfd.http.views.send_continue): False while it expects
 # `100 Continue` and has not been sent one, True once sent.
 CONTINUED = "aiwfd.continued"
 # Called once per request the protocol answers itself: (status, request id, error type).
