@@ -110,10 +110,19 @@ def inflate(raw: bytes, coding: str, limit: int) -> bytes:
 _CHUNK = 64 * 1024
 
 
+# gzip members one body may hold: a stream of 50,000 empty members took 1.4 s
+# of the event loop to inflate, against 1.6 ms for a real 1 MiB body.
+MAX_MEMBERS = 64
+
+
 def _inflated(raw: bytes, coding: str) -> Iterator[bytes]:
     data = raw
+    members = 0
     try:
         while True:
+            members += 1
+            if members > MAX_MEMBERS:
+                raise InvalidJSON(f"the gzip request body has more than {MAX_MEMBERS} members")
             d = zlib.decompressobj(_wbits(coding, data))
             while True:
                 chunk = d.decompress(data, _CHUNK)

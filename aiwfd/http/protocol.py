@@ -25,8 +25,11 @@ from typing import Any, Callable
 
 import orjson
 from aiohttp import web
-from aiohttp.http_exceptions import BadHttpMethod, HttpProcessingError, InvalidURLError, LineTooLong
-from aiohttp.web_protocol import RequestHandler
+from aiohttp.http_exceptions import (
+    BadHttpMethod, BadStatusLine, ContentLengthError, HttpProcessingError, InvalidHeader, InvalidURLError,
+    LineTooLong, TransferEncodingError,
+)
+from aiohttp.web_protocol import RequestHandler, RequestPayloadError, _ErrInfo
 
 from aiwfd.errors import (
     HeadersTooLarge, HTTPError, InternalError, InvalidRequest, MethodNotAllowed, NotFound,
@@ -42,9 +45,9 @@ CONTINUED = "aiwfd.continued"
 Report = Callable[[int, str, str], None]
 NewId = Callable[[], str]
 
-# Every method some route answers: the `Allow` of a method the parser rejects,
-# whose path is not known.
-ALLOW = "DELETE, GET, HEAD, OPTIONS, POST"
+# The methods routes answer: the `Allow` of a method the parser rejects, whose
+# path is not known (OPTIONS is only a CORS preflight, not a method to offer).
+ALLOW = "GET, HEAD, POST"
 _TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 
 
@@ -52,17 +55,17 @@ def parser_error(exc: HttpProcessingError, head: bytes, line_end: int | None, ma
     """aiohttp's parser exceptions as aiwfd's errors, in this one place.
 
     `head` is the start of the rejected request as received, `line_end` the
-    offset of its first LF (None: not received yet); the messages never quote either.
+    offset of its first LF (None: not received yet); the answers never quote
+    either. The class decides where it can; otherwise only the parser's fixed
+    reason (the text before its first colon) is read, never the request bytes
+    it quotes after it, so a header cannot steer the mapping.
     """
     text = exc.message if isinstance(exc.message, str) else ""
+    reason = text.split(":", 1)[0].lower()
     if isinstance(exc, LineTooLong):
         if line_end is None or line_end > max_line:
             return URITooLong("the request line is over 8 KiB")
         return HeadersTooLarge("a request header line is over 8 KiB")
-    if "Too many headers" in text:
-        return HeadersTooLarge("too many request headers")
-    if "Content-Length overflow" in text:
-        return PayloadTooLarge("the declared Content-Length is over the limit")
     if isinstance(exc, BadHttpMethod):
         method = head.split(b" ", 1)[0]
         if b" " in head and _TOKEN.fullmatch(method):
@@ -71,11 +74,23 @@ def parser_error(exc: HttpProcessingError, head: bytes, line_end: int | None, ma
                                                                   if head[:1] == b"\x16" else ""))
     if isinstance(exc, InvalidURLError):
         return NotFound("no such path; agents are at POST /agent/{name}")
-    if "Content-Length" in text:
+    if isinstance(exc, (TransferEncodingError, ContentLengthError)):
+        return InvalidRequest("malformed chunked body or Content-Length")
+    if isinstance(exc, BadStatusLine):
+        return InvalidRequest("malformed request line; expected METHOD /path HTTP/1.1 and CRLF line ends")
+    if isinstance(exc, InvalidHeader):
+        return InvalidRequest("malformed request header (a control character, or an invalid name)")
+    if reason.startswith("too many headers"):
+        return HeadersTooLarge("too many request headers")
+    if reason.startswith("content-length overflow"):
+        return PayloadTooLarge("the declared Content-Length is over the limit")
+    if reason.startswith("missing 'host'"):
+        return InvalidRequest("an HTTP/1.1 request needs a Host header")
+    if "content-length" in reason:
         return InvalidRequest("malformed Content-Length header")
-    if "Transfer-Encoding" in text or "chunk" in text:
+    if "transfer-encoding" in reason or "chunk" in reason:
         return InvalidRequest("malformed Transfer-Encoding or chunked body")
-    if "header" in text.lower():
+    if "header" in reason:
         return InvalidRequest("malformed request header (a control character, or an invalid name)")
     return InvalidRequest("malformed HTTP request")
 
@@ -111,36 +126,82 @@ class Connection(RequestHandler):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
+        self._reset_head()
         self._arm_head_timer()
 
-    def _arm_head_timer(self) -> None:
-        self._heads_seen = self._request_count
+    def _reset_head(self) -> None:
         self._head = b""
         self._head_len = 0
         self._line_end = None
+
+    def _arm_head_timer(self) -> None:
+        self._heads_seen = self._request_count
         if self._header_timeout > 0:
             self._head_timer = self._loop.call_later(self._header_timeout, self._head_expired)
 
-    def data_received(self, data: bytes) -> None:
-        waiting_for_head = self._current_request is None and not self._messages
-        if self._head_timer is None and waiting_for_head:
-            self._arm_head_timer()  # the first byte of the next request on a kept-alive connection
-        if self._head_timer is not None and self._line_end is None:
+    def _track(self, data: bytes) -> None:
+        if self._line_end is None:
             if len(self._head) < 64:
                 self._head += data[:64]
             i = data.find(b"\n")
             if i >= 0:
                 self._line_end = self._head_len + i
             self._head_len += len(data)
+
+    def data_received(self, data: bytes) -> None:
+        if self._head_timer is not None:  # a head is being received against the clock
+            self._track(data)
+            super().data_received(data)
+            if self._request_count != self._heads_seen:
+                self._head_timer.cancel()
+                self._head_timer = None
+            return
+        waiter = self._waiter
+        if waiter is None or waiter.done() or self._messages:
+            # A handler runs, an answer is being written, or aiohttp lingers
+            # over a body the handler left unread: these bytes are not (yet) a
+            # head to time. (Bytes of a pipelined head arriving now are
+            # classified, if malformed, without their own first bytes.)
+            queued = len(self._messages)
+            super().data_received(data)
+            self._fail_running_body(queued)
+            return
+        # start() is idle: the first bytes of the next request on a kept-alive connection.
+        self._reset_head()
+        self._track(data)
+        seen = self._request_count
         super().data_received(data)
-        if self._head_timer is not None and self._request_count != self._heads_seen:
-            self._head_timer.cancel()
-            self._head_timer = None
+        if self._request_count == seen and not self._force_close and self.transport is not None:
+            self._arm_head_timer()
+            # aiohttp's keep-alive timer must not cut a head that has begun
+            # before the header timeout gives it its full time.
+            self._next_keepalive_close_time = max(self._next_keepalive_close_time,
+                                                  self._loop.time() + self._header_timeout)
+
+    def _fail_running_body(self, queued: int) -> None:
+        """A body that turned out malformed in a later packet fails its reader at once.
+
+        aiohttp queues the parser's error as the next message and leaves the
+        running handler's body waiting for bytes that will never come: it would
+        end in a 408 after --body-timeout, and the queued error would be a
+        second answer. The body's reader gets the error instead (a 400 from
+        aiwfd.http.body), and the connection closes once it is answered.
+        """
+        request = self._current_request
+        if request is None or len(self._messages) <= queued or request.content.is_eof():
+            return
+        message, _payload = self._messages[-1]
+        if isinstance(message, _ErrInfo):
+            self._messages.pop()
+            request.content.set_exception(RequestPayloadError("malformed request body"))
+            self.close()
 
     def _head_expired(self) -> None:
         self._head_timer = None
-        if self._request_count != self._heads_seen or self.transport is None:
-            return
+        waiter = self._waiter
+        if (self._request_count != self._heads_seen or self.transport is None
+                or waiter is None or waiter.done()):
+            return  # the head arrived, or start() is not waiting for one (nothing to interrupt)
         if self._head:
             # Part of a head arrived: say why the connection ends.
             rid = self._new_id()
@@ -158,10 +219,13 @@ class Connection(RequestHandler):
     async def finish_response(self, request: Any, resp: web.StreamResponse,
                               start_time: float | None) -> tuple[web.StreamResponse, bool]:
         answered = await super().finish_response(request, resp, start_time)
-        if request.get(CONTINUED) is False and not request.content.is_eof():
-            # Refused before `100 Continue`: the client holds its body back, so
-            # aiohttp's lingering read would wait for it for 10 s. Nothing is
-            # unread in the socket: close now, the answer is flushed first.
+        if request.get(CONTINUED) is False and request.content.total_bytes == 0 \
+                and not request.content.is_eof():
+            # Refused before `100 Continue` and the client held its body back:
+            # aiohttp's lingering read would wait 10 s for it. Nothing is unread
+            # in the socket, so close now (the answer is flushed first). A client
+            # that sent its body anyway gets the lingering read, which lets it
+            # finish sending and read the answer.
             self.force_close()
         return answered
 
