@@ -1,8 +1,9 @@
 """A compile reuses what an earlier compile built only when nothing it depends on changed.
 
 Reloads compile the same file again; the parser and the compiler keep what
-they built (typedsl.parse by text, schemas and validators by type and the
-named types they reach). These tests change one definition at a time and
+they built in the `Memo` the caller passes (typedsl.parse by text, schemas
+and validators by type and the named types they reach); each test starts
+with a fresh one. These tests change one definition at a time and
 check that everything depending on it is rebuilt, and nothing else.
 """
 
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from aiwfd.spec import typedsl
-from aiwfd.spec.compiler import load_and_compile
+from aiwfd.spec.compiler import Memo, load_and_compile
 from aiwfd.errors import ConfigError
 
 BASE = """\
@@ -36,15 +37,20 @@ assistants:
 """
 
 
-def compile_text(tmp_path: Path, text: str, name: str = "agents.yaml"):
+@pytest.fixture
+def memo() -> Memo:
+    return Memo()
+
+
+def compile_text(tmp_path: Path, text: str, memo: Memo, name: str = "agents.yaml"):
     f = tmp_path / name
     f.write_text(text)
-    return load_and_compile(str(f))
+    return load_and_compile(str(f), memo)
 
 
-def test_an_edit_deep_in_a_type_reaches_every_schema_and_validator_above_it(tmp_path: Path) -> None:
-    first = compile_text(tmp_path, BASE)
-    second = compile_text(tmp_path, BASE.replace("int(0..10)", "int(0..99)"))
+def test_an_edit_deep_in_a_type_reaches_every_schema_and_validator_above_it(tmp_path: Path, memo: Memo) -> None:
+    first = compile_text(tmp_path, BASE, memo)
+    second = compile_text(tmp_path, BASE.replace("int(0..10)", "int(0..99)"), memo)
     a1, a2 = first.agents["uses_outer"], second.agents["uses_outer"]
     body = {"inner": {"n": 50}, "name": "x"}
     assert not a1.input_validator.is_valid(body)
@@ -59,38 +65,45 @@ def test_an_edit_deep_in_a_type_reaches_every_schema_and_validator_above_it(tmp_
     assert second.type_schemas["Other"] is first.type_schemas["Other"]
 
 
-def test_the_same_name_in_another_file_is_another_type(tmp_path: Path) -> None:
-    first = compile_text(tmp_path, BASE, "a.yaml")
+def test_the_same_name_in_another_file_is_another_type(tmp_path: Path, memo: Memo) -> None:
+    first = compile_text(tmp_path, BASE, memo, "a.yaml")
     other = BASE.replace("    n: int(0..10)", "    n: string")
-    second = compile_text(tmp_path, other, "b.yaml")
+    second = compile_text(tmp_path, other, memo, "b.yaml")
     assert first.type_schemas["Inner"]["properties"]["n"]["type"] == "integer"
     assert second.type_schemas["Inner"]["properties"]["n"]["type"] == "string"
     assert second.agents["uses_outer"].input_validator.is_valid({"inner": {"n": "s"}, "name": "x"})
     assert not first.agents["uses_outer"].input_validator.is_valid({"inner": {"n": "s"}, "name": "x"})
 
 
-def test_an_unchanged_file_compiles_to_shared_pieces(tmp_path: Path) -> None:
-    first = compile_text(tmp_path, BASE)
-    second = compile_text(tmp_path, BASE)
+def test_an_unchanged_file_compiles_to_shared_pieces(tmp_path: Path, memo: Memo) -> None:
+    first = compile_text(tmp_path, BASE, memo)
+    second = compile_text(tmp_path, BASE, memo)
     assert first is not second
     for name in first.agents:
         assert second.agents[name].input_validator is first.agents[name].input_validator
         assert second.agents[name].input_schema is first.agents[name].input_schema
 
 
-def test_a_parse_is_reused_only_when_the_references_resolve_the_same() -> None:
-    a = typedsl.parse("Thing[]", lambda alias, name: f"first.{name}")
-    b = typedsl.parse("Thing[]", lambda alias, name: f"second.{name}")
+def test_a_parse_is_reused_only_when_the_references_resolve_the_same(memo: Memo) -> None:
+    a = typedsl.parse("Thing[]", lambda alias, name: f"first.{name}", memo.parses)
+    b = typedsl.parse("Thing[]", lambda alias, name: f"second.{name}", memo.parses)
     assert a == typedsl.Array(typedsl.Ref("first.Thing"))
     assert b == typedsl.Array(typedsl.Ref("second.Thing"))
-    assert typedsl.parse("Thing[]", lambda alias, name: f"first.{name}") == a
+    assert typedsl.parse("Thing[]", lambda alias, name: f"first.{name}", memo.parses) == a
 
 
-def test_a_reference_that_no_longer_resolves_is_reported_after_a_hit(tmp_path: Path) -> None:
-    compile_text(tmp_path, BASE)
+def test_a_reference_that_no_longer_resolves_is_reported_after_a_hit(tmp_path: Path, memo: Memo) -> None:
+    compile_text(tmp_path, BASE, memo)
     broken = BASE.replace("  Inner:\n    n: int(0..10)\n", "  Inner2:\n    n: int(0..10)\n")
     with pytest.raises(ConfigError) as info:
-        compile_text(tmp_path, broken)
+        compile_text(tmp_path, broken, memo)
     [p] = [p for p in info.value.problems if "Inner" in p.message]
     assert p.path == "types.Outer.inner" and "unknown type" in p.message
     assert p.hint and "Inner2" in p.hint
+
+
+def test_without_a_shared_memo_nothing_is_reused(tmp_path: Path) -> None:
+    first = compile_text(tmp_path, BASE, Memo())
+    second = compile_text(tmp_path, BASE, Memo())
+    assert second.agents["uses_other"].input_validator is not first.agents["uses_other"].input_validator
+    assert second.config.assistants["uses_outer"].input_type is not first.config.assistants["uses_outer"].input_type

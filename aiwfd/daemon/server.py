@@ -27,7 +27,7 @@ from aiohttp import web
 
 from aiwfd import __version__
 from aiwfd.http.app import create_app
-from aiwfd.spec.compiler import Compiled, load_and_compile
+from aiwfd.spec.compiler import Compiled, Memo, load_and_compile
 from aiwfd.errors import ConfigError, StartupError
 from aiwfd.daemon.listener import GreedyTCPSite
 from aiwfd.providers.llm import transport_from_env
@@ -85,6 +85,8 @@ class Server:
                           if settings.env_file_values.get(k) != v}
         self.notifier = Notifier()
         self.transport = transport_from_env(settings.env)
+        # What a reload reuses of the last compile (parsed types, schemas, validators).
+        self.memo = Memo()
         self.runtime: Runtime | None = None
         self.runner: web.AppRunner | None = None
         self.session: aiohttp.ClientSession | None = None
@@ -100,7 +102,7 @@ class Server:
 
     async def start(self) -> None:
         s = self.settings
-        compiled = load_and_compile(s.file)
+        compiled = load_and_compile(s.file, self.memo)
         for w in compiled.warnings:
             logger.warning("%s", w)
         self.session = aiohttp.ClientSession(
@@ -289,7 +291,7 @@ class Server:
         current = self.runtime.snapshot.compiled
         if current.config.path == file and current.config.unchanged_on_disk():
             return current
-        return load_and_compile(file)
+        return load_and_compile(file, self.memo)
 
     async def drain(self) -> None:
         """Stop listening, finish in-flight requests, answer 503 to what is left."""

@@ -99,21 +99,38 @@ def strict_root(node: Node, defs: Mapping[str, Node], wrapped: bool) -> tuple[di
     return body, strict
 
 
-def compile_config(config: Config) -> Compiled:
+class Memo:
+    """What compiles keep for later ones: the parsed type expressions
+    (`typedsl.Parses`) and the schemas and validators built from them.
+
+    The daemon's Server owns one for its life, so a reload reuses what the
+    last load built; a caller without one (`aiwfd validate`, a test) starts
+    clean. Everything in it is frozen or never mutated once built, so any
+    number of `Compiled` can share it.
+    """
+
+    PIECES_MAX = 20_000
+
+    def __init__(self) -> None:
+        self.parses = typedsl.Parses()
+        self.pieces: dict[tuple[Any, ...], Any] = {}
+
+
+def compile_config(config: Config, memo: Memo | None = None) -> Compiled:
     defs = config.types
-    memo = _Memo(defs)
-    type_schemas = {k: memo.root_schema(typedsl.Ref(k), k) for k in defs}
+    build = _Pieces(defs, (memo or Memo()).pieces)
+    type_schemas = {k: build.root_schema(typedsl.Ref(k), k) for k in defs}
     agents: dict[str, CompiledAgent] = {}
     warnings = list(config.warnings)
     for name, a in config.assistants.items():
-        in_schema = memo.root_schema(a.input_type, a.input_type_name) if a.input_type else dict(OPEN_OBJECT)
+        in_schema = build.root_schema(a.input_type, a.input_type_name) if a.input_type else dict(OPEN_OBJECT)
         out_schema = response_format = None
         wrapped, strict = False, True
         if a.output_type is not None:
-            out_schema = memo.root_schema(a.output_type, a.output_type_name)
+            out_schema = build.root_schema(a.output_type, a.output_type_name)
             target = typedsl.deref(a.output_type, defs)
             wrapped = not isinstance(target, (typedsl.Obj, typedsl.Map))
-            sent, strict = memo.strict_root(a.output_type, wrapped)
+            sent, strict = build.strict_root(a.output_type, wrapped)
             response_format = {
                 "type": "json_schema",
                 "json_schema": {"name": _schema_name(a), "strict": strict, "schema": sent},
@@ -132,16 +149,16 @@ def compile_config(config: Config) -> Compiled:
             response_format=response_format,
             wrapped=wrapped,
             strict=strict,
-            input_validator=memo.validator(a.input_type, a.input_type_name, in_schema) if a.input_type
+            input_validator=build.validator(a.input_type, a.input_type_name, in_schema) if a.input_type
             else Validator(in_schema, trusted=True),
-            output_validator=memo.validator(a.output_type, a.output_type_name, out_schema)
+            output_validator=build.validator(a.output_type, a.output_type_name, out_schema)
             if a.output_type is not None and out_schema is not None else None,
         )
     return Compiled(config, agents, type_schemas, tuple(warnings))
 
 
-class _Memo:
-    """The schemas and validators of one compile, shared with earlier compiles.
+class _Pieces:
+    """The schemas and validators of one compile, shared with earlier compiles through `Memo.pieces`.
 
     Each piece is keyed by everything it is built from: the type node, its
     title and the named types it reaches. A reload of a file where one type
@@ -150,8 +167,9 @@ class _Memo:
     after they are built, so two Compiled can share them.
     """
 
-    def __init__(self, defs: Mapping[str, Node]) -> None:
+    def __init__(self, defs: Mapping[str, Node], pieces: dict[tuple[Any, ...], Any]) -> None:
         self.defs = dict(defs)
+        self.pieces = pieces
         self.checks: dict[str, Any] = {}  # predicates of named types, for compile_check
         self._deps: dict[Node, tuple[Any, ...]] = {}
 
@@ -164,11 +182,12 @@ class _Memo:
         return found
 
     def _get(self, key: tuple[Any, ...], build: Any) -> Any:
-        hit = _pieces.get(key)
+        pieces = self.pieces
+        hit = pieces.get(key)
         if hit is None:
-            if len(_pieces) >= _PIECES_MAX:
-                _pieces.clear()
-            hit = _pieces[key] = build()
+            if len(pieces) >= Memo.PIECES_MAX:
+                pieces.clear()
+            hit = pieces[key] = build()
         return hit
 
     def root_schema(self, node: Node, title: str | None) -> dict[str, Any]:
@@ -182,12 +201,10 @@ class _Memo:
                          lambda: Validator(schema, compile_check(node, self.defs, self.checks), trusted=True))
 
 
-_pieces: dict[tuple[Any, ...], Any] = {}
-_PIECES_MAX = 20_000
-
-
-def load_and_compile(path: str) -> Compiled:
-    return compile_config(load(path))
+def load_and_compile(path: str, memo: Memo | None = None) -> Compiled:
+    """`memo`: what earlier compiles built, to reuse (see `Memo`); None starts clean."""
+    memo = memo or Memo()
+    return compile_config(load(path, memo.parses), memo)
 
 
 def _schema_name(a: Assistant) -> str:

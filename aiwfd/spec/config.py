@@ -146,7 +146,8 @@ def parse_size(value: Any) -> int | None:
 class _Loader:
     """Collects problems while walking one agents file and its imports."""
 
-    def __init__(self) -> None:
+    def __init__(self, parses: typedsl.Parses | None = None) -> None:
+        self.parses = parses
         self.problems: list[Problem] = []
         self.warnings: list[Problem] = []
         self.defs: dict[str, Node] = {}
@@ -286,7 +287,7 @@ class _Loader:
         """A type as written in YAML: an expression, a mapping of fields, or [T]."""
         if isinstance(value, str):
             try:
-                return typedsl.parse(value, resolve)
+                return typedsl.parse(value, resolve, self.parses)
             except TypeSyntaxError as e:
                 self.err(src, path, e.message, e.hint)
                 return None
@@ -331,9 +332,13 @@ class _Loader:
                 node = self.defs.get(node.key)  # type: ignore[assignment]
 
 
-def load(path: str | os.PathLike[str]) -> Config:
-    """Read, check and resolve an agents file. Raises ConfigError with every problem."""
-    ld = _Loader()
+def load(path: str | os.PathLike[str], parses: typedsl.Parses | None = None) -> Config:
+    """Read, check and resolve an agents file. Raises ConfigError with every problem.
+
+    `parses`: the type expressions parsed by earlier loads (a reload), kept by
+    the caller; without it the load starts clean (still sharing the parses of
+    an expression its file repeats)."""
+    ld = _Loader(parses if parses is not None else typedsl.Parses())
     fspath = FsPath(path)
     display = str(path)
     src = ld.read(fspath, display, None)
@@ -487,7 +492,7 @@ def _type_ref(ld: _Loader, src: yamlsrc.Source, path: tuple, value: Any,
         ld.err(src, path, f"expected the name of a type, got {_describe(value)}")
         return None, None
     try:
-        return typedsl.parse(value, resolve), value.strip().lstrip("$")
+        return typedsl.parse(value, resolve, ld.parses), value.strip().lstrip("$")
     except TypeSyntaxError as e:
         ld.err(src, path, e.message.replace(f"invalid type {value.strip()!r}: ", ""), e.hint)
         return None, None

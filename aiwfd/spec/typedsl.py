@@ -344,18 +344,36 @@ class _Parser:
         return Map(key, value)
 
 
-def parse(text: str, resolve: Resolver) -> Node:
+class Parses:
+    """The memo of `parse`: text -> (node, the (alias, name) -> key lookups the parse made).
+
+    Nodes are frozen, so a hit can be shared by any number of configs. The
+    owner (the daemon's `spec.compiler.Memo`) keeps it across reloads; a
+    caller without one parses afresh.
+    """
+
+    MAX = 50_000
+
+    def __init__(self) -> None:
+        self.entries: dict[str, tuple[Node, tuple[tuple[str | None, str, str], ...]]] = {}
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+
+def parse(text: str, resolve: Resolver, memo: Parses | None = None) -> Node:
     """Parse one type expression; references are resolved through `resolve`.
 
-    Parses are memoized by text: a 200-agent file repeats `string`, `Lang` or
-    `string(1..100)` hundreds of times, and a reload parses the same file
-    again. A hit is used only when `resolve` answers every reference the
-    expression made exactly as before, so a type renamed or redefined
-    elsewhere is parsed (and reported) afresh.
+    With a `memo`, parses are reused by text: a 200-agent file repeats
+    `string`, `Lang` or `string(1..100)` hundreds of times, and a reload
+    parses the same file again. A hit is used only when `resolve` answers
+    every reference the expression made exactly as before, so a type renamed
+    or redefined elsewhere is parsed (and reported) afresh.
     """
     if not isinstance(text, str) or not text.strip():
         raise TypeSyntaxError("empty type expression")
-    hit = _parsed.get(text)
+    entries = memo.entries if memo is not None else None
+    hit = entries.get(text) if entries is not None else None
     if hit is not None:
         node, lookups = hit
         try:
@@ -363,23 +381,19 @@ def parse(text: str, resolve: Resolver) -> Node:
                 return node
         except TypeSyntaxError:
             pass  # parse again below, for the full error
-    lookups = []
+    made: list[tuple[str | None, str, str]] = []
 
     def recording(alias: str | None, name: str) -> str:
         key = resolve(alias, name)
-        lookups.append((alias, name, key))
+        made.append((alias, name, key))
         return key
 
-    node = _Parser(text.strip(), recording).parse()
-    if len(_parsed) >= _PARSED_MAX:
-        _parsed.clear()
-    _parsed[text] = (node, tuple(lookups))
+    node = _Parser(text.strip(), recording if entries is not None else resolve).parse()
+    if entries is not None:
+        if len(entries) >= Parses.MAX:
+            entries.clear()
+        entries[text] = (node, tuple(made))
     return node
-
-
-# text -> (node, the (alias, name) -> key lookups the parse made). Nodes are frozen.
-_parsed: dict[str, tuple[Node, tuple[tuple[str | None, str, str], ...]]] = {}
-_PARSED_MAX = 50_000
 
 
 # --------------------------------------------------------------------------- schemas
