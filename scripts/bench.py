@@ -6,7 +6,7 @@
     python scripts/bench.py --profile       # py-spy on aiwfd under load: where its CPU goes
 
 Everything runs on 127.0.0.1: a fake OpenAI-compatible server
-(tests/fakeopenai.py, uvloop, no records), the reference forwarders
+(aiwfd.testing.fakeopenai, uvloop, no records), the reference forwarders
 (scripts/bench_refs.py: raw aiohttp, the leanest SDK call, the SDK's default
 call) and `aiwfd serve` on scripts/bench/bench.yaml (OPENAI_BASE_URL at the
 fake, OPENAI_API_KEY=sk-bench, API_KEY set so that auth runs; AIWF_TRANSPORT
@@ -32,7 +32,6 @@ import re
 import resource
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -45,7 +44,7 @@ from typing import Any, Callable, Sequence
 
 REPO = Path(__file__).resolve().parent.parent
 BENCH_DIR = REPO / "scripts" / "bench"
-FAKE = REPO / "tests" / "fakeopenai.py"
+FAKE_MODULE = "aiwfd.testing.fakeopenai"  # run with -m; the children import the installed aiwfd
 REFS = REPO / "scripts" / "bench_refs.py"
 LOADER = REPO / "scripts" / "bench_load.py"
 LUA = BENCH_DIR / "post.lua"
@@ -53,7 +52,10 @@ CONFIG = BENCH_DIR / "bench.yaml"
 BENCHMARKS = REPO / "BENCHMARKS.md"
 
 sys.path.insert(0, str(BENCH_DIR))
+sys.path.insert(0, str(REPO))
 from gen_agents import AGENT_BODY, generate  # noqa: E402
+
+from aiwfd.testing.processes import free_port  # noqa: E402
 
 API_KEY = "bench-key"  # aiwfd checks it on every call; the references ignore it
 AUTH_HEADER = f"X-API-Key: {API_KEY}"
@@ -215,12 +217,6 @@ class Procs:
             self.procs.clear()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def http_get(port: int, path: str, timeout: float = 2.0) -> int:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
@@ -331,7 +327,7 @@ def start_servers(procs: Procs, servers: Sequence[Server], upstream: str) -> dic
 
 
 def start_fake(procs: Procs, latency_ms: float) -> tuple[Proc, str]:
-    argv = [sys.executable, str(FAKE), "--port", "0", "--latency-ms", f"{latency_ms:g}"]
+    argv = [sys.executable, "-m", FAKE_MODULE, "--port", "0", "--latency-ms", f"{latency_ms:g}"]
     if has_module("uvloop"):
         argv.append("--uvloop")
     proc = procs.start(f"fake-{latency_ms:g}ms", argv, cpu=LOAD_CPU, env=base_env())

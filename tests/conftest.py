@@ -10,9 +10,12 @@ from typing import AsyncIterator
 
 import pytest
 
-from tests.fakeopenai import FakeOpenAI
-from tests.utils import CONFIGS, fake_env, free_port
+from aiwfd.testing.fakeopenai import FakeOpenAI
+from aiwfd.testing.inprocess import fake_env
+from aiwfd.testing.processes import free_port
 
+REPO = Path(__file__).resolve().parent.parent
+CONFIGS = REPO / "tests" / "configs"
 LOCAL_API_KEY = "local-test-key"
 
 # The `system` marker (setup.cfg): whole modules of long tests that start heavy

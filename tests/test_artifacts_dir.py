@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.fakeopenai import FakeOpenAI
+from aiwfd.testing.fakeopenai import FakeOpenAI
 from tests.test_cli_serve import GOOD, MOCK_CFG, OPENAI_CFG, http, launch
 
 MOCK_AGENTS = {"greeter", "chatter"}

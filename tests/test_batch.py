@@ -22,8 +22,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from aiwfd.spec.compiler import load_and_compile
 from aiwfd.spec.config import DEFAULT_BATCH_CONCURRENCY, DEFAULT_BATCH_MAX
-from tests.fakeopenai import Behaviour, FakeOpenAI, Reply, Status
-from tests.utils import CONFIGS, InProcess, fake_env, serve, write_config
+from aiwfd.testing.fakeopenai import Behaviour, FakeOpenAI, Reply, Status
+from aiwfd.testing.inprocess import InProcess, fake_env, serve, write_config
+from tests.conftest import CONFIGS
 
 CONFIG = CONFIGS / "sb_agents.yaml"
 

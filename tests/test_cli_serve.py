@@ -39,8 +39,9 @@ import pytest
 from jsonschema import Draft202012Validator
 
 from aiwfd import __version__
-from tests.fakeopenai import FakeOpenAI, Status, sample_for_schema
-from tests.utils import CONFIGS, LISTEN_RE, REPO, AiwfdProcess, free_port, run_cli
+from aiwfd.testing.fakeopenai import FakeOpenAI, Status, sample_for_schema
+from aiwfd.testing.processes import LISTEN_RE, AiwfdProcess, free_port, run_cli
+from tests.conftest import CONFIGS, REPO
 
 MOCK_CFG = str(CONFIGS / "cli_mock.yaml")
 OPENAI_CFG = str(CONFIGS / "cli_openai.yaml")

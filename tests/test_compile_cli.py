@@ -19,7 +19,8 @@ from typing import Any
 import pytest
 from jsonschema import Draft202012Validator
 
-from tests.utils import REPO, run_cli
+from aiwfd.testing.processes import run_cli
+from tests.conftest import REPO
 
 CONFIGS = REPO / "tests" / "configs"
 DIALECT = "https://json-schema.org/draft/2020-12/schema"

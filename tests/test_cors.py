@@ -11,7 +11,8 @@ from typing import Any, AsyncIterator
 
 import pytest
 
-from tests.utils import CONFIGS, InProcess, serve, write_config
+from aiwfd.testing.inprocess import InProcess, serve, write_config
+from tests.conftest import CONFIGS
 
 KEY = "cors-test-key"
 ORIGIN = "https://app.example"

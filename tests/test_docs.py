@@ -43,7 +43,8 @@ from aiwfd.providers import llm
 from aiwfd.cli import build_parser
 from aiwfd.spec.compiler import load_and_compile
 from aiwfd.http.metrics import Metrics
-from tests.utils import REPO, serve
+from aiwfd.testing.inprocess import serve
+from tests.conftest import REPO
 
 DOCS = REPO / "docs"
 DOC_FILES = sorted(DOCS.glob("*.md"))
@@ -52,7 +53,9 @@ API_MD = DOCS / "api.md"
 DEPLOY_MD = DOCS / "deploy.md"
 DOCKERFILE = REPO / "deploy" / "docker" / "Dockerfile"
 K8S = REPO / "deploy" / "k8s" / "aiwfd.yaml"
-CODE = sorted((REPO / "aiwfd").rglob("*.py"))
+# aiwfd.testing is the tests' helper package: what it reads (PATH for a
+# child) is the test process's environment, not the daemon's.
+CODE = sorted(p for p in (REPO / "aiwfd").rglob("*.py") if "testing" not in p.relative_to(REPO).parts)
 
 
 def docs_text() -> str:

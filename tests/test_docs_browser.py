@@ -32,7 +32,9 @@ from aiohttp import web
 
 from aiwfd.spec.compiler import load_and_compile
 from aiwfd.http.docs import asset_dir
-from tests.utils import CONFIGS, InProcess, free_port, serve, write_config
+from aiwfd.testing.inprocess import InProcess, serve, write_config
+from aiwfd.testing.processes import free_port
+from tests.conftest import CONFIGS
 
 API_MOCK = CONFIGS / "api_mock.yaml"
 KEY = "docs-test-key"

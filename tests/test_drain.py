@@ -20,8 +20,9 @@ import aiohttp
 import orjson
 import pytest
 
-from tests.fakeopenai import FakeOpenAI
-from tests.utils import CONFIGS, START_TIMEOUT, AiwfdProcess, started
+from aiwfd.testing.fakeopenai import FakeOpenAI
+from aiwfd.testing.processes import START_TIMEOUT, AiwfdProcess, started
+from tests.conftest import CONFIGS
 
 LIFE = str(CONFIGS / "life_basic.yaml")
 INPUT = {"name": "Alice"}

@@ -34,7 +34,8 @@ from typing import Any, Iterator
 
 import pytest
 
-from tests.utils import REPO, AiwfdProcess, free_port
+from aiwfd.testing.processes import AiwfdProcess, free_port
+from tests.conftest import REPO
 
 EXAMPLES = REPO / "examples"
 KEY = "examples-test-key"

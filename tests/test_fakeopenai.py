@@ -8,17 +8,17 @@ import signal
 import sys
 import time
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import jsonschema
 import openai
 import pytest
 
-from tests.fakeopenai import (
+from aiwfd.testing.fakeopenai import (
     Drop,
     FakeOpenAI,
     Hang,
+    Hold,
     InvalidJSON,
     Reply,
     Status,
@@ -28,7 +28,7 @@ from tests.fakeopenai import (
     violating_sample,
 )
 
-FAKE_SCRIPT = Path(__file__).with_name("fakeopenai.py")
+FAKE_MODULE = "aiwfd.testing.fakeopenai"
 MESSAGES: list[Any] = [
     {"role": "system", "content": "You greet people."},
     {"role": "user", "content": '{"name":"Alice"}'},
@@ -242,6 +242,18 @@ async def test_hang_times_out_and_is_cancelled(fake: FakeOpenAI, client: openai.
     assert completion.choices[0].message.content == "Hello from the fake model"
 
 
+async def test_hold_answers_only_once_released(fake: FakeOpenAI, client: openai.AsyncOpenAI) -> None:
+    gate = asyncio.Event()
+    fake.script(Hold(gate, Reply(content="released")), Hold(gate))
+    first = asyncio.create_task(client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES))
+    second = asyncio.create_task(client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES))
+    await fake.wait_calls(2)
+    assert fake.inflight == 2 and not first.done() and not second.done()
+    gate.set()
+    assert (await first).choices[0].message.content == "released"
+    assert (await second).choices[0].message.content == "Hello from the fake model"  # the default answer
+
+
 async def test_drop_is_a_connection_error(fake: FakeOpenAI, client: openai.AsyncOpenAI) -> None:
     fake.script(Drop())
     with pytest.raises(openai.APIConnectionError) as caught:
@@ -363,7 +375,7 @@ async def test_exit_with_hung_handler_is_quick() -> None:
 @pytest.mark.parametrize("extra", [[], ["--uvloop"]], ids=["asyncio", "uvloop"])
 async def test_subprocess_mode(extra: list[str]) -> None:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, str(FAKE_SCRIPT), "--port", "0", "--latency-ms", "10", *extra,
+        sys.executable, "-m", FAKE_MODULE, "--port", "0", "--latency-ms", "10", *extra,
         stdout=asyncio.subprocess.PIPE,
     )
     try:

@@ -15,10 +15,10 @@ from typing import Any, AsyncIterator
 import aiohttp
 import pytest
 
-from tests.fakeopenai import FakeOpenAI, InvalidJSON, Reply, Violate
-from tests.fakeopenai import _completion_tokens, _dumps, _prompt_tokens
+from aiwfd.testing.fakeopenai import FakeOpenAI, InvalidJSON, Reply, Violate
+from aiwfd.testing.fakeopenai import _completion_tokens, _dumps, _prompt_tokens
 from tests.conftest import agents_env
-from tests.utils import InProcess, serve
+from aiwfd.testing.inprocess import InProcess, serve
 
 GO_DURATION = re.compile(r"^(\d+h)?(\d+m)?(\d+(\.\d+)?(s|ms|µs|us|ns))$|^0s$")
 TRACE_KEYS = {"step_name", "usage", "attempts", "duration", "model", "request_id"}

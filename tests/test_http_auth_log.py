@@ -15,8 +15,8 @@ from typing import Any, AsyncIterator
 import pytest
 
 from tests.conftest import agents_env, raw_http
-from tests.fakeopenai import FakeOpenAI, Reply
-from tests.utils import InProcess, serve
+from aiwfd.testing.fakeopenai import FakeOpenAI, Reply
+from aiwfd.testing.inprocess import InProcess, serve
 
 TS = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ"
 GREETER_LINE = re.compile(

@@ -21,8 +21,8 @@ import pytest
 
 from aiwfd.http import views
 from tests.conftest import RawResponse, agents_env, raw_http
-from tests.fakeopenai import FakeOpenAI, Hang, Status, Violate
-from tests.utils import InProcess, serve
+from aiwfd.testing.fakeopenai import FakeOpenAI, Hang, Status, Violate
+from aiwfd.testing.inprocess import InProcess, serve
 
 API_KEY = "good-key"
 MAX_BODY = 16384

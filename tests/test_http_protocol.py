@@ -27,8 +27,8 @@ import pytest
 
 from aiwfd.spec import compiler
 from tests.conftest import agents_env
-from tests.fakeopenai import FakeOpenAI
-from tests.utils import InProcess, serve
+from aiwfd.testing.fakeopenai import FakeOpenAI
+from aiwfd.testing.inprocess import InProcess, serve
 
 API_KEY = "k-one"
 MAX_BODY = 65536

@@ -18,8 +18,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import agents_env
-from tests.fakeopenai import FakeOpenAI, Hang, Reply, Status, Violate
-from tests.utils import InProcess, serve
+from aiwfd.testing.fakeopenai import FakeOpenAI, Hang, Reply, Status, Violate
+from aiwfd.testing.inprocess import InProcess, serve
 
 Sample = tuple[str, frozenset[tuple[str, str]]]
 ROUTES = {"/health", "/agents", "/agent/{name}", "/agent/{name}/schema", "/openapi.json", "/metrics", "/docs",

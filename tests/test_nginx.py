@@ -8,7 +8,7 @@ non_idempotent`, tries, timeouts, max_fails). Everything nginx writes (pid,
 logs, temp files) stays in tmp_path; nginx runs with `daemon off;` as a child
 of the test and is stopped at the end of each test.
 
-The module shares one fake model process (tests/fakeopenai.py, LATENCY_MS per
+The module shares one fake model process (aiwfd.testing.fakeopenai, LATENCY_MS per
 answer) and INSTANCES long-lived instances on loopback; each test puts a fresh
 nginx in front and sends CALLS or more agent calls through it, CONCURRENCY at a
 time, from one keep-alive aiohttp client. Once DISRUPT_AT calls completed:
@@ -66,9 +66,10 @@ import aiohttp
 import orjson
 import pytest
 
-from tests.fakeopenai import FakeOpenAI
-from tests.nginxconf import NGINX, SHIPPED, main_conf, shipped_conf
-from tests.utils import CONFIGS, LISTEN_RE, REPO, AiwfdProcess, LineReader, fake_process, free_port
+from aiwfd.testing.fakeopenai import FakeOpenAI
+from aiwfd.testing.nginxconf import NGINX, SHIPPED, main_conf, shipped_conf
+from aiwfd.testing.processes import LISTEN_RE, AiwfdProcess, LineReader, fake_process, free_port
+from tests.conftest import CONFIGS, REPO
 
 pytestmark = pytest.mark.skipif(NGINX is None, reason="nginx is not installed (apt-get install nginx)")
 

@@ -32,7 +32,8 @@ import pytest
 import uvloop
 
 from aiwfd.daemon.notify import Notifier
-from tests.utils import CONFIGS, LISTEN_RE, AiwfdProcess, run_cli
+from aiwfd.testing.processes import LISTEN_RE, AiwfdProcess, run_cli
+from tests.conftest import CONFIGS
 
 LIFE = str(CONFIGS / "life_basic.yaml")
 # Not contacted: the agents are never called, but the provider needs a key and a URL.

@@ -25,7 +25,9 @@ from aiwfd import errors as E
 from aiwfd.spec.compiler import load_and_compile
 from aiwfd.errors import ConfigError
 from aiwfd.providers.mock import sample
-from tests.utils import CONFIGS, REPO, AiwfdProcess, InProcess, run_cli, serve, write_config
+from aiwfd.testing.inprocess import InProcess, serve, write_config
+from aiwfd.testing.processes import AiwfdProcess, run_cli
+from tests.conftest import CONFIGS, REPO
 
 API_MOCK = CONFIGS / "api_mock.yaml"
 KEY = "test-key-1"

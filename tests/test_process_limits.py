@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.utils import REPO, AiwfdProcess
+from aiwfd.testing.processes import AiwfdProcess
+from tests.conftest import REPO
 
 EXAMPLE = str(REPO / "config.example.yaml")
 LIMIT = 1 << 20  # the default --max-body

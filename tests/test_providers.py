@@ -13,8 +13,8 @@ from typing import Any, AsyncIterator
 import pytest
 
 from tests.conftest import LOCAL_API_KEY, agents_env
-from tests.fakeopenai import Drop, FakeOpenAI, Hang, Reply, Status
-from tests.utils import InProcess, serve
+from aiwfd.testing.fakeopenai import Drop, FakeOpenAI, Hang, Reply, Status
+from aiwfd.testing.inprocess import InProcess, serve
 
 SECRETS = ("sk-test-openai-key", "xai-test-grok-key", LOCAL_API_KEY)
 

@@ -45,7 +45,8 @@ from typing import Any
 
 import pytest
 
-from tests.utils import REPO, free_port
+from aiwfd.testing.processes import free_port
+from tests.conftest import REPO
 
 README = REPO / "README.md"
 SETUP_COMMANDS = [

@@ -19,8 +19,10 @@ from typing import Any, Iterable
 import aiohttp
 import orjson
 
-from tests.fakeopenai import DEFAULT_TEXT, FakeOpenAI, RecordedRequest, Reply
-from tests.utils import CONFIGS, AiwfdProcess, fake_env, serve, started
+from aiwfd.testing.fakeopenai import DEFAULT_TEXT, FakeOpenAI, RecordedRequest, Reply
+from aiwfd.testing.inprocess import fake_env, serve
+from aiwfd.testing.processes import AiwfdProcess, started
+from tests.conftest import CONFIGS
 
 HEADER = """\
 version: 0.3

@@ -34,7 +34,8 @@ from typing import Iterator
 
 import pytest
 
-from tests.utils import CONFIGS, LISTEN_RE, AiwfdProcess
+from aiwfd.testing.processes import LISTEN_RE, AiwfdProcess
+from tests.conftest import CONFIGS
 
 pytest.importorskip("schemathesis", reason="schemathesis is in the [test] extra")
 

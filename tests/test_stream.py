@@ -23,8 +23,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from aiwfd.providers.llm import StreamReader
 from aiwfd.settings import DEFAULT_SSE_KEEPALIVE, Settings, add_arguments, from_args
 from aiwfd.http.stream import TASK_PREFIX
-from tests.fakeopenai import Drop, FakeOpenAI, Reply, Status, Stream, Violate, _dumps
-from tests.utils import CONFIGS, InProcess, fake_env, serve
+from aiwfd.testing.fakeopenai import Drop, FakeOpenAI, Reply, Status, Stream, Violate, _dumps
+from aiwfd.testing.inprocess import InProcess, fake_env, serve
+from tests.conftest import CONFIGS
 
 CONFIG = CONFIGS / "sb_agents.yaml"
 KEY = "sb-stream-key"

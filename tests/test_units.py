@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.nginxconf import NGINX, SHIPPED, main_conf, shipped_conf
+from aiwfd.testing.nginxconf import NGINX, SHIPPED, main_conf, shipped_conf
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT_DIR = ROOT / "systemd"

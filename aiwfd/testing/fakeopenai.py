@@ -9,11 +9,12 @@ In-process::
 
 As a separate process (prints ``LISTENING <port>`` once, serves until SIGTERM)::
 
-    python tests/fakeopenai.py --port 0 --latency-ms 200 [--uvloop]
+    python -m aiwfd.testing.fakeopenai --port 0 --latency-ms 200 [--uvloop]
 
 Without a scripted behaviour a request gets the default answer: a sample that
 satisfies the request's ``response_format`` JSON schema, or plain text.
-Depends only on aiohttp and the standard library (not on aiwfd).
+Depends only on aiohttp and the standard library (not on the rest of aiwfd),
+so that it stands for any OpenAI-compatible server.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ __all__ = [
     "Drop",
     "FakeOpenAI",
     "Hang",
+    "Hold",
     "InvalidJSON",
     "RecordedRequest",
     "Reply",
@@ -81,6 +83,22 @@ class Hang:
 
 
 @dataclass(frozen=True)
+class Hold:
+    """Hold the request until the test sets ``gate``, then answer as ``then``
+    (the default answer when None).
+
+    For a test that needs a call in flight while something else happens (a
+    reload, a drain, a probe): it waits on ``fake.wait_calls(n)`` to know the
+    call arrived and sets ``gate`` when it is done, instead of picking a reply
+    delay it hopes is long enough. A connection the client drops meanwhile
+    cancels the hold (``fake.disconnects``).
+    """
+
+    gate: asyncio.Event
+    then: Behaviour | None = None
+
+
+@dataclass(frozen=True)
 class InvalidJSON:
     """Answer content that does not parse as JSON."""
 
@@ -121,7 +139,7 @@ class Drop:
     """Close the connection without answering (client: connection error)."""
 
 
-Behaviour = Union[Reply, Status, Hang, InvalidJSON, Violate, Stream, Drop]
+Behaviour = Union[Reply, Status, Hang, Hold, InvalidJSON, Violate, Stream, Drop]
 
 
 @dataclass(frozen=True)
@@ -691,6 +709,9 @@ class FakeOpenAI:
     async def _answer(self, request: web.Request, body: dict[str, Any], behaviour: Behaviour | None) -> web.StreamResponse:
         stream = body.get("stream") is True
         finish = "stop"
+        while isinstance(behaviour, Hold):
+            await behaviour.gate.wait()
+            behaviour = behaviour.then
         if behaviour is None:
             if self.latency > 0:
                 await asyncio.sleep(self.latency)

@@ -1,12 +1,7 @@
-"""Start aiwfd for tests: in-process on a free port, or as a real `aiwfd serve` process.
-
-In-process (the default for HTTP behaviour; cheap, shares the module's fake)::
-
-    async with serve(config_path, env=fake_env(fake)) as srv:
-        async with srv.session.post(srv.url("/agent/greeter"), json={...}) as r: ...
-        srv.log_lines()          # the request log, one entry per request
-
-A real process (for signals, the CLI, stderr, exit codes)::
+"""Real processes for tests and benchmarks: a free port, a child's output read
+line by line and waited on, `python -m aiwfd ARGS` as a child
+(:class:`AiwfdProcess`, :func:`run_cli`) and the fake model as a child
+(:func:`fake_process`)::
 
     with AiwfdProcess(["serve", "-f", cfg, "-p", "0"], env=...) as proc:
         proc.url("/health"); proc.send(signal.SIGHUP); proc.wait_for_log("reloaded")
@@ -17,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import io
 import os
 import re
 import signal
@@ -26,73 +20,29 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncIterator, Iterator, Mapping
 
-import aiohttp
+__all__ = [
+    "LISTEN_RE",
+    "START_TIMEOUT",
+    "AiwfdProcess",
+    "LineReader",
+    "fake_process",
+    "free_port",
+    "run_cli",
+    "started",
+]
 
-from aiwfd.logs import RequestLog
-from aiwfd.daemon.server import Server
-from aiwfd.settings import Settings
-
-REPO = Path(__file__).resolve().parent.parent
-CONFIGS = REPO / "tests" / "configs"
+# The "listening" line of `aiwfd serve` (SPEC §5): where a child bound with `-p 0`.
 LISTEN_RE = re.compile(r"on http://(\[[^\]]+\]|[^:\s]+):(\d+)")
 
 
 def free_port() -> int:
+    """A loopback port free right now (another process may take it before it is bound)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def fake_env(fake: Any, **extra: str) -> dict[str, str]:
-    """Environment pointing the built-in providers at a FakeOpenAI."""
-    env = {"OPENAI_API_KEY": "sk-test-openai-key", "OPENAI_BASE_URL": fake.base_url,
-           "GROK_API_KEY": "xai-test-grok-key", "GROK_BASE_URL": fake.base_url}
-    env.update(extra)
-    return env
-
-
-def write_config(directory: Path, text: str, name: str = "agents.yaml") -> Path:
-    path = directory / name
-    path.write_text(text, encoding="utf-8")
-    return path
-
-
-@dataclass
-class InProcess:
-    server: Server
-    session: aiohttp.ClientSession
-    log: io.StringIO
-    host: str = "127.0.0.1"
-
-    @property
-    def base(self) -> str:
-        return f"http://{self.host}:{self.server.port}"
-
-    def url(self, path: str) -> str:
-        return self.base + path
-
-    def log_lines(self) -> list[str]:
-        return [line for line in self.log.getvalue().splitlines() if line]
-
-
-@contextlib.asynccontextmanager
-async def serve(config: str | os.PathLike[str], env: Mapping[str, str] | None = None,
-                **settings: Any) -> AsyncIterator[InProcess]:
-    """aiwfd's real Server (real socket, real middleware) inside the test's loop."""
-    log = io.StringIO()
-    s = Settings(file=str(config), host="127.0.0.1", port=0, env=dict(env or {}), **settings)
-    server = Server(s, install_signals=False, request_log=RequestLog(s.log_format, log))
-    await server.start()
-    session = aiohttp.ClientSession()
-    try:
-        yield InProcess(server, session, log)
-    finally:
-        await session.close()
-        await server.stop()
 
 
 class LineReader:
@@ -248,9 +198,9 @@ def run_cli(args: list[str], env: Mapping[str, str] | None = None, cwd: str | Pa
 
 @contextlib.contextmanager
 def fake_process(latency_ms: int = 0, extra: list[str] | None = None) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
-    """tests/fakeopenai.py as its own process (for real-process tests): yields (proc, base_url)."""
+    """aiwfd.testing.fakeopenai as its own process (for real-process tests): yields (proc, base_url)."""
     proc = subprocess.Popen(
-        [sys.executable, str(REPO / "tests" / "fakeopenai.py"), "--port", "0",
+        [sys.executable, "-m", "aiwfd.testing.fakeopenai", "--port", "0",
          "--latency-ms", str(latency_ms), *(extra or [])],
         stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,
     )
