@@ -85,11 +85,20 @@ def test_an_unchanged_file_compiles_to_shared_pieces(tmp_path: Path, memo: Memo)
 
 
 def test_a_parse_is_reused_only_when_the_references_resolve_the_same(memo: Memo) -> None:
-    a = typedsl.parse("Thing[]", lambda alias, name: f"first.{name}", memo.parses)
-    b = typedsl.parse("Thing[]", lambda alias, name: f"second.{name}", memo.parses)
+    def first(alias: str | None, name: str) -> str:
+        return f"first.{name}"
+
+    def second(alias: str | None, name: str) -> str:
+        return f"second.{name}"
+
+    a = typedsl.parse("Thing[]", first, memo.parses)
     assert a == typedsl.Array(typedsl.Ref("first.Thing"))
+    # A hit returns the very node the memo holds; an equal new one would be a miss.
+    assert typedsl.parse("Thing[]", first, memo.parses) is a
+    b = typedsl.parse("Thing[]", second, memo.parses)
     assert b == typedsl.Array(typedsl.Ref("second.Thing"))
-    assert typedsl.parse("Thing[]", lambda alias, name: f"first.{name}", memo.parses) == a
+    assert b is not a
+    assert typedsl.parse("Thing[]", second, memo.parses) is b
 
 
 def test_a_reference_that_no_longer_resolves_is_reported_after_a_hit(tmp_path: Path, memo: Memo) -> None:
