@@ -1,8 +1,7 @@
 """The daemon's life: start, serve, reload on SIGHUP, drain on SIGTERM/SIGINT.
 
 Start-up problems raise ConfigError/StartupError before anything listens;
-`cli.py` turns them into one line and an exit code, and ends the process
-with the code of how the daemon stopped (`run` returns a `Stop`). Signal handlers are
+`cli.py` turns them into one line and an exit code. Signal handlers are
 installed before READY=1, so an early SIGHUP can never kill the process.
 """
 
@@ -10,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import errno
 import gc
 import ipaddress
@@ -19,9 +17,10 @@ import os
 import shutil
 import signal
 import socket
+import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Coroutine, Iterator
+from typing import Any, Iterator, NoReturn
 
 import aiohttp
 from aiohttp import web
@@ -29,19 +28,20 @@ from aiohttp import web
 from aiwfd import __version__
 from aiwfd.http.app import create_app
 from aiwfd.spec.compiler import Compiled, Memo, load_and_compile
-from aiwfd.errors import ConfigError, RetryableStartupError, StartupError
+from aiwfd.errors import ConfigError, StartupError
 from aiwfd.daemon.listener import GreedyTCPSite
 from aiwfd.providers.llm import transport_from_env
 from aiwfd.logs import ProtocolErrorLogger, RequestLog
 from aiwfd.http.middlewares import new_request_id
 from aiwfd.daemon.notify import Notifier, watchdog_interval
 from aiwfd.http.protocol import ConnectionFactory
-from aiwfd.http.runtime import Runtime, Snapshot, build_snapshot
+from aiwfd.http.runtime import Phase, Runtime, Snapshot, build_snapshot
 from aiwfd.settings import Settings
 
 logger = logging.getLogger("aiwfd")
 
 EPHEMERAL_PREFIX = "aiwfd-"
+EXIT_INTERRUPTED = 130
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
 
@@ -92,7 +92,6 @@ class Server:
         self.session: aiohttp.ClientSession | None = None
         self.ephemeral: Path | None = None
         self.stopped = asyncio.Event()
-        self.interrupted = asyncio.Event()  # a second SIGINT: leave without finishing the drain
         self._stop_signals = 0
         self._reload_task: asyncio.Task[None] | None = None
         self._reload_again = False
@@ -138,7 +137,7 @@ class Server:
         except OSError as e:
             await asyncio.gather(writing, return_exceptions=True)
             await self._close_resources()
-            raise RetryableStartupError(_bind_error(s.host, s.port, e)) from None
+            raise StartupError(_bind_error(s.host, s.port, e)) from None
         self.port = _bound_port(site)
         if self.install_signals:
             self._install_signal_handlers()
@@ -146,7 +145,7 @@ class Server:
             await writing
         except OSError as e:
             await self._close_resources()
-            raise RetryableStartupError(f"cannot write the compiled artifacts to {artifacts_dir}: "
+            raise StartupError(f"cannot write the compiled artifacts to {artifacts_dir}: "
                                f"{e.strerror or e}") from None
         if not s.api_keys and not _is_loopback(s.host):
             logger.warning("API_KEY is not set and %s is not a loopback address: anyone who can "
@@ -191,12 +190,12 @@ class Server:
     # ---------------------------------------------------------------- signals
 
     def on_stop_signal(self, signum: int) -> None:
-        """Only sets state: `run` acts on it (the drain, or leaving at once)."""
         self._stop_signals += 1
         if self._stop_signals > 1:
             if signum == signal.SIGINT:
                 logger.warning("second interrupt: exiting now")
-                self.interrupted.set()
+                self._remove_ephemeral()
+                os._exit(EXIT_INTERRUPTED)
             return
         logger.info("%s: draining and shutting down", signal.Signals(signum).name)
         self.stopped.set()
@@ -234,9 +233,6 @@ class Server:
             # Off the loop: compiling 200 agents is ~0.1 s of CPU that would
             # stall requests and the watchdog.
             compiled, snapshot = await asyncio.to_thread(self._build, settings)
-            old = rt.snapshot
-            if compiled is old.compiled and snapshot.auth == old.auth and "openapi" in old.__dict__:
-                snapshot.__dict__["openapi"] = old.openapi  # same config, same document (cached_property)
         except ConfigError as e:
             for p in e.problems:
                 logger.error("reload: %s", p)
@@ -299,7 +295,7 @@ class Server:
         rt, runner = self.runtime, self.runner
         assert rt is not None and runner is not None
         self.notifier.stopping()
-        rt.draining = True
+        rt.enter(Phase.DRAINING)
         for site in list(runner.sites):
             await site.stop()
         # Keep-alive connections are closed politely: every answer from now on
@@ -316,14 +312,14 @@ class Server:
         # any model is called (nginx passes it on for free), instead of being
         # started and cut off unanswered by the runner's cleanup. One that
         # started between the wait above and this line gets the rest of the budget.
-        rt.closing = True
+        rt.enter(Phase.CLOSING)
         await self._wait_inflight(deadline)
 
     async def _wait_inflight(self, deadline: float) -> None:
         """Wait for in-flight requests until `deadline`, then answer 503 to what is left."""
         rt = self.runtime
         assert rt is not None
-        if not rt.inflight_tasks or rt.aborting:
+        if not rt.inflight_tasks or rt.phase is Phase.ABORTING:
             return
         loop = asyncio.get_running_loop()
         try:
@@ -331,7 +327,7 @@ class Server:
         except asyncio.TimeoutError:
             logger.warning("shutdown timeout: answering 503 to %d requests still running",
                            len(rt.inflight_tasks))
-            rt.aborting = True
+            rt.enter(Phase.ABORTING)
             for task in list(rt.inflight_tasks):
                 task.cancel()
             try:
@@ -371,7 +367,7 @@ class Server:
         # What is loaded by now (the SDKs' modules, the first config) lives as
         # long as the process: keep it out of the collector, whose full passes
         # over it stall the loop ~200 ms (requests, and the watchdog ping).
-        # `aiwfd serve` starts with the collector off (cli.serve): on from here.
+        # `aiwfd serve` starts with the collector off (serve_cli): on from here.
         gc.freeze()
         gc.enable()
         await self.stopped.wait()
@@ -429,58 +425,23 @@ def _bind_error(host: str, port: int, e: OSError) -> str:
     return f"cannot listen on {host}:{port}: {reason}"
 
 
-class Stop(enum.Enum):
-    """How the daemon stopped; cli.py turns it into the exit code."""
-
-    CLEAN = "clean"               # drained, everything released
-    INTERRUPTED = "interrupted"   # a second SIGINT during the drain
-
-
-async def _until_stopped(server: Server) -> Stop:
-    serving = asyncio.ensure_future(server.serve())
-    interrupted = asyncio.ensure_future(server.interrupted.wait())
-    await asyncio.wait({serving, interrupted}, return_when=asyncio.FIRST_COMPLETED)
-    if serving.done():
-        interrupted.cancel()
-        serving.result()  # a start-up error raises here
-        return Stop.CLEAN
-    server._remove_ephemeral()
-    return Stop.INTERRUPTED
-
-
-def run(settings: Settings) -> Stop:
-    """Run the daemon until it stops. Start-up problems raise (everything is
-    released first); after a second SIGINT the loop is left as it is, the
-    drain and any thread still running: the caller ends the process at once."""
-    loop = _event_loop()
-    asyncio.set_event_loop(loop)
-    try:
-        stop = loop.run_until_complete(_until_stopped(Server(settings)))
-    except BaseException:
-        _close(loop)
-        raise
-    if stop is Stop.CLEAN:
-        _close(loop)
-    return stop
-
-
-def _event_loop() -> asyncio.AbstractEventLoop:
+def run(settings: Settings) -> NoReturn:
+    """Run the daemon until it is stopped, then end the process with the exit code."""
+    coro = Server(settings).serve()
     try:
         import uvloop  # the [speed] extra
     except ImportError:
-        return asyncio.new_event_loop()
-    return uvloop.new_event_loop()
-
-
-def _close(loop: asyncio.AbstractEventLoop) -> None:
-    """What asyncio.run does on its way out: cancel what still runs, wait for it, close."""
-    tasks = [t for t in asyncio.all_tasks(loop) if not t.done()]
-    for task in tasks:
-        task.cancel()
-    if tasks:
-        loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
-    cleanup: list[Coroutine[Any, Any, None]] = [loop.shutdown_asyncgens(), loop.shutdown_default_executor()]
-    for step in cleanup:
-        loop.run_until_complete(step)
-    asyncio.set_event_loop(None)
-    loop.close()
+        code = asyncio.run(coro)
+    else:
+        code = uvloop.run(coro)
+    # Stopped cleanly: connections, clients and the ephemeral directory are
+    # gone. The interpreter's teardown (freeing every module of the SDKs) would
+    # take longer than the drain itself on a busy machine, past the bound of
+    # --shutdown-timeout + 2 s: flush and leave now.
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)

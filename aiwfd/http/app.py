@@ -1,41 +1,68 @@
-"""The application factory: routes and middleware around a Runtime."""
+"""The application factory: the route table, the middleware and the hooks around a Runtime."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import AsyncIterator, Awaitable, Callable
+
 from aiohttp import web
 
-from aiwfd.http import batch
-
-from aiwfd.http import docs
-
-from aiwfd.http import metrics
-
-from aiwfd.http import middlewares
-
-from aiwfd.http import stream
-
-from aiwfd.http import views
+from aiwfd.http import batch, docs, metrics, middlewares, stream, views
 from aiwfd.http.keys import NO_ROUTE, RUNTIME
 from aiwfd.http.runtime import Runtime
 
 
+@dataclass(frozen=True)
+class Route:
+    method: str
+    path: str
+    handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    # One request is one agent call: the metrics count it per agent. (A batch
+    # counts one call per input itself: aiwfd.http.batch.)
+    agent_call: bool = False
+    # The route sends `100 Continue` itself once the headers pass its checks
+    # (views.send_continue), so aiohttp must not invite the body first.
+    own_continue: bool = False
+
+
+# Every route of the API (SPEC §7); a GET answers HEAD too. /docs and its
+# assets come from aiwfd.http.docs, then the catch-all (views.no_route).
+ROUTES = (
+    Route("GET", "/health", views.health),
+    Route("GET", "/agents", views.agents),
+    Route("POST", "/agent/{name}", views.call, agent_call=True, own_continue=True),
+    Route("POST", "/agent/{name}/stream", stream.handler, agent_call=True, own_continue=True),
+    Route("POST", "/agent/{name}/batch", batch.handler, own_continue=True),
+    Route("GET", "/agent/{name}/schema", views.agent_schema),
+    Route("GET", "/openapi.json", views.openapi),
+    Route("GET", "/metrics", metrics.handler),
+)
+
+
 def create_app(runtime: Runtime) -> web.Application:
+    """The application serving `runtime`; it closes the runtime's snapshots at
+    cleanup, so an app made here stands alone (aiohttp's TestServer, say)."""
     # Body size is enforced per request by the views (the limit can change on
     # reload), so aiohttp's own limit is only a backstop.
     app = web.Application(middlewares=[middlewares.core], client_max_size=1024**3)
     app[RUNTIME] = runtime
-    runtime.metrics.configure(inflight=lambda: len(runtime.inflight_tasks), mock=runtime.settings.mock)
-    app.router.add_get("/health", views.health, allow_head=True)
-    app.router.add_get("/agents", views.agents)
-    # 100 Continue is sent by the handlers once the headers pass (views.send_continue).
-    app.router.add_post("/agent/{name}", views.call, expect_handler=views.no_continue)
-    app.router.add_post("/agent/{name}/stream", stream.handler, expect_handler=views.no_continue)
-    app.router.add_post("/agent/{name}/batch", batch.handler, expect_handler=views.no_continue)
-    app.router.add_get("/agent/{name}/schema", views.agent_schema)
-    app.router.add_get("/openapi.json", views.openapi)
-    app.router.add_get("/metrics", metrics.handler)
+    runtime.metrics.configure(inflight=lambda: len(runtime.inflight_tasks), mock=runtime.settings.mock,
+                              agent_routes=frozenset(r.path for r in ROUTES if r.agent_call))
+    for r in ROUTES:
+        if r.method == "GET":
+            app.router.add_get(r.path, r.handler)
+        else:
+            app.router.add_route(r.method, r.path, r.handler,
+                                 expect_handler=views.no_continue if r.own_continue else None)
     docs.add_routes(app)
     # Last: what no route above matched (404, or 405 with Allow).
     app.router.add_route("*", "/{tail:.*}", views.no_route, expect_handler=views.no_continue,
                          name=NO_ROUTE)
+    app.on_response_prepare.append(middlewares.on_prepare(runtime))
+
+    async def runtime_ctx(app: web.Application) -> AsyncIterator[None]:
+        yield
+        await runtime.close()
+
+    app.cleanup_ctx.append(runtime_ctx)
     return app

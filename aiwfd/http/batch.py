@@ -42,7 +42,7 @@ from aiwfd.engine import CallStats, call_agent
 from aiwfd.spec.compiler import CompiledAgent
 from aiwfd.errors import HTTPError, InternalError, InvalidInput, UpstreamTimeout
 from aiwfd.spec.jsonparse import json_kind
-from aiwfd.http.keys import REQUEST_ID, STATS
+from aiwfd.http.keys import REQUEST_ID, RUNTIME, STATS
 from aiwfd.http.middlewares import json_response
 from aiwfd.http.runtime import Runtime, Snapshot
 
@@ -50,15 +50,14 @@ logger = logging.getLogger("aiwfd")
 
 
 async def handler(request: web.Request) -> web.Response:
-    rt, snap, agent, body = await views.begin(request)
-    try:
+    rt = request.app[RUNTIME]
+    async with rt.lease() as snap:
+        agent, body = await views.begin(request, rt, snap)
         server = snap.compiled.config.server
         inputs = read_inputs(body, server.batch_max)
         total = request[STATS] = CallStats()
         results = await run_batch(rt, snap, agent, inputs, request[REQUEST_ID], server.batch_concurrency, total)
         return json_response({"results": results})
-    finally:
-        rt.release(snap)
 
 
 def read_inputs(body: dict[str, Any], limit: int) -> list[Any]:

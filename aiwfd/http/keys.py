@@ -7,16 +7,19 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 if TYPE_CHECKING:
+    from aiwfd.engine import CallStats
     from aiwfd.http.runtime import Runtime
+    from aiwfd.spec.compiler import CompiledAgent
 
-RUNTIME: web.AppKey["Runtime"] = web.AppKey("runtime")
-# Per-request values (aiohttp requests are mappings).
-REQUEST_ID = "aiwfd.request_id"
-STATS = "aiwfd.stats"
+RUNTIME: web.AppKey[Runtime] = web.AppKey("runtime")
+# Per-request values (aiohttp requests are mappings; a RequestKey spares the
+# NotAppKeyWarning that aiohttp 3.14 gives a plain string key).
+REQUEST_ID: web.RequestKey[str] = web.RequestKey("aiwfd.request_id", str)
+STATS: web.RequestKey[CallStats] = web.RequestKey("aiwfd.stats")
 # The CompiledAgent a request is for, once it is known to exist (for metrics).
-AGENT = "aiwfd.engine"
+AGENT: web.RequestKey[CompiledAgent] = web.RequestKey("aiwfd.agent")
 # The error type a streamed answer ended with, after its 200 went out (aiwfd.http.stream),
 # for the request log and metrics.
-STREAM_ERROR = "aiwfd.stream_error"
+STREAM_ERROR: web.RequestKey[str] = web.RequestKey("aiwfd.stream_error", str)
 # The name of the catch-all route (aiwfd.http.views.no_route): metrics count it as unmatched.
 NO_ROUTE = "aiwfd.no_route"

@@ -38,10 +38,6 @@ if TYPE_CHECKING:
     from aiwfd.spec.compiler import CompiledAgent
 
 UNMATCHED = "unmatched"
-AGENT_ROUTE = "/agent/{name}"
-# Routes whose request is one agent call. A batch (/agent/{name}/batch)
-# records one agent call per input itself (aiwfd.http.batch).
-CALL_ROUTES = frozenset((AGENT_ROUTE, "/agent/{name}/stream"))
 METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"))
 HTTP_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 UPSTREAM_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0)
@@ -110,6 +106,8 @@ class _LoopCollector(Collector):
 class Metrics:
     def __init__(self) -> None:
         self.mock = False
+        # The templates of the routes whose request is one agent call (aiwfd.http.app.ROUTES).
+        self.agent_routes: frozenset[str] = frozenset()
         self.http_requests = LoopCounter(
             "aiwfd_http_requests", "HTTP requests answered, by route template, method and status",
             ("route", "method", "status"))
@@ -137,10 +135,12 @@ class Metrics:
         for result in ("ok", "error"):
             self.config_reloads.labels(result)
 
-    def configure(self, inflight: Callable[[], float], mock: bool) -> None:
-        """Read the in-flight count from the runtime; `mock`: every provider label is `mock` (--mock)."""
+    def configure(self, inflight: Callable[[], float], mock: bool, agent_routes: frozenset[str]) -> None:
+        """Read the in-flight count from the runtime; `mock`: every provider label is
+        `mock` (--mock); `agent_routes`: the route templates that are one agent call."""
         self.inflight.set_function(inflight)
         self.mock = mock
+        self.agent_routes = agent_routes
 
     # ------------------------------------------------------------ recording
 
@@ -153,7 +153,7 @@ class Metrics:
             method = "other"
         self.http_requests.inc((route, method, status))
         self.http_duration.observe((route,), seconds)
-        if route in CALL_ROUTES:
+        if route in self.agent_routes:
             agent = request.get(AGENT)
             if agent is not None:
                 self.record_agent(agent, request.get(STATS), status, error_type)

@@ -1,8 +1,11 @@
-"""The one cross-cutting middleware: request id, error shape, drain, request log,
-CORS (aiwfd.http.cors) and metrics (aiwfd.http.metrics).
+"""What every request goes through: the `core` middleware (request id, error
+shape, in-flight count, request log, metrics) and the `on_prepare` hook (the
+headers of every answer: request id, `Connection: close`, CORS).
 
-It is a single layer on purpose: every middleware layer costs a coroutine
-frame per request, and these concerns share the same timing and request id.
+The middleware is a single layer on purpose: every middleware layer costs a
+coroutine frame per request, and these concerns share the same timing and
+request id. The headers are set in the `on_response_prepare` hook because it
+fires for every answer, a streamed one included, just before its head goes out.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from aiwfd.errors import (
 )
 from aiwfd.http.keys import REQUEST_ID, RUNTIME, STATS, STREAM_ERROR
 from aiwfd.http.protocol import CONTINUED
+from aiwfd.http.runtime import Phase, Runtime
 
 logger = logging.getLogger("aiwfd")
 
@@ -73,6 +77,28 @@ def from_aiohttp(e: web.HTTPException) -> HTTPError:
     return cls(message, headers=headers)
 
 
+def http_error(e: BaseException, runtime: Runtime, request_id: str) -> HTTPError:
+    """The error a request is answered with for an exception its handler raised:
+    rendered as JSON by `core`, or as the `error` event of a stream whose 200
+    is gone (aiwfd.http.stream). Raises again what must not be answered
+    (a cancellation other than the shutdown timeout's). Call it from an
+    `except` block: a bug is logged with its traceback."""
+    if isinstance(e, HTTPError):
+        return e
+    if isinstance(e, web.HTTPException):
+        return from_aiohttp(e)
+    if isinstance(e, asyncio.CancelledError):
+        if runtime.phase is not Phase.ABORTING:
+            raise e
+        # The shutdown timeout passed (server.drain): answer instead of dropping the connection.
+        task = asyncio.current_task()
+        if task is not None and sys.version_info >= (3, 11):
+            task.uncancel()
+        return Unavailable("the server is shutting down; retry on another instance")
+    logger.exception("internal error (request_id=%s)", request_id, extra={"request_id": request_id})
+    return InternalError(f"internal error; the server log has the details under request id {request_id}")
+
+
 @web.middleware
 async def core(request: web.Request, handler: Handler) -> web.StreamResponse:
     rt = request.app[RUNTIME]
@@ -86,45 +112,22 @@ async def core(request: web.Request, handler: Handler) -> web.StreamResponse:
     rt.inflight_tasks.add(task)
     rt.idle.clear()
     error_type = None
-    cors = rt.snapshot.cors
     try:
         try:
             # An allowed CORS preflight is answered here, for any path (aiwfd.http.cors).
-            resp = cors.preflight(request) if cors is not None and request.method == "OPTIONS" else None
+            cors = rt.snapshot.cors
+            resp: web.StreamResponse | None = (
+                cors.preflight(request) if cors is not None and request.method == "OPTIONS" else None)
             if resp is None:
                 resp = await handler(request)
-        except HTTPError as e:
-            resp, error_type = error_response(e, rid), e.type
-        except web.HTTPException as e:
-            err = from_aiohttp(e)
-            resp, error_type = error_response(err, rid), err.type
-        except asyncio.CancelledError:
-            if not rt.aborting:
-                raise
-            # The shutdown timeout passed: answer instead of dropping the connection.
-            if sys.version_info >= (3, 11):
-                task.uncancel()
-            err = Unavailable("the server is shutting down; retry on another instance")
-            resp, error_type = error_response(err, rid), err.type
-        except Exception:
-            logger.exception("internal error (request_id=%s)", rid, extra={"request_id": rid})
-            err = InternalError(f"internal error; the server log has the details under request id {rid}")
+        except (Exception, asyncio.CancelledError) as e:
+            err = http_error(e, rt, rid)
             resp, error_type = error_response(err, rid), err.type
     finally:
         rt.inflight_tasks.discard(task)
         if not rt.inflight_tasks:
             rt.idle.set()
-    if not resp.prepared:
-        resp.headers["X-Request-ID"] = rid
-        if rt.draining:
-            resp.force_close()
-        elif request.get(CONTINUED) is False:
-            # Refused before `100 Continue`: the client holds its body back,
-            # so the connection cannot carry a next request.
-            resp.force_close()
-        if cors is not None:
-            cors.apply(request, resp)
-    elif error_type is None:
+    if error_type is None and resp.prepared:
         # A streamed answer (aiwfd.http.stream) that ended with an `error` event.
         error_type = request.get(STREAM_ERROR)
     stats: CallStats | None = request.get(STATS)
@@ -135,3 +138,27 @@ async def core(request: web.Request, handler: Handler) -> web.StreamResponse:
     )
     rt.metrics.record(request, resp.status, elapsed, error_type)
     return resp
+
+
+def on_prepare(runtime: Runtime) -> Callable[[web.Request, web.StreamResponse], Awaitable[None]]:
+    """The headers every answer gets, JSON or streamed (`app.on_response_prepare`
+    fires for both, just before the head goes out): the request id, `Connection:
+    close` while draining or when the body was never invited, CORS."""
+
+    async def prepare(request: web.Request, resp: web.StreamResponse) -> None:
+        h = resp.headers
+        rid = request.get(REQUEST_ID)
+        if rid is not None:  # None: aiohttp answered before the middleware ran (an Expect it refused)
+            h["X-Request-ID"] = rid
+        # Keep-alive connections end politely while draining; and one refused
+        # before `100 Continue` cannot carry a next request (the client holds
+        # its body back). aiohttp has chosen the Connection header by now: set it too.
+        if runtime.phase is not Phase.SERVING or request.get(CONTINUED) is False:
+            resp.force_close()
+            h["Connection"] = "close"
+        # The policy current when the answer goes out (a reload may have changed it).
+        cors = runtime.snapshot.cors
+        if cors is not None:
+            cors.apply(request, resp)
+
+    return prepare

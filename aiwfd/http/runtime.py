@@ -8,11 +8,12 @@ out closes its provider clients once its last request has finished.
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import os
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any
+from typing import Any, Mapping
 
 import aiohttp
 import orjson
@@ -20,7 +21,7 @@ import orjson
 from aiwfd.spec.artifacts import write_artifacts
 from aiwfd.spec.compiler import Compiled, CompiledAgent
 from aiwfd.http.cors import CorsPolicy, policy
-from aiwfd.errors import StartupError
+from aiwfd.errors import StartupError, Unavailable
 from aiwfd.providers.llm import ModelClient, OpenAICompatible, Transport, signature
 from aiwfd.logs import RequestLog
 from aiwfd.http.metrics import Metrics
@@ -31,31 +32,62 @@ from aiwfd.settings import Settings
 logger = logging.getLogger("aiwfd")
 
 
-@dataclass(eq=False)
+class Usage:
+    """A snapshot's bookkeeping, the one part of it that changes: the requests
+    holding it, whether it was swapped out, whether its clients are closed.
+    Only the Runtime writes it (`lease`, `swap`)."""
+
+    __slots__ = ("inflight", "retired", "closed", "handed_over")
+
+    def __init__(self) -> None:
+        self.inflight = 0
+        self.retired = False
+        self.closed = False
+        # Clients the snapshot that replaced this one reuses: not closed with it.
+        self.handed_over: tuple[ModelClient, ...] = ()
+
+
+@dataclass(frozen=True, eq=False)
 class Snapshot:
+    """What a request is answered from: built once per load, never changed.
+
+    The documents of SPEC §7.1 are built on first use (the fields they are
+    built from never change, so the first answer is every answer); `usage`
+    is the Runtime's bookkeeping of the snapshot, kept apart from it.
+    """
+
     compiled: Compiled
-    clients: dict[str, ModelClient]
+    clients: Mapping[str, ModelClient]
     api_keys: tuple[bytes, ...]
     max_body: int
     agents_json: bytes
     # The CORS policy (SPEC §7.3); whether agent calls need a key, for the documents of §7.1.
     cors: CorsPolicy | None = None
     auth: Auth = "none"
+    usage: Usage = field(default_factory=Usage)
     _agent_schemas: dict[str, bytes] = field(default_factory=dict)
-    inflight: int = 0
-    retired: bool = False
-    closed: bool = False
-    # Clients the snapshot that replaced this one reuses: not closed with it.
-    handed_over: list[ModelClient] = field(default_factory=list)
+
+    @property
+    def inflight(self) -> int:
+        return self.usage.inflight
+
+    @property
+    def retired(self) -> bool:
+        return self.usage.retired
+
+    @property
+    def closed(self) -> bool:
+        return self.usage.closed
 
     def client(self, agent: CompiledAgent) -> ModelClient:
         return self.clients[agent.provider.name]
 
     # The API documents (SPEC §7.1) are built on first use and kept for the life
-    # of the snapshot (a reload makes a new one). The server writes openapi.json
-    # to the artifacts from a thread right after each load, so they are usually
-    # ready before a client asks, and never built on the event loop at load time
-    # (200 agents: ~140 ms).
+    # of the snapshot (a reload makes a new one, which takes the previous one's
+    # document when the config and auth are the same: build_snapshot). The
+    # server writes openapi.json to the artifacts from a thread right after
+    # each load, so they are usually ready before a client asks, and never
+    # built on the event loop at load time (200 agents: ~140 ms).
     @cached_property
     def openapi(self) -> dict[str, Any]:
         return build_openapi(self.compiled, self.auth)
@@ -79,11 +111,12 @@ class Snapshot:
         return body
 
     async def close(self) -> None:
-        if self.closed:
+        usage = self.usage
+        if usage.closed:
             return
-        self.closed = True
+        usage.closed = True
         for c in self.clients.values():
-            if c in self.handed_over:  # the next snapshot kept it
+            if c in usage.handed_over:  # the next snapshot kept it
                 continue
             try:
                 await c.close()
@@ -108,7 +141,7 @@ def build_snapshot(compiled: Compiled, settings: Settings, session: aiohttp.Clie
             clients[p.name] = MockClient(compiled.config.types)
         else:
             try:
-                old = previous.clients.get(p.name) if previous is not None and not previous.retired else None
+                old = previous.clients.get(p.name) if previous is not None and not previous.usage.retired else None
                 if isinstance(old, OpenAICompatible) and old.signature == signature(p, settings.env, session,
                                                                                     transport):
                     clients[p.name] = old
@@ -118,7 +151,7 @@ def build_snapshot(compiled: Compiled, settings: Settings, session: aiohttp.Clie
                 raise
             except Exception as e:  # e.g. a base_url the HTTP client rejects ("http://[::1")
                 raise StartupError(f"provider {p.name!r} cannot be configured: {e}") from None
-    return Snapshot(
+    snapshot = Snapshot(
         compiled=compiled,
         clients=clients,
         api_keys=settings.api_keys,
@@ -127,6 +160,13 @@ def build_snapshot(compiled: Compiled, settings: Settings, session: aiohttp.Clie
         cors=policy(compiled.config.server.cors),
         auth="required" if settings.api_keys else "none",
     )
+    if previous is not None and compiled is previous.compiled and snapshot.auth == previous.auth:
+        # The same config (a SIGHUP that rotated a key): the same document. Taken
+        # only once built, and set as cached_property would set it (a first-use cache).
+        built = previous.__dict__.get("openapi")
+        if built is not None:
+            snapshot.__dict__["openapi"] = built
+    return snapshot
 
 
 def agents_listing(compiled: Compiled, mock: bool) -> list[dict[str, Any]]:
@@ -149,42 +189,82 @@ def agents_listing(compiled: Compiled, mock: bool) -> list[dict[str, Any]]:
     return out
 
 
+class Phase(enum.IntEnum):
+    """Where the process is in its life; it only ever moves forward (`Runtime.enter`).
+
+    Each phase keeps what the ones before it do:
+
+    - SERVING: everything answered;
+    - DRAINING: the listener is closed; /health answers 503 and every answer
+      carries `Connection: close`, so keep-alive connections end politely;
+    - CLOSING: no request is left to wait for: an agent call still arriving
+      on a pooled keep-alive connection is answered 503 at once;
+    - ABORTING: the shutdown timeout passed: running calls are cancelled and
+      answer 503.
+    """
+
+    SERVING = 0
+    DRAINING = 1
+    CLOSING = 2
+    ABORTING = 3
+
+
+class Lease:
+    """`async with runtime.lease() as snap`: the snapshot current when the
+    request starts, held until it has answered (a swapped-out snapshot closes
+    its clients once its last lease ends)."""
+
+    __slots__ = ("_runtime", "_snapshot")
+
+    def __init__(self, runtime: "Runtime") -> None:
+        self._runtime = runtime
+
+    async def __aenter__(self) -> Snapshot:
+        runtime = self._runtime
+        if runtime.phase >= Phase.CLOSING:
+            # The drain is over: a model call started now could not finish.
+            raise Unavailable("the server is shutting down; retry on another instance")
+        snap = self._snapshot = runtime.snapshot
+        snap.usage.inflight += 1
+        return snap
+
+    async def __aexit__(self, *exc: object) -> None:
+        snap = self._snapshot
+        usage = snap.usage
+        usage.inflight -= 1
+        if usage.retired and usage.inflight == 0:
+            self._runtime._close_later(snap)
+
+
 @dataclass(eq=False)
 class Runtime:
-    """Everything the handlers share; `snapshot` is replaced, never mutated."""
+    """Everything the handlers share; `snapshot` is replaced (`swap`), never mutated."""
 
     settings: Settings
     snapshot: Snapshot
     artifacts_dir: str
     request_log: RequestLog
-    draining: bool = False
     metrics: Metrics = field(default_factory=Metrics)
-    # Set when the shutdown timeout has passed: running calls answer 503.
-    aborting: bool = False
-    # Set once the drain has no request left to wait for: agent calls still
-    # arriving on a pooled keep-alive connection get a 503 at once.
-    closing: bool = False
+    phase: Phase = Phase.SERVING
     inflight_tasks: set[asyncio.Task[Any]] = field(default_factory=set)
     idle: asyncio.Event = field(default_factory=asyncio.Event)
     _closing: set[asyncio.Task[Any]] = field(default_factory=set)
 
-    def acquire(self) -> Snapshot:
-        snap = self.snapshot
-        snap.inflight += 1
-        return snap
+    def enter(self, phase: Phase) -> None:
+        """Move on to `phase`; a later phase already reached stays (ABORTING before CLOSING)."""
+        self.phase = max(self.phase, phase)
 
-    def release(self, snap: Snapshot) -> None:
-        snap.inflight -= 1
-        if snap.retired and snap.inflight == 0:
-            self._close_later(snap)
+    def lease(self) -> Lease:
+        return Lease(self)
 
     def swap(self, new: Snapshot) -> Snapshot:
         old = self.snapshot
         self.snapshot = new
         kept = {id(c) for c in new.clients.values()}
-        old.handed_over = [c for c in old.clients.values() if id(c) in kept]
-        old.retired = True
-        if old.inflight == 0:
+        usage = old.usage
+        usage.handed_over = tuple(c for c in old.clients.values() if id(c) in kept)
+        usage.retired = True
+        if usage.inflight == 0:
             self._close_later(old)
         return old
 

@@ -40,7 +40,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import sys
 from typing import Any
 
 import jiter
@@ -50,8 +49,9 @@ from aiohttp import web
 from aiwfd.http import views
 from aiwfd.engine import CallStats, call_agent
 from aiwfd.spec.compiler import Compiled, CompiledAgent
-from aiwfd.errors import HTTPError, InternalError, InvalidOutput, Unavailable, error_body
-from aiwfd.http.keys import REQUEST_ID, STATS, STREAM_ERROR
+from aiwfd.errors import HTTPError, InvalidOutput, error_body
+from aiwfd.http.keys import REQUEST_ID, RUNTIME, STATS, STREAM_ERROR
+from aiwfd.http.middlewares import http_error
 from aiwfd.http.runtime import Runtime, Snapshot
 
 logger = logging.getLogger("aiwfd")
@@ -142,42 +142,26 @@ class EventWriter:
 
 
 async def handler(request: web.Request) -> web.StreamResponse:
-    rt, snap, agent, body = await views.begin(request)
-    try:
+    rt = request.app[RUNTIME]
+    async with rt.lease() as snap:
+        agent, body = await views.begin(request, rt, snap)
         views.check_input(agent, body)
         stats = request[STATS] = CallStats()
         rid = request[REQUEST_ID]
+        # The request id, CORS and `Connection: close` come from the on_prepare hook.
         resp = web.StreamResponse(headers=HEADERS)
-        resp.headers["X-Request-ID"] = rid
-        if rt.draining:
-            resp.force_close()
-        if snap.cors is not None:
-            snap.cors.apply(request, resp)
         writer = EventWriter(resp, snap.compiled, agent, rid)
-        error: str | None
+        error: str | None = None
         try:
             await resp.prepare(request)
-            error = await _run(request, rt, snap, agent, body, stats, writer)
+            await _run(request, rt, snap, agent, body, stats, writer)
         except ConnectionError:  # a write found the client gone
             error = CLIENT_GONE
-        except asyncio.CancelledError:
-            if not rt.aborting:
-                raise
-            # The shutdown timeout passed (server.drain): end the stream with
-            # an error event; the headers are long gone, so the middleware's
-            # 503 answer could not be sent.
-            task = asyncio.current_task()
-            if task is not None and sys.version_info >= (3, 11):
-                task.uncancel()
-            err = Unavailable("the server is shutting down; retry on another instance")
-            error = err.type
-            with contextlib.suppress(ConnectionError):
-                await writer.send("error", error_body(err, rid))
-        except Exception:
-            # A bug, after the 200 went out: the middleware's 500 answer could
-            # not be sent either, so it ends the stream as an error event.
-            logger.exception("internal error (request_id=%s)", rid, extra={"request_id": rid})
-            err = InternalError(f"internal error; the server log has the details under request id {rid}")
+        except (Exception, asyncio.CancelledError) as e:
+            # After the 200 went out, the middleware's JSON answer could not be
+            # sent: the model's error, the shutdown timeout's 503 (server.drain)
+            # or a bug ends the stream as an `error` event instead.
+            err = http_error(e, rt, rid)
             error = err.type
             with contextlib.suppress(ConnectionError):
                 await writer.send("error", error_body(err, rid))
@@ -186,13 +170,11 @@ async def handler(request: web.Request) -> web.StreamResponse:
         with contextlib.suppress(ConnectionError):
             await resp.write_eof()
         return resp
-    finally:
-        rt.release(snap)
 
 
 async def _run(request: web.Request, rt: Runtime, snap: Snapshot, agent: CompiledAgent, body: Any,
-               stats: CallStats, writer: EventWriter) -> str | None:
-    """Stream the call; the error type it ended with, or None."""
+               stats: CallStats, writer: EventWriter) -> None:
+    """Stream the call up to its `result` event; the error it ended with is raised."""
     rid = request[REQUEST_ID]
     await writer.send("start", {"request_id": rid, "agent": agent.name, "model": agent.assistant.model})
     call = asyncio.get_running_loop().create_task(
@@ -208,13 +190,7 @@ async def _run(request: web.Request, rt: Runtime, snap: Snapshot, agent: Compile
             await asyncio.wait((call,))
         if not call.cancelled():
             call.exception()  # retrieved here, whatever happens next
-    try:
-        result = call.result()
-    except HTTPError as e:
-        await writer.send("error", error_body(e, rid))
-        return e.type
-    await writer.send("result", result)
-    return None
+    await writer.send("result", call.result())
 
 
 async def _watch(request: web.Request, call: asyncio.Task[Any], writer: EventWriter, keepalive: float) -> None:

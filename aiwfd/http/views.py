@@ -12,16 +12,17 @@ from aiwfd.engine import CallStats, call_agent
 from aiwfd.spec.compiler import CompiledAgent
 from aiwfd.spec.config import did_you_mean
 from aiwfd.http.body import check_length, content_encoding, read_json
-from aiwfd.errors import InvalidInput, MethodNotAllowed, NotFound, Unauthorized, Unavailable, UnsupportedMediaType
+from aiwfd.errors import InvalidInput, MethodNotAllowed, NotFound, Unauthorized, UnsupportedMediaType
 from aiwfd.spec.jsonparse import check_charset
 from aiwfd.http.keys import AGENT, REQUEST_ID, RUNTIME, STATS
 from aiwfd.http.middlewares import json_response
 from aiwfd.http.protocol import CONTINUED
-from aiwfd.http.runtime import Runtime, Snapshot
+from aiwfd.http.runtime import Phase, Runtime, Snapshot
+
 
 async def health(request: web.Request) -> web.Response:
     rt = request.app[RUNTIME]
-    if rt.draining:
+    if rt.phase is not Phase.SERVING:
         return json_response({"status": "draining"}, status=503)
     return json_response({"status": "ok", "version": __version__,
                           "agents": len(rt.snapshot.compiled.agents)})
@@ -49,35 +50,24 @@ async def agent_schema(request: web.Request) -> web.Response:
     return web.Response(body=body, content_type="application/json")
 
 
-async def begin(request: web.Request) -> tuple[Runtime, Snapshot, CompiledAgent, dict[str, Any]]:
-    """What every agent endpoint does first: take the current snapshot, check
-    the key, the agent and the media type, read the body. The caller releases
-    the snapshot (`rt.release(snap)`) once it has answered."""
-    rt = request.app[RUNTIME]
-    if rt.closing:
-        # The drain is over: a model call started now could not finish.
-        raise Unavailable("the server is shutting down; retry on another instance")
-    snap = rt.acquire()
-    try:
-        agent, coding = prepare(request, snap)
-        await send_continue(request)
-        body = await read_json(request, snap.max_body, rt.settings.body_timeout, coding)
-    except BaseException:
-        rt.release(snap)
-        raise
-    return rt, snap, agent, body
+async def begin(request: web.Request, rt: Runtime, snap: Snapshot) -> tuple[CompiledAgent, dict[str, Any]]:
+    """What every agent endpoint does first, inside its `rt.lease()`: check the
+    key, the agent and the media type, invite and read the body."""
+    agent, coding = prepare(request, snap)
+    await send_continue(request)
+    body = await read_json(request, snap.max_body, rt.settings.body_timeout, coding)
+    return agent, body
 
 
 async def call(request: web.Request) -> web.Response:
-    rt, snap, agent, body = await begin(request)
-    try:
+    rt = request.app[RUNTIME]
+    async with rt.lease() as snap:
+        agent, body = await begin(request, rt, snap)
         check_input(agent, body)
         stats = request[STATS] = CallStats()
         result = await call_agent(snap.compiled, agent, snap.client(agent), body,
                                   request[REQUEST_ID], rt.settings.deadline, stats)
         return json_response(result)
-    finally:
-        rt.release(snap)
 
 
 def prepare(request: web.Request, snap: Snapshot) -> tuple[CompiledAgent, str]:

@@ -128,7 +128,7 @@ def compile_config(config: Config, memo: Memo | None = None) -> Compiled:
         wrapped, strict = False, True
         if a.output_type is not None:
             out_schema = build.root_schema(a.output_type, a.output_type_name)
-            target = typedsl.deref(a.output_type, defs)
+            target = typedsl.deref(a.output_type, build.defs)
             wrapped = not isinstance(target, (typedsl.Obj, typedsl.Map))
             sent, strict = build.strict_root(a.output_type, wrapped)
             response_format = {
