@@ -255,10 +255,13 @@ class ConnectionFactory:
 
     def __init__(self, server: web.Server, *, header_timeout: float, new_id: NewId, report: Report) -> None:
         self._server = server
-        self._options = dict(header_timeout=header_timeout, new_id=new_id, report=report)
+        self._header_timeout = header_timeout
+        self._new_id = new_id
+        self._report = report
         # The handler arguments the runner was given (keep-alive timeout, no
         # auto-decompression): aiohttp keeps them on the server.
         self._kwargs: dict[str, Any] = dict(server._kwargs)
 
     def __call__(self) -> Connection:
-        return Connection(self._server, loop=asyncio.get_running_loop(), **self._options, **self._kwargs)
+        return Connection(self._server, header_timeout=self._header_timeout, new_id=self._new_id,
+                          report=self._report, loop=asyncio.get_running_loop(), **self._kwargs)
