@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from aiwfd.cli import EXIT_CONFIG
 from aiwfd.testing.nginxconf import NGINX, SHIPPED, main_conf, shipped_conf
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -139,6 +140,8 @@ def test_unit_has_required_keys(name):
     assert one(unit, svc, "ExecReload") == "/bin/kill -HUP $MAINPID"
     assert one(unit, svc, "Restart") == "always"
     assert seconds(one(unit, svc, "RestartSec")) > 0
+    # An invalid config exits 1 (SPEC §5): restarting into it would only loop.
+    assert one(unit, svc, "RestartPreventExitStatus").split() == [str(EXIT_CONFIG)]
     assert one(unit, svc, "KillMode") in ("mixed", "main")
 
     argv = shlex.split(one(unit, svc, "ExecStart"))
