@@ -2,7 +2,9 @@
 
     AiwfdError
     ├── ConfigError            the agents file is invalid (holds every Problem found)
-    ├── StartupError           the daemon cannot start (key not set, port in use, …)
+    ├── StartupError           the daemon cannot start: invalid environment (key not set, env file missing)
+    │   ├── RetryableStartupError  … for a reason that may pass on retry (port in use, cannot write artifacts)
+    │   └── UsageError             … because a flag or setting variable is malformed or out of range
     └── HTTPError              answered to a client; knows its status and `type`
         ├── InvalidJSON            400 invalid_json
         ├── InvalidRequest         400 invalid_request
@@ -22,7 +24,8 @@
         ├── UpstreamTimeout        504 upstream_timeout
         └── InternalError          500 internal_error
 
-Deep code raises; `cli.py` turns ConfigError/StartupError into an exit code and
+Deep code raises; `cli.py` turns ConfigError/StartupError into an exit code (the
+kind of StartupError decides which: SPEC §5) and
 the HTTP middleware turns HTTPError into a response via `error_body`.
 """
 
@@ -62,7 +65,24 @@ class ConfigError(AiwfdError):
 
 
 class StartupError(AiwfdError):
-    """The daemon cannot start; the message is the one line the user sees."""
+    """The daemon cannot start; the message is the one line the user sees.
+
+    This kind is final: the same environment fails the same way, so a
+    supervisor must not restart into it (exit 1).
+    """
+
+
+class RetryableStartupError(StartupError):
+    """The daemon cannot start now, but may on retry: the port is taken, the
+    address is not up yet, the artifacts directory is not writable (exit 3)."""
+
+
+class UsageError(StartupError):
+    """A flag or setting variable is malformed or out of range (exit 2).
+
+    A StartupError too: whatever catches "cannot start" catches it, and the
+    command line gives it its own code.
+    """
 
 
 class HTTPError(AiwfdError):

@@ -1,6 +1,12 @@
 """The daemon's settings, resolved once: flag, then process environment, then
 the `.env` file, then the agents file's `server:` section, then the default.
 
+Every setting of `aiwfd serve` is declared once, in REGISTRY: its flags, its
+variable, its default, the parser that checks its range, its help. `aiwfd
+serve --help`, the reading of flags and variables, docs/deploy.md's table
+and tests/test_docs.py all read it. A value out of range is a UsageError,
+worded the same for a flag and a variable.
+
 A reload re-reads the `.env` file (so a rotated key takes effect) but never
 the flags or the listen address.
 """
@@ -11,12 +17,12 @@ import argparse
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Literal, Mapping
+from typing import Any, Callable, Literal, Mapping
 
 from dotenv import dotenv_values
 
 from aiwfd.spec.config import DEFAULT_MAX_BODY, DEFAULT_SHUTDOWN_TIMEOUT, Config, parse_size
-from aiwfd.errors import StartupError
+from aiwfd.errors import StartupError, UsageError
 
 LogFormat = Literal["text", "json"]
 LogLevel = Literal["debug", "info", "warning", "error"]
@@ -34,6 +40,8 @@ DEFAULT_KEEPALIVE_TIMEOUT = 75.0
 DEFAULT_DEADLINE = 55.0
 # Seconds between `: keep-alive` comments on a streamed answer (SPEC §7.4).
 DEFAULT_SSE_KEEPALIVE = 15.0
+# The longest duration a flag accepts: a day is already far past any proxy's timeout.
+MAX_SECONDS = 86400.0
 
 
 @dataclass(frozen=True)
@@ -97,9 +105,161 @@ def read_env_file(path: str | None) -> dict[str, str]:
     return {k: v for k, v in values.items() if v is not None}
 
 
+# --------------------------------------------------------------------------- parsers
+# Each turns the text of a flag or variable into its value, or raises
+# ValueError; the Setting's `expected` says what it accepts.
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise ValueError(text)
+    return value
+
+
+def _seconds(high: float, *, zero: bool = False) -> tuple[Callable[[str], float], str]:
+    """A duration, above 0 (from 0 with `zero`) and at most `high`: its parser and its wording."""
+    def parse(text: str) -> float:
+        value = float(text)
+        if not (0 <= value if zero else 0 < value) or not value <= high:  # NaN fails every comparison
+            raise ValueError(text)
+        return value
+    return parse, (f"seconds, from 0 to {high:g}" if zero else f"seconds, more than 0 and at most {high:g}")
+
+
+def _one_of(*choices: str, fold: bool = False) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        value = text.lower() if fold else text
+        if value not in choices:
+            raise ValueError(text)
+        return value
+    return parse
+
+
+def _size(text: str) -> int:
+    value = parse_size(text)
+    if value is None:
+        raise ValueError(text)
+    return value
+
+
+def _text(text: str) -> str:
+    return text
+
+
+# --------------------------------------------------------------------------- the registry
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One setting of `aiwfd serve`, declared once."""
+
+    field: str                     # the Settings field it fills (and the argparse dest)
+    flags: tuple[str, ...]         # () for a setting only a variable sets
+    env: str | None                # its environment variable (also read from the .env file)
+    default: Any                   # the value when nothing sets it (None: decided later, see shown_default)
+    shown_default: str             # the default as --help and docs/deploy.md show it (markdown code spans)
+    help: str
+    parse: Callable[[str], Any] = _text
+    expected: str | None = None    # what `parse` accepts, quoted by the usage error; None: any text
+    metavar: str | None = None
+    switch: bool = False           # a flag without a value (store_true)
+
+    @property
+    def flag(self) -> str:
+        """The long flag, the name a usage error gives."""
+        return self.flags[-1]
+
+    def value(self, text: str, source: str) -> Any:
+        """`text` parsed; out of range, a one-line usage error naming `source` and the range."""
+        try:
+            return self.parse(text)
+        except ValueError:
+            raise UsageError(f"invalid {source} {text!r}: expected {self.expected}") from None
+
+    def help_text(self) -> str:
+        shown = self.shown_default.replace("`", "")
+        extra = [f"env {self.env}"] if self.env else []
+        if shown:
+            extra.append(f"default {shown}")
+        if self.expected:
+            extra.append(self.expected)
+        return f"{self.help} ({'; '.join(extra)})" if extra else self.help
+
+
+def _duration(field: str, flags: tuple[str, ...], env: str | None, default: float | None, shown: str, help: str,
+              *, high: float = MAX_SECONDS, zero: bool = False) -> Setting:
+    parse, expected = _seconds(high, zero=zero)
+    return Setting(field, flags, env, default, shown, help, parse=parse, expected=expected, metavar="SECONDS")
+
+
+FILE = Setting("file", ("-f", "--file"), None, "config.yaml", "`config.yaml`", "the agents file", metavar="FILE")
+
+REGISTRY: tuple[Setting, ...] = (
+    FILE,
+    Setting("output_dir", ("-o", "--output"), None, None, "a temporary directory, removed at exit",
+            "keep the compiled artifacts in DIR", metavar="DIR"),
+    Setting("port", ("-p", "--port"), "PORT", DEFAULT_PORT, f"`{DEFAULT_PORT}`",
+            "the port to listen on; 0 takes any free port", parse=_port, expected="a whole number from 0 to 65535", metavar="PORT"),
+    Setting("host", ("--host",), "HOST", DEFAULT_HOST, f"`{DEFAULT_HOST}`", "the address to bind", metavar="HOST"),
+    Setting("env_file", ("--env-file",), None, None, "`./.env` if it exists", "read variables from FILE",
+            metavar="FILE"),
+    Setting("mock", ("--mock",), None, False, "off", "answer with schema-valid samples: no key, no network",
+            switch=True),
+    Setting("log_format", ("--log-format",), "AIWF_LOG_FORMAT", "text", "`text`", "the request log's format",
+            parse=_one_of("text", "json"), expected="text or json", metavar="text|json"),
+    Setting("log_level", ("--log-level",), "AIWF_LOG_LEVEL", "info", "`info`", "the least severe level logged",
+            parse=_one_of("debug", "info", "warning", "error", fold=True),
+            expected="debug, info, warning or error", metavar="LEVEL"),
+    Setting("max_body", ("--max-body",), None, None, "`server.max_body`, else `1MiB`", "the largest request body",
+            parse=_size, expected="a size such as 1048576 or 1MiB", metavar="SIZE"),
+    _duration("body_timeout", ("--body-timeout",), None, DEFAULT_BODY_TIMEOUT, f"`{DEFAULT_BODY_TIMEOUT:g}`",
+              "time allowed for the request body to arrive"),
+    _duration("header_timeout", ("--header-timeout",), None,
+              DEFAULT_HEADER_TIMEOUT, f"`{DEFAULT_HEADER_TIMEOUT:g}`",
+              "time allowed for a request's headers to arrive; slower connections are closed"),
+    _duration("keepalive_timeout", ("--keepalive-timeout",), None,
+              DEFAULT_KEEPALIVE_TIMEOUT, f"`{DEFAULT_KEEPALIVE_TIMEOUT:g}`",
+              "close a keep-alive connection idle this long; keep it above a proxy's own (nginx: 60)"),
+    # 0 is allowed: no wait at all, what is in flight is answered 503 at once.
+    _duration("shutdown_timeout", ("--shutdown-timeout",), None, None,
+              f"`server.shutdown_timeout`, else `{DEFAULT_SHUTDOWN_TIMEOUT:g}`",
+              "how long SIGTERM waits for in-flight requests", zero=True),
+    _duration("deadline", ("--deadline",), None, DEFAULT_DEADLINE, f"`{DEFAULT_DEADLINE:g}`",
+              "overall time allowed for one agent call, retries included"),
+    _duration("sse_keepalive", (), "AIWF_SSE_KEEPALIVE", DEFAULT_SSE_KEEPALIVE, f"`{DEFAULT_SSE_KEEPALIVE:g}`",
+              "seconds between `: keep-alive` comments of a stream", high=3600.0),
+)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of `aiwfd serve`. Values stay text here: from_args parses them,
+    with the same check and the same message as the variable's."""
+    for s in REGISTRY:
+        if not s.flags:
+            continue
+        if s.switch:
+            p.add_argument(*s.flags, dest=s.field, action="store_true", help=s.help_text())
+        else:
+            p.add_argument(*s.flags, dest=s.field, default=None, metavar=s.metavar, help=s.help_text())
+
+
+def flag_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings given as flags, parsed and range-checked."""
+    out: dict[str, Any] = {}
+    for s in REGISTRY:
+        text = getattr(args, s.field, None) if s.flags else None
+        if s.switch:
+            out[s.field] = bool(text)
+        elif text is not None:
+            out[s.field] = s.value(text, s.flag)
+    return out
+
+
 def from_args(args: argparse.Namespace, process_env: Mapping[str, str] | None = None) -> Settings:
     process_env = dict(os.environ if process_env is None else process_env)
-    env_file = args.env_file
+    flags = flag_values(args)
+    env_file = flags.get("env_file")
     if env_file is not None and not Path(env_file).is_file():
         raise StartupError(f"env file not found: {env_file}")
     if env_file is None and Path(".env").is_file():
@@ -107,89 +267,13 @@ def from_args(args: argparse.Namespace, process_env: Mapping[str, str] | None = 
     file_values = read_env_file(env_file)
     env = {**file_values, **process_env}
 
-    def pick(flag: object, name: str) -> str | None:
-        if flag is not None:
-            return str(flag)
-        return env.get(name) or None
-
-    port_s = pick(args.port, "PORT") or str(DEFAULT_PORT)
-    try:
-        port = int(port_s)
-        if not 0 <= port <= 65535:
-            raise ValueError
-    except ValueError:
-        raise StartupError(f"invalid port {port_s!r}: expected a number from 0 to 65535") from None
-    log_format = pick(args.log_format, "AIWF_LOG_FORMAT") or "text"
-    if log_format not in ("text", "json"):
-        raise StartupError(f"invalid log format {log_format!r}: expected text or json")
-    log_level = (pick(args.log_level, "AIWF_LOG_LEVEL") or "info").lower()
-    if log_level not in ("debug", "info", "warning", "error"):
-        raise StartupError(f"invalid log level {log_level!r}: expected debug, info, warning or error")
-    keepalive_s = env.get("AIWF_SSE_KEEPALIVE") or str(DEFAULT_SSE_KEEPALIVE)
-    try:
-        sse_keepalive = float(keepalive_s)
-        if not 0 < sse_keepalive <= 3600:
-            raise ValueError
-    except ValueError:
-        raise StartupError(f"invalid AIWF_SSE_KEEPALIVE {keepalive_s!r}: expected seconds, "
-                           "more than 0 and at most 3600") from None
-    max_body = None
-    if args.max_body is not None:
-        max_body = parse_size(args.max_body)
-        if max_body is None:
-            raise StartupError(f"invalid --max-body {args.max_body!r}: expected a size such as 1048576 or 1MiB")
-    return Settings(
-        file=args.file,
-        output_dir=args.output,
-        host=pick(args.host, "HOST") or DEFAULT_HOST,
-        port=port,
-        env_file=env_file,
-        mock=args.mock,
-        log_format=log_format,  # type: ignore[arg-type]
-        log_level=log_level,  # type: ignore[arg-type]
-        max_body=max_body,
-        body_timeout=args.body_timeout,
-        header_timeout=args.header_timeout,
-        keepalive_timeout=args.keepalive_timeout,
-        shutdown_timeout=args.shutdown_timeout,
-        deadline=args.deadline,
-        sse_keepalive=sse_keepalive,
-        env=env,
-        env_file_values=file_values,
-    )
-
-
-def seconds(text: str) -> float:
-    """A duration flag: a finite number of seconds above 0 and at most a day."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not 0 < value <= 86400:  # NaN fails every comparison
-        raise argparse.ArgumentTypeError(f"invalid duration {text!r}: expected seconds, more than 0 and at most 86400")
-    return value
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-f", "--file", default="config.yaml", help="agents file (default: config.yaml)")
-    p.add_argument("-o", "--output", metavar="DIR",
-                   help="keep the compiled artifacts in DIR (default: a temporary directory removed at exit)")
-    p.add_argument("-p", "--port", type=str, default=None, help=f"port (env PORT, default {DEFAULT_PORT})")
-    p.add_argument("--host", default=None, help=f"address to bind (env HOST, default {DEFAULT_HOST})")
-    p.add_argument("--env-file", default=None, metavar="FILE", help="read variables from FILE (default: ./.env if present)")
-    p.add_argument("--mock", action="store_true", help="answer with schema-valid samples: no key, no network")
-    p.add_argument("--log-format", choices=("text", "json"), default=None, help="request log format (env AIWF_LOG_FORMAT)")
-    p.add_argument("--log-level", default=None, help="debug, info, warning or error (env AIWF_LOG_LEVEL)")
-    p.add_argument("--max-body", default=None, metavar="SIZE", help="largest request body (default 1MiB)")
-    p.add_argument("--body-timeout", type=float, default=DEFAULT_BODY_TIMEOUT, metavar="SECONDS",
-                   help=f"time allowed for the request body to arrive (default {DEFAULT_BODY_TIMEOUT:g})")
-    p.add_argument("--header-timeout", type=seconds, default=DEFAULT_HEADER_TIMEOUT, metavar="SECONDS",
-                   help="time allowed for a request's headers to arrive; slower connections are "
-                        f"closed (default {DEFAULT_HEADER_TIMEOUT:g})")
-    p.add_argument("--keepalive-timeout", type=seconds, default=DEFAULT_KEEPALIVE_TIMEOUT, metavar="SECONDS",
-                   help="close a keep-alive connection idle this long; keep it above a proxy's own "
-                        f"(nginx: 60) (default {DEFAULT_KEEPALIVE_TIMEOUT:g})")
-    p.add_argument("--shutdown-timeout", type=float, default=None, metavar="SECONDS",
-                   help=f"how long SIGTERM waits for in-flight requests (default {DEFAULT_SHUTDOWN_TIMEOUT:g})")
-    p.add_argument("--deadline", type=float, default=DEFAULT_DEADLINE, metavar="SECONDS",
-                   help=f"overall time allowed for one agent call, retries included (default {DEFAULT_DEADLINE:g})")
+    values: dict[str, Any] = {}
+    for s in REGISTRY:
+        if s.field in flags:
+            values[s.field] = flags[s.field]
+        elif s.env and env.get(s.env):  # an empty value (PORT=) counts as unset
+            values[s.field] = s.value(env[s.env], s.env)
+        else:
+            values[s.field] = s.default
+    values["env_file"] = env_file
+    return Settings(**values, env=env, env_file_values=file_values)

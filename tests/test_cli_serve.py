@@ -10,8 +10,11 @@
 - `--mock` serves config.example.yaml with schema-valid answers, no key and
   no network; the `aiwf` alias serves too; `python -m aiwfd --version`.
 - Every start-up failure of §4.1 is one line on stderr (an invalid config:
-  one line per error, each with file:line and key path), a non-zero exit, no
-  traceback, and no ephemeral directory left behind.
+  one line per error, each with file:line and key path), no traceback, and no
+  ephemeral directory left behind; its exit code is SPEC §5's: 1 an invalid
+  config or environment, 2 a usage error (a flag or setting variable out of
+  range, named with the range, the same for a flag and a variable), 3 what
+  may pass on retry (a busy port, an address that cannot be bound).
 - A warning when API_KEY is unset and the address is not loopback.
 
 Independent start-ups run concurrently (module fixtures, one thread per
@@ -430,13 +433,23 @@ def failures(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Failures]:
         "host not bindable": (mock + ["--host", "192.0.2.1", "-p", "0"], {}),  # TEST-NET-1: bind fails
         "port not a number": (mock + ["-p", "abc"], {}),
         "port out of range": (mock + ["-p", "70000"], {}),
+        "PORT out of range": (mock, {"PORT": "70000"}),
         "missing env file": (mock + ["-p", "0", "--env-file", "nowhere.env"], {}),
+        "deadline negative": (mock + ["-p", "0", "--deadline", "-5"], {}),
+        "body timeout nan": (mock + ["-p", "0", "--body-timeout", "nan"], {}),
+        "shutdown timeout negative": (mock + ["-p", "0", "--shutdown-timeout", "-1"], {}),
+        "header timeout zero": (mock + ["-p", "0", "--header-timeout", "0"], {}),
+        "keepalive timeout too long": (mock + ["-p", "0", "--keepalive-timeout", "1e9"], {}),
+        "log level unknown": (mock + ["-p", "0"], {"AIWF_LOG_LEVEL": "verbose"}),
+        "SSE keep-alive zero": (mock + ["-p", "0"], {"AIWF_SSE_KEEPALIVE": "0"}),
+        "SSE keep-alive in .env": (mock + ["-p", "0", "--env-file", "bad.env"], {}),
     }
     dirs = {}
     for name in jobs:
         d = tmp_path_factory.mktemp(name.replace(" ", "_"))
         (d / "tmp").mkdir()
         dirs[name] = d
+    (dirs["SSE keep-alive in .env"] / "bad.env").write_text("AIWF_SSE_KEEPALIVE=soon\n", encoding="utf-8")
     try:
         with ThreadPoolExecutor(len(jobs)) as pool:
             futures = {name: pool.submit(run_cli, a, {**e, "TMPDIR": str(dirs[name] / "tmp")}, dirs[name])
@@ -453,21 +466,53 @@ def test_version(failures: Failures) -> None:
     assert done.stdout.strip() == f"aiwfd {__version__}"
 
 
+DURATION = "expected seconds, more than 0 and at most 86400$"
+SSE_KEEPALIVE = "expected seconds, more than 0 and at most 3600$"
 ONE_LINE_FAILURES = {
     "missing config": r"config\.yaml.*not found",
     "no openai key": r"OPENAI_API_KEY not set",
     "port in use": r"port {busy} already in use.*--port",
     "host not bindable": r"192\.0\.2\.1.*(--host|cannot)",
-    "port not a number": r"invalid port 'abc'",
-    "port out of range": r"invalid port '70000'",
+    "port not a number": r"^aiwfd: invalid --port 'abc': expected a whole number from 0 to 65535$",
+    "port out of range": r"^aiwfd: invalid --port '70000': expected a whole number from 0 to 65535$",
+    "PORT out of range": r"^aiwfd: invalid PORT '70000': expected a whole number from 0 to 65535$",
     "missing env file": r"env file.*nowhere\.env",
+    "deadline negative": r"^aiwfd: invalid --deadline '-5': " + DURATION,
+    "body timeout nan": r"^aiwfd: invalid --body-timeout 'nan': " + DURATION,
+    "shutdown timeout negative": r"^aiwfd: invalid --shutdown-timeout '-1': expected seconds, from 0 to 86400$",
+    "header timeout zero": r"^aiwfd: invalid --header-timeout '0': " + DURATION,
+    "keepalive timeout too long": r"^aiwfd: invalid --keepalive-timeout '1e9': " + DURATION,
+    "log level unknown": r"^aiwfd: invalid AIWF_LOG_LEVEL 'verbose': expected debug, info, warning or error$",
+    "SSE keep-alive zero": r"^aiwfd: invalid AIWF_SSE_KEEPALIVE '0': " + SSE_KEEPALIVE,
+    "SSE keep-alive in .env": r"^aiwfd: invalid AIWF_SSE_KEEPALIVE 'soon': " + SSE_KEEPALIVE,
 }
+
+# SPEC §5: 1 invalid config or environment (systemd does not restart into it),
+# 2 usage, 3 may pass on retry.
+EXIT_CODES = {
+    "missing config": 1, "invalid config": 1, "no openai key": 1, "missing env file": 1,
+    "port in use": 3, "host not bindable": 3,
+    "port not a number": 2, "port out of range": 2, "PORT out of range": 2, "deadline negative": 2,
+    "body timeout nan": 2, "shutdown timeout negative": 2, "header timeout zero": 2,
+    "keepalive timeout too long": 2, "log level unknown": 2, "SSE keep-alive zero": 2, "SSE keep-alive in .env": 2,
+}
+
+
+def test_every_failure_has_its_exit_code(failures: Failures) -> None:
+    assert set(EXIT_CODES) == set(failures.results) - {"version"}
+    assert set(ONE_LINE_FAILURES) == set(EXIT_CODES) - {"invalid config"}
+
+
+@pytest.mark.parametrize("case", list(EXIT_CODES))
+def test_startup_failure_exit_code(failures: Failures, case: str) -> None:
+    done = failures.results[case]
+    assert done.returncode == EXIT_CODES[case], (done.returncode, done.stderr)
 
 
 @pytest.mark.parametrize("case", list(ONE_LINE_FAILURES))
 def test_startup_failure_is_one_line(failures: Failures, case: str) -> None:
     done = failures.results[case]
-    assert done.returncode != 0, done.stderr
+    assert done.returncode in (1, 2, 3), done.stderr
     no_traceback(done.stderr + done.stdout)
     lines = done.stderr.splitlines()
     assert len(lines) == 1, done.stderr

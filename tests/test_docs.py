@@ -4,13 +4,17 @@ Like datasette's test_docs.py, the lists come from the code, never from a
 copy in the test:
 
 - every environment variable the code reads (`env.get("…")`, `environ`,
-  `pick(flag, "…")`, any `AIWF_*` literal, and llm.py's KEY_VARS /
-  BASE_URL_VARS tables), every flag of `aiwfd.cli.build_parser()` (walking
-  the subparsers), every agents-file key of config.py's key tuples, every
+  any `AIWF_*` literal, the settings registry's variables, and llm.py's
+  KEY_VARS / BASE_URL_VARS tables), every flag of `aiwfd.cli.build_parser()`
+  (walking the subparsers), every agents-file key of config.py's key tuples, every
   error class of errors.py with its status, every metric, route and stream
   event, and every start-up error message (StartupError texts, taken apart
   with `ast`) appears in docs/; the documented defaults are the code's, and
   the flags and keys the reference tables list exist;
+- docs/deploy.md's flag table lists exactly the flags of the settings
+  registry (aiwfd/settings.py), each with the registry's default and
+  variable; `aiwfd serve --help` is the registry's; Troubleshooting quotes
+  every range a usage error can name;
 - every relative link of README.md, docs/ and examples/README.md resolves,
   anchors included;
 - deploy/docker/Dockerfile (simple line parsing) and deploy/k8s/aiwfd.yaml
@@ -81,7 +85,7 @@ def table_rows(text: str, token: str) -> list[str]:
 
 # --------------------------------------------------------------------------- what the code reads
 
-_ENV_CALL = re.compile(r"""(?:\.get|getenv|pick)\(\s*(?:[^,()"']+,\s*)?["']([A-Z][A-Z0-9_]{2,})["']""")
+_ENV_CALL = re.compile(r"""(?:\.get|getenv)\(\s*(?:[^,()"']+,\s*)?["']([A-Z][A-Z0-9_]{2,})["']""")
 _ENV_INDEX = re.compile(r"""environ\[\s*["']([A-Z][A-Z0-9_]{2,})["']\s*\]""")
 _AIWF_LITERAL = re.compile(r"""["'](AIWF_[A-Z0-9_]+)["']""")
 
@@ -92,6 +96,7 @@ def env_vars_read_by_code() -> set[str]:
         text = path.read_text(encoding="utf-8")
         for rx in (_ENV_CALL, _ENV_INDEX, _AIWF_LITERAL):
             names.update(rx.findall(text))
+    names.update(s.env for s in settings.REGISTRY if s.env)
     names.update(llm.KEY_VARS.values())
     names.update(llm.BASE_URL_VARS.values())
     return names
@@ -170,7 +175,7 @@ def startup_messages() -> list[Message]:
             if isinstance(node, ast.Call) and node.args:
                 name = node.func.id if isinstance(node.func, ast.Name) else getattr(node.func, "attr", "")
                 arg = None
-                if name == "StartupError":
+                if name in ("StartupError", "RetryableStartupError", "UsageError"):
                     arg = node.args[0]
                 elif name == "Problem" and id(node) in in_read and len(node.args) >= 4:
                     arg = node.args[3]
@@ -197,7 +202,8 @@ def test_collectors_find_what_they_should() -> None:
     assert {"compile", "serve", "validate"} <= set(subcommands())
     assert len(http_errors()) >= 14
     texts = " ".join(m.text for m in startup_messages())
-    assert "not set" in texts and "already in use" in texts and "invalid port" in texts and "file not found" in texts
+    assert "not set" in texts and "already in use" in texts and "file not found" in texts
+    assert {"--port", "--deadline", "--shutdown-timeout"} <= {f for s in settings.REGISTRY for f in s.flags}
 
 
 @pytest.mark.parametrize("name", sorted(env_vars_read_by_code()))
@@ -222,33 +228,80 @@ def test_every_subcommand_is_documented() -> None:
         assert f"aiwfd {name}" in text, name
 
 
-def test_every_serve_flag_has_a_row_with_its_default_and_env() -> None:
-    """docs/deploy.md's flag table: one row per flag of `aiwfd serve`, naming the
-    environment variable its help names and the default the code uses."""
-    text = DEPLOY_MD.read_text(encoding="utf-8")
-    serve = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices["serve"]
-    defaults = {
-        "--port": str(settings.DEFAULT_PORT), "--host": settings.DEFAULT_HOST,
-        "--body-timeout": f"{settings.DEFAULT_BODY_TIMEOUT:g}", "--deadline": f"{settings.DEFAULT_DEADLINE:g}",
-        "--shutdown-timeout": f"{cfg.DEFAULT_SHUTDOWN_TIMEOUT:g}", "--log-format": "text", "--log-level": "info",
-    }
-    for action in serve._actions:
-        long = [o for o in action.option_strings if o.startswith("--")]
-        if not long or isinstance(action, argparse._HelpAction):
+def cells(row: str) -> list[str]:
+    """A markdown table row's cells (an escaped `\\|` stays inside its cell)."""
+    return [c.strip() for c in re.split(r"(?<!\\)\|", row.strip())[1:-1]]
+
+
+def flag_table() -> dict[str, tuple[str, str]]:
+    """docs/deploy.md's `| flag | default | env | what |` table: first cell → (default, env)."""
+    rows: dict[str, tuple[str, str]] = {}
+    in_table = False
+    for line in DEPLOY_MD.read_text(encoding="utf-8").splitlines():
+        if not line.startswith("|"):
+            in_table = False
             continue
-        flag = long[0]
-        rows = table_rows(text, flag)
-        assert rows, f"no row for {flag} in docs/deploy.md"
-        row = rows[0]
-        for short in (o for o in action.option_strings if not o.startswith("--")):
-            assert in_code_span(row, short), f"{flag}'s row does not name {short}: {row}"
-        if isinstance(action.default, str):
-            defaults.setdefault(flag, action.default)
-        if flag in defaults:
-            assert defaults[flag] in row, f"{flag}: the code's default {defaults[flag]!r} is not in {row}"
-        env = re.search(r"env ([A-Z][A-Z0-9_]+)", action.help or "")
-        if env:
-            assert in_code_span(row, env.group(1)), f"{flag} reads {env.group(1)}; its row does not say so: {row}"
+        c = cells(line)
+        if c[:3] == ["flag", "default", "env"]:
+            in_table = True
+        elif in_table and not set(c[0]) <= set("-: "):
+            rows[c[0]] = (c[1], c[2])
+    assert rows, "docs/deploy.md has no | flag | default | env | what | table"
+    return rows
+
+
+def flag_cell(s: settings.Setting) -> str:
+    """How the table names a setting's flags: `-p`, `--port PORT`."""
+    last = s.flags[-1] if s.switch else f"{s.flags[-1]} {s.metavar}".replace("|", "\\|")
+    return ", ".join([f"`{f}`" for f in s.flags[:-1]] + [f"`{last}`"])
+
+
+def serve_parser() -> argparse.ArgumentParser:
+    action = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return action.choices["serve"]
+
+
+def test_the_flag_table_is_the_settings_registry() -> None:
+    """One row per flag of the registry, with the registry's default and variable,
+    and no other row than the command's own (--version)."""
+    expected = {flag_cell(s): (s.shown_default, f"`{s.env}`" if s.env else "")
+                for s in settings.REGISTRY if s.flags}
+    own = {"`--version`": ("", "")}
+    assert flag_table() == {**expected, **own}
+
+
+def test_serve_help_is_the_settings_registry() -> None:
+    actions = [a for a in serve_parser()._actions if not isinstance(a, argparse._HelpAction)]
+    registry = [s for s in settings.REGISTRY if s.flags]
+    assert [tuple(a.option_strings) for a in actions] == [s.flags for s in registry]
+    for action, s in zip(actions, registry, strict=True):
+        assert action.help == s.help_text()
+        if s.env:
+            assert f"env {s.env}" in s.help_text()
+
+
+def test_every_setting_variable_has_its_row() -> None:
+    """A variable that a flag also sets names the flag that wins; one that only a
+    variable sets shows its default."""
+    text = DEPLOY_MD.read_text(encoding="utf-8")
+    for s in settings.REGISTRY:
+        if not s.env:
+            continue
+        rows = table_rows(text, s.env)
+        assert rows, f"{s.env} has no row in docs/deploy.md"
+        if s.flags:
+            assert in_code_span(rows[0], s.flag), f"{s.env}'s row does not say that {s.flag} wins: {rows[0]}"
+        else:
+            assert s.shown_default in rows[0], f"{s.env}: the default {s.shown_default} is not in {rows[0]}"
+
+
+def test_every_range_of_a_usage_error_is_in_troubleshooting() -> None:
+    text = DEPLOY_MD.read_text(encoding="utf-8")
+    section = text[text.index("## Troubleshooting"):]
+    ranges = {s.expected for s in settings.REGISTRY if s.expected}
+    assert len(ranges) >= 5
+    missing = sorted(r for r in ranges if f"expected {r}`" not in section)
+    assert not missing, f"usage errors not quoted in docs/deploy.md#troubleshooting: {missing}"
 
 
 def test_the_flag_table_lists_only_real_flags() -> None:
@@ -260,11 +313,6 @@ def test_the_flag_table_lists_only_real_flags() -> None:
             listed.update(re.findall(r"`(--?[a-z][a-z-]*)", line.split("|")[1]))
     assert listed, "docs/deploy.md has no flag table"
     assert listed <= flags, f"documented flags that build_parser() does not have: {sorted(listed - flags)}"
-
-
-def test_sse_keepalive_default_is_documented() -> None:
-    rows = table_rows(DEPLOY_MD.read_text(encoding="utf-8"), "AIWF_SSE_KEEPALIVE")
-    assert rows and f"{settings.DEFAULT_SSE_KEEPALIVE:g}" in rows[0]
 
 
 @pytest.mark.parametrize("section,key", [(s, k) for s, keys in AGENTS_FILE_KEYS.items() for k in keys])
@@ -624,7 +672,8 @@ def test_k8s_grace_period_exceeds_prestop_and_drain(tmp_path: Path) -> None:
     pod = objs["Deployment"]["spec"]["template"]["spec"]
     args = parse_serve(k8s_argv())
     config = cfg.load(k8s_agents_file(tmp_path))
-    drain = settings.Settings(shutdown_timeout=args.shutdown_timeout).effective_shutdown_timeout(config)
+    flags = settings.flag_values(args)  # parsed as `aiwfd serve` parses them
+    drain = settings.Settings(shutdown_timeout=flags.get("shutdown_timeout")).effective_shutdown_timeout(config)
     pre_stop = 0.0
     hook = container().get("lifecycle", {}).get("preStop")
     if hook:
@@ -656,7 +705,7 @@ def test_k8s_read_only_root_has_a_writable_tmp() -> None:
     c = container()
     if not c.get("securityContext", {}).get("readOnlyRootFilesystem"):
         return
-    if parse_serve(k8s_argv()).output:
+    if parse_serve(k8s_argv()).output_dir:
         return
     assert any(m["mountPath"] == "/tmp" for m in c["volumeMounts"]), "mount an emptyDir at /tmp"
 

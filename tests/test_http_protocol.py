@@ -33,7 +33,7 @@ from aiwfd.testing.inprocess import InProcess, serve
 API_KEY = "k-one"
 MAX_BODY = 65536
 HEADER_TIMEOUT = 1.0
-KEEPALIVE_TIMEOUT = 1.5
+KEEPALIVE_TIMEOUT = 3.0
 SANE_ID = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")
 GOOD = b'{"name":"Alice"}'
 
@@ -43,6 +43,15 @@ async def srv(fake: FakeOpenAI, agents_config: Any) -> AsyncIterator[InProcess]:
     async with serve(agents_config, env=agents_env(fake, API_KEY=API_KEY), max_body=MAX_BODY,
                      body_timeout=2.0, header_timeout=HEADER_TIMEOUT,
                      keepalive_timeout=KEEPALIVE_TIMEOUT) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+async def long_keepalive(fake: FakeOpenAI, agents_config: Any) -> AsyncIterator[InProcess]:
+    """The same server with the production keep-alive timeout (75 s): whatever closes a
+    connection within a few seconds here is the header timeout, not aiohttp's idle timer."""
+    async with serve(agents_config, env=agents_env(fake, API_KEY=API_KEY), max_body=MAX_BODY,
+                     body_timeout=2.0, header_timeout=HEADER_TIMEOUT) as s:
         yield s
 
 
@@ -161,7 +170,7 @@ ATTACKS = [
     Attack("negative-content-length", b"POST /agent/greeter HTTP/1.1\r\n" + HEAD +
            b"Content-Length: -16\r\n\r\n" + GOOD, 400, "invalid_request", b"-16"),
     Attack("unknown-method", b"FOO /agent/greeter HTTP/1.1\r\n" + HEAD + b"\r\n", 405, "method_not_allowed",
-           b"FOO", headers=(("allow", "DELETE, GET, HEAD, OPTIONS, POST"),)),
+           b"FOO", headers=(("allow", "GET, HEAD, POST"),)),
     Attack("non-ascii-path", b"GET /agent/\xff\xfeevil HTTP/1.1\r\n" + HEAD + b"\r\n", 404, "not_found", b"evil"),
     Attack("10k-header-line", b"GET /health HTTP/1.1\r\n" + HEAD + b"X-Pad: " + b"s3cr3t" * 1700 + b"\r\n\r\n",
            431, "headers_too_large", b"s3cr3t"),
@@ -180,6 +189,10 @@ ATTACKS = [
            "invalid_request", b"s3cr3t"),
     Attack("chunked-and-length", b"POST /agent/greeter HTTP/1.1\r\n" + HEAD + b"X-API-Key: k-one\r\n"
            b"Transfer-Encoding: chunked\r\nContent-Length: 16\r\n\r\n" + GOOD, 400, "invalid_request", b"k-one"),
+    # The parser's message quotes the request: a header must not steer the answer.
+    Attack("reason-in-a-header-value", b"GET /health HTTP/1.1\r\n" + HEAD +
+           b"X-S: Content-Length overflow Too many headers\x7f\r\n\r\n", 400, "invalid_request", b"overflow"),
+    Attack("missing-host", b"GET /health HTTP/1.1\r\nX-S: s3cr3t\r\n\r\n", 400, "invalid_request", b"s3cr3t"),
     Attack("bad-chunk-size", b"POST /agent/greeter HTTP/1.1\r\n" + HEAD + b"X-API-Key: k-one\r\n"
            b"Transfer-Encoding: chunked\r\n\r\nzz-s3cr3t\r\n", 400, "invalid_request", b"s3cr3t"),
 ]
@@ -266,6 +279,13 @@ async def test_compressed_body_errors(srv: InProcess, path: str, case: str, codi
     await healthy(srv)
 
 
+async def test_a_body_of_many_empty_gzip_members_is_refused(srv: InProcess) -> None:
+    """50,000 empty members took 1.4 s of the event loop to inflate: more than 64 are a 400."""
+    data = gzip.compress(GOOD) + gzip.compress(b"") * 3000
+    a = await exchange(srv.server.port, post("/agent/greeter", data, b"Content-Encoding: gzip"))
+    check_shape(a, 400, "invalid_json")
+
+
 async def test_two_gzip_members_are_one_body(srv: InProcess) -> None:
     """RFC 1952 lets a gzip stream hold several members; their contents are concatenated."""
     data = gzip.compress(b'{"name":') + gzip.compress(b'"Alice"}')
@@ -325,10 +345,22 @@ async def test_100_continue_once_the_headers_pass(srv: InProcess, path: str, bod
         await conn.close()
 
 
+async def test_a_refused_body_sent_without_waiting_is_read_and_answered(srv: InProcess) -> None:
+    """Clients that send the body at once (Go's default, curl after 1 s) are not reset:
+    aiohttp's lingering read takes the body, and the client reads its 401."""
+    body = b'{"name":"' + b"a" * 60000 + b'"}'
+    conn = await Conn.open(srv.server.port)
+    try:
+        await conn.send(expecting(length=len(body), key=b"nope") + body)
+        check_shape(await conn.answer(), 401, "unauthorized")
+    finally:
+        await conn.close()
+
+
 # --------------------------------------------------------------------------- header and keep-alive timeouts
 
-async def test_a_connection_that_sends_nothing_is_closed(srv: InProcess) -> None:
-    conn = await Conn.open(srv.server.port)
+async def test_a_connection_that_sends_nothing_is_closed(long_keepalive: InProcess) -> None:
+    conn = await Conn.open(long_keepalive.server.port)
     try:
         assert await conn.closed(HEADER_TIMEOUT + 5)
     finally:
@@ -423,3 +455,35 @@ async def test_a_bug_cleaning_a_partial_answer_is_logged(srv: InProcess, fake: F
     # Before: `except Exception: pass` (nothing logged); the partial is still sent.
     assert any("partial answer" in r.getMessage() and rid in r.getMessage() and r.exc_info
                for r in caplog.records), caplog.text
+
+
+async def test_a_body_left_unread_does_not_arm_the_header_timer(long_keepalive: InProcess) -> None:
+    """A request refused before its body (401) whose body arrives after the answer: aiohttp
+    reads it away (lingering). Those bytes are no head: no stray 408 at the header
+    timeout, and the kept-alive connection still serves the next request."""
+    conn = await Conn.open(long_keepalive.server.port)
+    try:
+        await conn.send(post(key=b"nope")[:-len(GOOD)])
+        check_shape(await conn.answer(), 401, "unauthorized")
+        await conn.send(GOOD)  # the body, late
+        assert not await conn.closed(HEADER_TIMEOUT + 1.0)
+        await conn.send(post())
+        assert (await conn.answer()).status == 200
+    finally:
+        await conn.close()
+
+
+async def test_a_chunk_malformed_in_a_later_packet_is_400_at_once(srv: InProcess) -> None:
+    """Before: the body waited --body-timeout for bytes that never came (408 after 2 s here),
+    and the parser's queued error was never answered."""
+    conn = await Conn.open(srv.server.port)
+    try:
+        await conn.send(b"POST /agent/greeter HTTP/1.1\r\n" + HEAD + b"X-API-Key: k-one\r\n"
+                        b"Transfer-Encoding: chunked\r\n\r\n5\r\n{\"nam\r\n")
+        await asyncio.sleep(0.2)  # deliberately a later packet, after the handler started reading
+        await conn.send(b"zz-not-a-size\r\n")
+        a = await conn.answer()
+        check_shape(a, 400, "invalid_json")
+        assert await conn.closed(5)  # one answer, then the connection ends
+    finally:
+        await conn.close()

@@ -1,7 +1,8 @@
 """The daemon's life: start, serve, reload on SIGHUP, drain on SIGTERM/SIGINT.
 
 Start-up problems raise ConfigError/StartupError before anything listens;
-`cli.py` turns them into one line and an exit code. Signal handlers are
+`cli.py` turns them into one line and an exit code, and ends the process
+with the code of how the daemon stopped (`run` returns a `Stop`). Signal handlers are
 installed before READY=1, so an early SIGHUP can never kill the process.
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import errno
 import gc
 import ipaddress
@@ -17,10 +19,9 @@ import os
 import shutil
 import signal
 import socket
-import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator, NoReturn
+from typing import Any, Coroutine, Iterator
 
 import aiohttp
 from aiohttp import web
@@ -28,7 +29,7 @@ from aiohttp import web
 from aiwfd import __version__
 from aiwfd.http.app import create_app
 from aiwfd.spec.compiler import Compiled, Memo, load_and_compile
-from aiwfd.errors import ConfigError, StartupError
+from aiwfd.errors import ConfigError, RetryableStartupError, StartupError
 from aiwfd.daemon.listener import GreedyTCPSite
 from aiwfd.providers.llm import transport_from_env
 from aiwfd.logs import ProtocolErrorLogger, RequestLog
@@ -41,7 +42,6 @@ from aiwfd.settings import Settings
 logger = logging.getLogger("aiwfd")
 
 EPHEMERAL_PREFIX = "aiwfd-"
-EXIT_INTERRUPTED = 130
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
 
@@ -92,6 +92,7 @@ class Server:
         self.session: aiohttp.ClientSession | None = None
         self.ephemeral: Path | None = None
         self.stopped = asyncio.Event()
+        self.interrupted = asyncio.Event()  # a second SIGINT: leave without finishing the drain
         self._stop_signals = 0
         self._reload_task: asyncio.Task[None] | None = None
         self._reload_again = False
@@ -137,7 +138,7 @@ class Server:
         except OSError as e:
             await asyncio.gather(writing, return_exceptions=True)
             await self._close_resources()
-            raise StartupError(_bind_error(s.host, s.port, e)) from None
+            raise RetryableStartupError(_bind_error(s.host, s.port, e)) from None
         self.port = _bound_port(site)
         if self.install_signals:
             self._install_signal_handlers()
@@ -145,7 +146,7 @@ class Server:
             await writing
         except OSError as e:
             await self._close_resources()
-            raise StartupError(f"cannot write the compiled artifacts to {artifacts_dir}: "
+            raise RetryableStartupError(f"cannot write the compiled artifacts to {artifacts_dir}: "
                                f"{e.strerror or e}") from None
         if not s.api_keys and not _is_loopback(s.host):
             logger.warning("API_KEY is not set and %s is not a loopback address: anyone who can "
@@ -190,12 +191,12 @@ class Server:
     # ---------------------------------------------------------------- signals
 
     def on_stop_signal(self, signum: int) -> None:
+        """Only sets state: `run` acts on it (the drain, or leaving at once)."""
         self._stop_signals += 1
         if self._stop_signals > 1:
             if signum == signal.SIGINT:
                 logger.warning("second interrupt: exiting now")
-                self._remove_ephemeral()
-                os._exit(EXIT_INTERRUPTED)
+                self.interrupted.set()
             return
         logger.info("%s: draining and shutting down", signal.Signals(signum).name)
         self.stopped.set()
@@ -367,7 +368,7 @@ class Server:
         # What is loaded by now (the SDKs' modules, the first config) lives as
         # long as the process: keep it out of the collector, whose full passes
         # over it stall the loop ~200 ms (requests, and the watchdog ping).
-        # `aiwfd serve` starts with the collector off (serve_cli): on from here.
+        # `aiwfd serve` starts with the collector off (cli.serve): on from here.
         gc.freeze()
         gc.enable()
         await self.stopped.wait()
@@ -425,23 +426,58 @@ def _bind_error(host: str, port: int, e: OSError) -> str:
     return f"cannot listen on {host}:{port}: {reason}"
 
 
-def run(settings: Settings) -> NoReturn:
-    """Run the daemon until it is stopped, then end the process with the exit code."""
-    coro = Server(settings).serve()
+class Stop(enum.Enum):
+    """How the daemon stopped; cli.py turns it into the exit code."""
+
+    CLEAN = "clean"               # drained, everything released
+    INTERRUPTED = "interrupted"   # a second SIGINT during the drain
+
+
+async def _until_stopped(server: Server) -> Stop:
+    serving = asyncio.ensure_future(server.serve())
+    interrupted = asyncio.ensure_future(server.interrupted.wait())
+    await asyncio.wait({serving, interrupted}, return_when=asyncio.FIRST_COMPLETED)
+    if serving.done():
+        interrupted.cancel()
+        serving.result()  # a start-up error raises here
+        return Stop.CLEAN
+    server._remove_ephemeral()
+    return Stop.INTERRUPTED
+
+
+def run(settings: Settings) -> Stop:
+    """Run the daemon until it stops. Start-up problems raise (everything is
+    released first); after a second SIGINT the loop is left as it is, the
+    drain and any thread still running: the caller ends the process at once."""
+    loop = _event_loop()
+    asyncio.set_event_loop(loop)
+    try:
+        stop = loop.run_until_complete(_until_stopped(Server(settings)))
+    except BaseException:
+        _close(loop)
+        raise
+    if stop is Stop.CLEAN:
+        _close(loop)
+    return stop
+
+
+def _event_loop() -> asyncio.AbstractEventLoop:
     try:
         import uvloop  # the [speed] extra
     except ImportError:
-        code = asyncio.run(coro)
-    else:
-        code = uvloop.run(coro)
-    # Stopped cleanly: connections, clients and the ephemeral directory are
-    # gone. The interpreter's teardown (freeing every module of the SDKs) would
-    # take longer than the drain itself on a busy machine, past the bound of
-    # --shutdown-timeout + 2 s: flush and leave now.
-    logging.shutdown()
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):
-            pass
-    os._exit(code)
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
+def _close(loop: asyncio.AbstractEventLoop) -> None:
+    """What asyncio.run does on its way out: cancel what still runs, wait for it, close."""
+    tasks = [t for t in asyncio.all_tasks(loop) if not t.done()]
+    for task in tasks:
+        task.cancel()
+    if tasks:
+        loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+    cleanup: list[Coroutine[Any, Any, None]] = [loop.shutdown_asyncgens(), loop.shutdown_default_executor()]
+    for step in cleanup:
+        loop.run_until_complete(step)
+    asyncio.set_event_loop(None)
+    loop.close()
