@@ -18,12 +18,12 @@ import jsonschema
 import pytest
 from aiohttp import web
 from openapi_spec_validator import validate
-from prometheus_client.parser import text_string_to_metric_families
 
 from aiwfd.spec.compiler import load_and_compile
 from aiwfd.spec.config import DEFAULT_BATCH_CONCURRENCY, DEFAULT_BATCH_MAX
-from aiwfd.testing.fakeopenai import Behaviour, FakeOpenAI, Reply, Status
+from aiwfd.testing.fakeopenai import Behaviour, FakeOpenAI, Hold, Reply, Status
 from aiwfd.testing.inprocess import InProcess, fake_env, serve, write_config
+from aiwfd.testing.metrics import delta
 from tests.conftest import CONFIGS
 
 CONFIG = CONFIGS / "sb_agents.yaml"
@@ -38,17 +38,20 @@ class EchoFake(FakeOpenAI):
         super().__init__()
         self.delay = 0.0
         self.plan: dict[str, float | Behaviour] = {}
+        self.answered: list[str] = []  # names, in the order their answers were sent
 
     async def _answer(self, request: web.Request, body: dict[str, Any],
                       behaviour: Behaviour | None) -> web.StreamResponse:
+        name = str(json.loads(body["messages"][1]["content"]).get("name"))
         if behaviour is None:
-            name = json.loads(body["messages"][1]["content"])["name"]
             planned = self.plan.get(name, self.delay)
             if isinstance(planned, (int, float)):
                 behaviour = Reply(data={"message": f"Hello, {name}"}, delay=planned)
             else:
                 behaviour = planned
-        return await super()._answer(request, body, behaviour)
+        response = await super()._answer(request, body, behaviour)
+        self.answered.append(name)
+        return response
 
 
 @pytest.fixture(scope="module")
@@ -68,18 +71,12 @@ def _reset(fake: EchoFake) -> None:
     fake.reset()
     fake.delay = 0.0
     fake.plan = {}
+    fake.answered = []
 
 
 async def batch(srv: InProcess, agent: str, body: Any) -> tuple[int, dict[str, str], Any]:
     async with srv.session.post(srv.url(f"/agent/{agent}/batch"), json=body) as r:
         return r.status, dict(r.headers), await r.json()
-
-
-async def metrics(srv: InProcess) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    async with srv.session.get(srv.url("/metrics")) as r:
-        text = await r.text()
-    return {(s.name, frozenset(s.labels.items())): s.value
-            for fam in text_string_to_metric_families(text) for s in fam.samples}
 
 
 # --------------------------------------------------------------------------
@@ -88,10 +85,20 @@ async def metrics(srv: InProcess) -> dict[tuple[str, frozenset[tuple[str, str]]]
 
 async def test_results_in_input_order(srv: InProcess, fake: EchoFake) -> None:
     names = ["Ann", "Bob", "Cat", "Dan", "Eve"]
-    # The first inputs answer last.
-    fake.plan = {"Ann": 0.3, "Bob": 0.2, "Cat": 0.1}
-    status, headers, doc = await batch(srv, "greeter", {"inputs": [{"name": n} for n in names]})
+    # The first inputs answer last: the model holds Ann, Bob and Cat (the
+    # batch_concurrency of 3 in flight) until the test lets each go.
+    gates = {n: asyncio.Event() for n in ("Ann", "Bob", "Cat")}
+    fake.plan = {n: Hold(g, Reply(data={"message": f"Hello, {n}"})) for n, g in gates.items()}
+    call = asyncio.create_task(batch(srv, "greeter", {"inputs": [{"name": n} for n in names]}))
+    await fake.wait_calls(3)
+    assert sorted(json.loads(r.messages[1]["content"])["name"] for r in fake.requests) == ["Ann", "Bob", "Cat"]
+    gates["Cat"].set()
+    await fake.wait_calls(5)  # Cat's slot went to Dan, Dan's to Eve
+    gates["Bob"].set()
+    gates["Ann"].set()
+    status, headers, doc = await call
     assert status == 200, doc
+    assert fake.answered[:2] == ["Cat", "Dan"] and sorted(fake.answered) == sorted(names), fake.answered
     assert list(doc) == ["results"]
     results = doc["results"]
     assert [r["data"] for r in results] == [{"message": f"Hello, {n}"} for n in names]
@@ -215,17 +222,16 @@ def test_batch_defaults(tmp_path: Path) -> None:
 
 
 async def test_batch_counts_in_metrics(srv: InProcess, fake: EchoFake) -> None:
-    before = await metrics(srv)
+    before = await srv.scrape()
     fake.plan = {"Cat": Status(500)}
     inputs = [{"name": "Ann"}, {"name": "Bob"}, {"name": ""}, {"name": "Cat"}]
     status, _, doc = await batch(srv, "twice", {"inputs": inputs})
     assert status == 200
     await batch(srv, "twice", {"inputs": "nope"})  # 422 for the whole batch: no agent call
-    after = await metrics(srv)
+    after = await srv.scrape()
 
     def d(name: str, **labels: str) -> float:
-        key = (name, frozenset(labels.items()))
-        return after.get(key, 0.0) - before.get(key, 0.0)
+        return delta(before, after, name, **labels)
 
     route = "/agent/{name}/batch"
     assert d("aiwfd_http_requests_total", route=route, method="POST", status="200") == 1

@@ -20,7 +20,7 @@ import aiohttp
 import orjson
 import pytest
 
-from aiwfd.testing.fakeopenai import FakeOpenAI
+from aiwfd.testing.fakeopenai import FakeOpenAI, Hold
 from aiwfd.testing.processes import START_TIMEOUT, AiwfdProcess, started
 from tests.conftest import CONFIGS
 
@@ -71,9 +71,13 @@ async def wait_log(proc: AiwfdProcess, pattern: str, start: int = 0, timeout: fl
 
 
 async def test_sigterm_finishes_all_inflight_requests(tmp_path: Path) -> None:
-    async with FakeOpenAI(latency=2.0) as fake, \
+    async with FakeOpenAI() as fake, \
             started(["serve", "-f", LIFE, "-p", "0"], env_for(fake, tmp_path)) as proc:
         [ephemeral] = ephemeral_dirs(tmp_path, proc.pid)
+        # The model holds every answer until the probes below are done: the
+        # drain lasts exactly as long as the test needs, not "long enough".
+        answer = asyncio.Event()
+        fake.script(*[Hold(answer)] * 50)
         assert (ephemeral / "agents" / "greeter.json").is_file()
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
             # A keep-alive connection opened (and used) before the signal.
@@ -87,7 +91,7 @@ async def test_sigterm_finishes_all_inflight_requests(tmp_path: Path) -> None:
             assert fake.inflight == 50  # all 50 are in flight when the signal comes
             mark = len(proc.lines)
             proc.send(signal.SIGTERM)
-            # Logged once the listener is closed; the drain lasts until the last call's 2 s are over.
+            # Logged once the listener is closed; the drain lasts until the model answers.
             await wait_log(proc, r"waiting up to 30s for \d+ in-flight requests", mark)
 
             # New connections are refused...
@@ -101,6 +105,8 @@ async def test_sigterm_finishes_all_inflight_requests(tmp_path: Path) -> None:
             assert await asyncio.wait_for(reader.read(), 10) == b""  # the server closed it
             writer.close()
 
+            assert proc.proc.poll() is None and fake.inflight == 50  # still draining
+            answer.set()
             results = await asyncio.gather(*calls)
         assert [r[0] for r in results] == [200] * 50, [r for r in results if r[0] != 200][:3]
         assert all(r[1]["data"] == {"message": "sample"} for r in results)
@@ -116,10 +122,11 @@ async def test_sigterm_finishes_all_inflight_requests(tmp_path: Path) -> None:
 
 async def test_shutdown_timeout_answers_503_to_what_is_still_running(tmp_path: Path) -> None:
     timeout = 1.0
-    async with FakeOpenAI(latency=5.0) as fake, \
+    async with FakeOpenAI() as fake, \
             started(["serve", "-f", LIFE, "-p", "0", "--shutdown-timeout", str(timeout)],
                   env_for(fake, tmp_path)) as proc:
         [ephemeral] = ephemeral_dirs(tmp_path, proc.pid)
+        fake.script(*[Hold(asyncio.Event())] * 10)  # never answered: the timeout must end them
         async with aiohttp.ClientSession() as session:
             calls = [asyncio.create_task(call(session, proc.url("/agent/greeter"))) for _ in range(10)]
             await fake.wait_calls(10, timeout=30)
@@ -145,9 +152,10 @@ async def test_shutdown_timeout_answers_503_to_what_is_still_running(tmp_path: P
 
 
 async def test_second_sigint_exits_at_once(tmp_path: Path) -> None:
-    async with FakeOpenAI(latency=30.0) as fake, \
+    async with FakeOpenAI() as fake, \
             started(["serve", "-f", LIFE, "-p", "0"], env_for(fake, tmp_path)) as proc:
         [ephemeral] = ephemeral_dirs(tmp_path, proc.pid)
+        fake.script(Hold(asyncio.Event()))  # never answered: only the second SIGINT ends it
         async with aiohttp.ClientSession() as session:
             pending = asyncio.create_task(call(session, proc.url("/agent/greeter")))
             await fake.wait_calls(1, timeout=30)

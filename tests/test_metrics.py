@@ -20,8 +20,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.conftest import agents_env
 from aiwfd.testing.fakeopenai import FakeOpenAI, Hang, Reply, Status, Violate
 from aiwfd.testing.inprocess import InProcess, serve
+from aiwfd.testing.metrics import delta, value
 
-Sample = tuple[str, frozenset[tuple[str, str]]]
 ROUTES = {"/health", "/agents", "/agent/{name}", "/agent/{name}/schema", "/openapi.json", "/metrics", "/docs",
           "unmatched"}
 
@@ -47,26 +47,6 @@ def _reset(fake: FakeOpenAI) -> None:
     fake.reset()
 
 
-async def scrape(srv: InProcess) -> dict[Sample, float]:
-    async with srv.session.get(srv.url("/metrics")) as r:
-        assert r.status == 200
-        assert r.headers["Content-Type"].startswith("text/plain")
-        text = await r.text()
-    out: dict[Sample, float] = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            out[(s.name, frozenset(s.labels.items()))] = s.value
-    return out
-
-
-def value(m: dict[Sample, float], name: str, **labels: str) -> float:
-    return m.get((name, frozenset(labels.items())), 0.0)
-
-
-def delta(before: dict[Sample, float], after: dict[Sample, float], name: str, **labels: str) -> float:
-    return value(after, name, **labels) - value(before, name, **labels)
-
-
 async def post(srv: InProcess, agent: str, body: Any) -> tuple[int, dict[str, Any]]:
     async with srv.session.post(srv.url(f"/agent/{agent}"), json=body) as r:
         return r.status, await r.json()
@@ -87,11 +67,11 @@ async def test_every_metric_of_the_spec_is_exposed(srv: InProcess) -> None:
 
 
 async def test_a_successful_call(srv: InProcess, fake: FakeOpenAI) -> None:
-    before = await scrape(srv)
+    before = await srv.scrape()
     fake.script(Reply(data={"message": "Hello, Ann!"}))
     status, doc = await post(srv, "greeter", {"name": "Ann"})
     assert status == 200
-    after = await scrape(srv)
+    after = await srv.scrape()
     usage = doc["trace"]["usage"]
     assert delta(before, after, "aiwfd_http_requests_total", route="/agent/{name}", method="POST", status="200") == 1
     assert delta(before, after, "aiwfd_http_request_duration_seconds_count", route="/agent/{name}") == 1
@@ -109,11 +89,11 @@ async def test_a_successful_call(srv: InProcess, fake: FakeOpenAI) -> None:
 
 
 async def test_a_reask_counts_two_attempts(srv: InProcess, fake: FakeOpenAI) -> None:
-    before = await scrape(srv)
+    before = await srv.scrape()
     fake.script(Violate(), Reply(data={"message": "fixed"}))
     status, doc = await post(srv, "greeter", {"name": "Ann"})
     assert status == 200 and doc["trace"]["attempts"] == 2
-    after = await scrape(srv)
+    after = await srv.scrape()
     assert delta(before, after, "aiwfd_agent_attempts_total", agent="greeter") == 2
     assert delta(before, after, "aiwfd_agent_calls_total", agent="greeter", outcome="ok") == 1
     assert delta(before, after, "aiwfd_upstream_duration_seconds_count", agent="greeter", provider="openai") == 2
@@ -122,7 +102,7 @@ async def test_a_reask_counts_two_attempts(srv: InProcess, fake: FakeOpenAI) -> 
 
 
 async def test_errors_are_counted_by_type(srv: InProcess, fake: FakeOpenAI) -> None:
-    before = await scrape(srv)
+    before = await srv.scrape()
     status, _ = await post(srv, "greeter", {"name": ""})  # 422: the model is never called
     assert status == 422
     fake.script(Violate(), Violate())  # `twice` has max_attempts 2
@@ -131,7 +111,7 @@ async def test_errors_are_counted_by_type(srv: InProcess, fake: FakeOpenAI) -> N
     fake.script(Status(400))  # not retried
     status, doc = await post(srv, "tuned", {"name": "Ann"})
     assert status == 502 and doc["error"]["type"] == "upstream_error"
-    after = await scrape(srv)
+    after = await srv.scrape()
     assert delta(before, after, "aiwfd_http_requests_total", route="/agent/{name}", method="POST", status="422") == 1
     assert delta(before, after, "aiwfd_http_requests_total", route="/agent/{name}", method="POST", status="502") == 2
     assert delta(before, after, "aiwfd_agent_calls_total", agent="greeter", outcome="invalid_input") == 1
@@ -144,20 +124,20 @@ async def test_errors_are_counted_by_type(srv: InProcess, fake: FakeOpenAI) -> N
 
 
 async def test_inflight_gauge(srv: InProcess, fake: FakeOpenAI) -> None:
-    idle = await scrape(srv)
+    idle = await srv.scrape()
     assert value(idle, "aiwfd_inflight_requests") == 1  # the scrape itself
     fake.script(Hang(0.5), Hang(0.5))
     calls = [asyncio.ensure_future(post(srv, "greeter", {"name": "Ann"})) for _ in range(2)]
     await fake.wait_calls(2)
-    busy = await scrape(srv)
+    busy = await srv.scrape()
     assert value(busy, "aiwfd_inflight_requests") == 3
     for status, _ in await asyncio.gather(*calls):
         assert status == 200
-    assert value(await scrape(srv), "aiwfd_inflight_requests") == 1
+    assert value(await srv.scrape(), "aiwfd_inflight_requests") == 1
 
 
 async def test_reloads_are_counted(srv: InProcess, cfg: Path) -> None:
-    before = await scrape(srv)
+    before = await srv.scrape()
     assert await srv.server.reload()
     good = cfg.read_text()
     cfg.write_text("assistants: {greeter: {model: }}\n")
@@ -165,7 +145,7 @@ async def test_reloads_are_counted(srv: InProcess, cfg: Path) -> None:
         assert not await srv.server.reload()
     finally:
         cfg.write_text(good)
-    after = await scrape(srv)
+    after = await srv.scrape()
     assert delta(before, after, "aiwfd_config_reloads_total", result="ok") == 1
     assert delta(before, after, "aiwfd_config_reloads_total", result="error") == 1
 
@@ -197,7 +177,7 @@ async def test_unknown_agents_and_paths_create_no_label_values(srv: InProcess) -
                          ("DELETE", "/nope"), ("DELETE", "/agent/nope"), ("POST", "/docs/nope.js")):
         async with srv.session.request(method, srv.url(path), json={"name": "x"}) as r:
             assert r.status in (404, 405)
-    before = await scrape(srv)
+    before = await srv.scrape()
     rng = random.Random(7)
     # Methods the HTTP parser knows but aiwfd does not route: all share method="other".
     methods = ["GET", "POST", "DELETE", "PURGE", "PROPFIND", "MKCOL", "LOCK"]
@@ -217,7 +197,7 @@ async def test_unknown_agents_and_paths_create_no_label_values(srv: InProcess) -
     statuses = [s for r in results for s in r]
     assert len(statuses) == 10_000
     assert set(statuses) <= {404, 405}
-    after = await scrape(srv)
+    after = await srv.scrape()
     labels_before = {k for k in before if not k[0].startswith("aiwfd_inflight")}
     labels_after = {k for k in after if not k[0].startswith("aiwfd_inflight")}
     assert labels_after - labels_before == set(), sorted(labels_after - labels_before)[:10]

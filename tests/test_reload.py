@@ -19,8 +19,9 @@ from typing import Any, Iterable
 import aiohttp
 import orjson
 
-from aiwfd.testing.fakeopenai import DEFAULT_TEXT, FakeOpenAI, RecordedRequest, Reply
+from aiwfd.testing.fakeopenai import DEFAULT_TEXT, FakeOpenAI, Hold, RecordedRequest
 from aiwfd.testing.inprocess import fake_env, serve
+from aiwfd.testing.metrics import delta
 from aiwfd.testing.processes import AiwfdProcess, started
 from tests.conftest import CONFIGS
 
@@ -171,9 +172,39 @@ async def test_sighup_under_load_drops_nothing_and_uses_the_new_config(tmp_path:
                 health = orjson.loads(await r.read())
             assert health["status"] == "ok" and health["agents"] == 3
         assert len([ln for ln in proc.lines if " serving " in ln]) == 1
+        # 20 one at a time, at least one for the burst, the last one. How many
+        # the burst makes is not this test's to say: a reload of this small file
+        # takes under the 5 ms between two signals (measured: 93 to 100 reloads
+        # for the 100 signals), and signals sent back to back merge in the
+        # kernel. The coalescing itself: test_a_burst_of_sighups_is_one_reload.
         assert len([ln for ln in proc.lines if "reloaded" in ln]) >= 22
         assert not [ln for ln in proc.lines if "reload failed" in ln or "Traceback" in ln]
         assert await asyncio.to_thread(proc.stop) == 0
+
+
+async def test_a_burst_of_sighups_is_one_reload(tmp_path: Path) -> None:
+    """SIGHUPs that come before a reload has begun reading the file ask for
+    nothing more (SPEC §5): that reload reads what they announced. 100 of them
+    cost one reload, not 100."""
+    cfg = tmp_path / "agents.yaml"
+    replace_file(cfg, config_text("prompt v0"))
+    async with FakeOpenAI() as fake, serve(cfg, env=fake_env(fake)) as srv:
+        before = await srv.scrape()
+        replace_file(cfg, config_text("prompt v1", ["added1"]))
+        # What loop.add_signal_handler runs for each SIGHUP, called here without
+        # yielding to the loop: the first starts a reload task, the other 99
+        # come before it has run.
+        for _ in range(100):
+            srv.server.on_sighup()
+        task = srv.server._reload_task
+        assert task is not None
+        await task
+        after = await srv.scrape()
+        assert delta(before, after, "aiwfd_config_reloads_total", result="ok") == 1
+        assert delta(before, after, "aiwfd_config_reloads_total", result="error") == 0
+        status, body = await post(srv.session, srv.url("/agent/added1"), "after-burst")
+        assert status == 200, body
+        assert system_prompt(request_for(fake, "after-burst")) == "added1 prompt"
 
 
 # ---------------------------------------------------------------- invalid config
@@ -312,7 +343,8 @@ async def test_previous_snapshot_closes_when_its_last_request_ends(tmp_path: Pat
             assert rt is not None
             old = rt.snapshot
             old_client = old.clients["openai"]
-            fake.script(Reply(delay=3.0))  # long enough for the reload below
+            answer = asyncio.Event()
+            fake.script(Hold(answer))  # in flight until the reload below is checked
             running = asyncio.create_task(post(srv.session, srv.url("/agent/greeter"), "in-flight"))
             await fake.wait_calls(1, timeout=30)
             assert old.inflight == 1
@@ -333,6 +365,7 @@ async def test_previous_snapshot_closes_when_its_last_request_ends(tmp_path: Pat
             assert system_prompt(request_for(fake, "after-reload")) == "new prompt"
             assert not old.closed
 
+            answer.set()
             status, body = await running
             assert status == 200, body  # finished on the old config
             assert system_prompt(request_for(fake, "in-flight")) == "old prompt"

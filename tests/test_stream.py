@@ -18,13 +18,13 @@ from typing import Any, AsyncIterator
 import aiohttp
 import openai
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from aiwfd.providers.llm import StreamReader
 from aiwfd.settings import DEFAULT_SSE_KEEPALIVE, Settings, add_arguments, from_args
 from aiwfd.http.stream import TASK_PREFIX
 from aiwfd.testing.fakeopenai import Drop, FakeOpenAI, Reply, Status, Stream, Violate, _dumps
 from aiwfd.testing.inprocess import InProcess, fake_env, serve
+from aiwfd.testing.metrics import delta
 from tests.conftest import CONFIGS
 
 CONFIG = CONFIGS / "sb_agents.yaml"
@@ -127,17 +127,6 @@ def attempt_texts(events: list[Event]) -> list[str]:
         elif e.name == "retry":
             texts.append("")
     return texts
-
-
-async def metrics(srv: InProcess) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    async with srv.session.get(srv.url("/metrics")) as r:
-        text = await r.text()
-    return {(s.name, frozenset(s.labels.items())): s.value
-            for fam in text_string_to_metric_families(text) for s in fam.samples}
-
-
-def metric(m: dict[Any, float], name: str, **labels: str) -> float:
-    return m.get((name, frozenset(labels.items())), 0.0)
 
 
 # --------------------------------------------------------------------------
@@ -412,7 +401,7 @@ def test_keep_alive_interval_setting() -> None:
 
 
 async def test_stream_counts_in_metrics_and_the_request_log(srv: InProcess, fake: FakeOpenAI) -> None:
-    before = await metrics(srv)
+    before = await srv.scrape()
     fake.script(Stream(data={"message": "Counted"}, chunks=2))
     r, events = await stream_all(srv, "greeter", {"name": "Ivy"})
     usage = events[-1].data["trace"]["usage"]
@@ -421,10 +410,10 @@ async def test_stream_counts_in_metrics_and_the_request_log(srv: InProcess, fake
                      % usage["total"], line), line
     fake.script(Violate(), Violate())
     await stream_all(srv, "twice", {"name": "Ivy"})
-    after = await metrics(srv)
+    after = await srv.scrape()
 
     def d(name: str, **labels: str) -> float:
-        return metric(after, name, **labels) - metric(before, name, **labels)
+        return delta(before, after, name, **labels)
 
     route = "/agent/{name}/stream"
     assert d("aiwfd_http_requests_total", route=route, method="POST", status="200") == 2
