@@ -907,7 +907,15 @@ async def test_kill_9_cost(shared: Cluster, tmp_path: Path, capsys: pytest.Captu
     with capsys.disabled():
         print("\n" + text + "\n" + summary)
     assert not res.failures, text
-    assert res.ok == res.sent >= CALLS
+    # The kill hit traffic: nginx had calls on the victim's connections and
+    # passed them on (a kill between calls would prove nothing).
+    assert moved, f"no call was passed on from {victim_addr}: the kill hit no traffic\n{text}"
+    # ... and the restarted instance (same port) is back in the rotation: with
+    # max_fails=0 nginx never benches it, so some of the TAIL calls reach it.
+    reborn = c.instances[0]
+    assert reborn is not victim
+    served = [ln for ln in reborn.lines if "request_id=load-" in ln and "status=200" in ln]
+    assert served, f"the restarted instance on :{reborn.port} answered no call\n{text}"
 
 
 async def test_a_long_drain_loses_nothing(shared: Cluster, slow_fake: FakeOpenAI, tmp_path: Path) -> None:
