@@ -2,7 +2,10 @@
 
 Attempts are model calls: a re-ask after an invalid answer and a retry after a
 transport failure (connection error, timeout, 429, 5xx) both spend one, so
-`trace.attempts` counts exactly what the provider saw.
+`trace.attempts` counts exactly what the provider saw. The engine knows the
+providers' error tree (aiwfd.providers.errors) and nothing of a transport.
+The clock, the sleep and the backoff's random source are a `Timing`, so a
+test can run the retry loop without waiting out real jittered backoff.
 """
 
 from __future__ import annotations
@@ -12,21 +15,33 @@ import json
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Awaitable, Callable, Protocol
 
-import openai
 import orjson
 
 from aiwfd.spec.compiler import Compiled, CompiledAgent
 from aiwfd.errors import (
     HTTPError, InvalidOutput, RateLimited, Unavailable, UpstreamError, UpstreamTimeout,
 )
-from aiwfd.providers.llm import DEFAULT_TIMEOUT, ChatResult, ModelClient
+from aiwfd.providers.base import DEFAULT_TIMEOUT, ChatResult, ModelClient
+from aiwfd.providers.errors import ProviderError, ProviderTimeout, StatusError, Unreachable
 from aiwfd.logs import go_duration
 
 BACKOFF_BASE = 0.25
 BACKOFF_CAP = 4.0
 MAX_QUOTED_ERRORS = 10
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Where the retry loop reads the time, how it waits, and the jitter of its backoff."""
+
+    clock: Callable[[], float] = time.monotonic
+    sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep
+    jitter: Callable[[], float] = random.random  # uniform in [0, 1)
+
+
+REAL_TIMING = Timing()
 
 
 @dataclass
@@ -117,6 +132,7 @@ async def call_agent(
     deadline: float,
     stats: CallStats,
     listener: Listener | None = None,
+    timing: Timing = REAL_TIMING,
 ) -> dict[str, Any]:
     """Run the agent; returns `{"data", "trace"}` or raises an HTTPError.
 
@@ -125,40 +141,41 @@ async def call_agent(
     after a failed one why that one failed (SPEC §7.4). Otherwise the same.
     """
     a = agent.assistant
-    started = time.monotonic()
+    clock = timing.clock
+    started = clock()
     timeout = a.timeout or agent.provider.timeout or DEFAULT_TIMEOUT
     # An explicit timeout longer than the deadline is the user raising the deadline.
     end = started + max(deadline, a.timeout or agent.provider.timeout or 0)
     payload = build_payload(agent, body)
     last_failure: HTTPError | None = None
     while stats.attempts < a.max_attempts:
-        remaining = end - time.monotonic()
+        remaining = end - clock()
         if remaining <= 0:
             break
         if listener is not None and last_failure is not None:
             await listener.retry(stats.attempts + 1, last_failure)
         stats.attempts += 1
-        t0 = time.monotonic()
+        t0 = clock()
         try:
             if listener is None:
                 result = await client.complete(payload, min(timeout, remaining), agent)
             else:
                 result = await client.stream(payload, min(timeout, remaining), agent, listener.delta)
-        except openai.APIError as e:
-            stats.upstream_seconds.append(time.monotonic() - t0)
-            last_failure, retryable, wait = classify(e, stats.attempts)
+        except ProviderError as e:
+            stats.upstream_seconds.append(clock() - t0)
+            last_failure, retryable, wait = classify(e, stats.attempts, timing.jitter())
             if not retryable or stats.attempts >= a.max_attempts:
                 break
-            if time.monotonic() + wait >= end:
+            if clock() + wait >= end:
                 break
-            await asyncio.sleep(wait)
+            await timing.sleep(wait)
             continue
-        stats.upstream_seconds.append(time.monotonic() - t0)
+        stats.upstream_seconds.append(clock() - t0)
         stats.prompt_tokens += result.prompt_tokens
         stats.completion_tokens += result.completion_tokens
         data, errors = check_answer(compiled, agent, result)
         if not errors:
-            return {"data": data, "trace": trace(agent, stats, started, request_id)}
+            return {"data": data, "trace": trace(agent, stats, clock() - started, request_id)}
         last_failure = InvalidOutput(
             f"the model's answer did not match the output type after {stats.attempts} "
             f"attempt{'s' if stats.attempts != 1 else ''}",
@@ -174,29 +191,31 @@ async def call_agent(
     raise last_failure
 
 
-def trace(agent: CompiledAgent, stats: CallStats, started: float, request_id: str) -> dict[str, Any]:
+def trace(agent: CompiledAgent, stats: CallStats, elapsed: float, request_id: str) -> dict[str, Any]:
     return {
         "step_name": agent.name,
         "usage": {"prompt": stats.prompt_tokens, "completion": stats.completion_tokens,
                   "total": stats.total_tokens},
         "attempts": stats.attempts,
-        "duration": go_duration(time.monotonic() - started),
+        "duration": go_duration(elapsed),
         "model": agent.assistant.model,
         "request_id": request_id,
     }
 
 
-def classify(e: openai.APIError, attempt: int) -> tuple[HTTPError, bool, float]:
-    """(error answered if this stays the last failure, retryable?, seconds to wait)."""
-    backoff = min(BACKOFF_CAP, BACKOFF_BASE * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
-    if isinstance(e, openai.APITimeoutError):
+def classify(e: ProviderError, attempt: int, jitter: float) -> tuple[HTTPError, bool, float]:
+    """(error answered if this stays the last failure, retryable?, seconds to wait).
+
+    `jitter` in [0, 1) spreads the backoff over its upper half."""
+    backoff = min(BACKOFF_CAP, BACKOFF_BASE * 2 ** (attempt - 1)) * (0.5 + 0.5 * jitter)
+    if isinstance(e, ProviderTimeout):
         return UpstreamTimeout("the model provider did not answer in time"), True, backoff
-    if isinstance(e, openai.APIConnectionError):
+    if isinstance(e, Unreachable):
         return Unavailable("the model provider is unreachable"), True, backoff
-    if isinstance(e, openai.APIStatusError):
-        status = e.status_code
+    if isinstance(e, StatusError):
+        status = e.status
         if status == 429:
-            after = retry_after(e)
+            after = e.retry_after
             wait = after if after is not None else backoff
             hdr = f"{max(1, round(after if after is not None else 1))}"
             return RateLimited(headers={"Retry-After": hdr}), True, wait
@@ -204,18 +223,3 @@ def classify(e: openai.APIError, attempt: int) -> tuple[HTTPError, bool, float]:
             return UpstreamError(f"the model provider answered {status}"), True, backoff
         return UpstreamError(f"the model provider refused the request ({status})"), False, 0.0
     return UpstreamError("the model provider's answer could not be read"), True, backoff
-
-
-def retry_after(e: openai.APIStatusError) -> float | None:
-    headers = e.response.headers
-    for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
-        value = headers.get(name)
-        if value is None:
-            continue
-        try:
-            seconds = float(value) * scale
-        except ValueError:
-            continue
-        if 0 <= seconds <= 60:
-            return seconds
-    return None

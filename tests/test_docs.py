@@ -43,7 +43,7 @@ import yaml
 
 from aiwfd.spec import config as cfg
 from aiwfd import errors, settings
-from aiwfd.providers import llm
+from aiwfd import providers as llm
 from aiwfd.cli import build_parser
 from aiwfd.spec.compiler import load_and_compile
 from aiwfd.http.metrics import Metrics

@@ -358,7 +358,7 @@ async def test_previous_snapshot_closes_when_its_last_request_ends(tmp_path: Pat
             assert rt.snapshot.clients["openai"] is not old_client
             # Its request is still running: not closed yet.
             assert fake.inflight == 1 and old.inflight == 1
-            assert not old.closed and not old_client.client.is_closed()
+            assert not old.closed and not old_client.closed
             # New requests take the new config meanwhile.
             status, _ = await post(srv.session, srv.url("/agent/greeter"), "after-reload")
             assert status == 200
@@ -370,7 +370,7 @@ async def test_previous_snapshot_closes_when_its_last_request_ends(tmp_path: Pat
             assert status == 200, body  # finished on the old config
             assert system_prompt(request_for(fake, "in-flight")) == "old prompt"
             await asyncio.gather(*list(rt._closing))
-            assert old.inflight == 0 and old.closed and old_client.client.is_closed()
+            assert old.inflight == 0 and old.closed and old_client.closed
             assert not rt.snapshot.closed
 
             # Nothing in flight: the replaced snapshot closes right away.
@@ -395,7 +395,7 @@ async def test_a_client_with_unchanged_settings_is_kept_across_reloads(tmp_path:
             assert await srv.server.reload() is True
             await asyncio.gather(*list(rt._closing))
             assert old.closed and rt.snapshot.clients["openai"] is client
-            assert not client.client.is_closed()
+            assert not client.closed
             status, _ = await post(srv.session, srv.url("/agent/greeter"), "after-reload")
             assert status == 200
             assert system_prompt(request_for(fake, "after-reload")) == "new prompt"
@@ -404,7 +404,7 @@ async def test_a_client_with_unchanged_settings_is_kept_across_reloads(tmp_path:
             srv.server._base_env["OPENAI_API_KEY"] = "sk-rotated-key"
             assert await srv.server.reload() is True
             await asyncio.gather(*list(rt._closing))
-            assert rt.snapshot.clients["openai"] is not client and client.client.is_closed()
+            assert rt.snapshot.clients["openai"] is not client and client.closed
             status, _ = await post(srv.session, srv.url("/agent/greeter"), "rotated")
             assert status == 200
             assert request_for(fake, "rotated").headers["authorization"] == "Bearer sk-rotated-key"

@@ -16,10 +16,8 @@ from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
 import aiohttp
-import openai
 import pytest
 
-from aiwfd.providers.llm import StreamReader
 from aiwfd.settings import DEFAULT_SSE_KEEPALIVE, Settings, add_arguments, from_args
 from aiwfd.http.stream import TASK_PREFIX
 from aiwfd.testing.fakeopenai import Drop, FakeOpenAI, Reply, Status, Stream, Violate, _dumps
@@ -440,60 +438,6 @@ async def test_mock_provider_streams_its_sample() -> None:
     assert names(events).count("delta") >= 2
     assert events[-1].data["data"] == plain["data"]
     assert events[-1].data["trace"]["usage"] == plain["trace"]["usage"]
-
-
-async def feed_all(chunks: list[bytes]) -> tuple[StreamReader, list[str]]:
-    got: list[str] = []
-
-    async def on_delta(text: str) -> None:
-        got.append(text)
-
-    reader = StreamReader("http://x/v1/chat/completions", on_delta)
-    for c in chunks:
-        if await reader.feed(c):
-            break
-    else:
-        reader.eof()
-    return reader, got
-
-
-def chunk(content: str | None = None, finish: str | None = None, usage: dict[str, int] | None = None) -> dict[str, Any]:
-    choices = [] if usage else [{"index": 0, "delta": {"content": content} if content is not None else {},
-                                 "finish_reason": finish}]
-    doc: dict[str, Any] = {"object": "chat.completion.chunk", "model": "m", "choices": choices}
-    if usage:
-        doc["usage"] = usage
-    return doc
-
-
-async def test_upstream_event_stream_reader() -> None:
-    body = "".join(f"data: {json.dumps(c)}\r\n\r\n" for c in (
-        chunk("He"), chunk("llo"), chunk(finish="stop"),
-        chunk(usage={"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}))) + "data: [DONE]\r\n\r\n"
-    raw = (": a comment\n\n" + body).encode()
-    # Split everywhere, also between the CR and the LF of a line end.
-    for size in (1, 2, 7, len(raw)):
-        reader, got = await feed_all([raw[i:i + size] for i in range(0, len(raw), size)])
-        result = reader.result()
-        assert "".join(got) == "Hello" and result.content == "Hello"
-        assert (result.prompt_tokens, result.completion_tokens, result.finish_reason) == (3, 2, "stop")
-    # Multi-line data, CR-only line ends.
-    raw = b'data: {"choices": [{"delta": {"content": "x"},\rdata: "finish_reason": "stop"}]}\r\rdata: [DONE]\r\r'
-    reader, got = await feed_all([raw])
-    assert got == ["x"] and reader.result().finish_reason == "stop"
-    # An error event is the SDK's APIError; an unreadable chunk its APIResponseValidationError.
-    with pytest.raises(openai.APIError, match="overloaded"):
-        await feed_all([b'data: {"error": {"message": "overloaded", "type": "server_error"}}\n\n'])
-    for bad in (b"data: {not json\n\n", b'data: {"choices": [{"delta": {"content": 5}}]}\n\n',
-                b'data: {"choices": [], "usage": {"prompt_tokens": "abc"}}\n\n', b"data: [1]\n\n"):
-        with pytest.raises(openai.APIResponseValidationError):
-            await feed_all([bad])
-    # A body cut before the answer finished is a connection error (retried), not an answer.
-    with pytest.raises(openai.APIConnectionError):
-        await feed_all([f"data: {json.dumps(chunk('Hel'))}\n\n".encode()])
-    # No [DONE] but a finish reason: complete.
-    reader, got = await feed_all([f"data: {json.dumps(chunk('ok', 'stop'))}\n\n".encode()])
-    assert reader.result().content == "ok"
 
 
 async def test_shutdown_timeout_ends_a_running_stream_with_an_error_event(fake: FakeOpenAI) -> None:

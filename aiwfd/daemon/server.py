@@ -31,7 +31,7 @@ from aiwfd.http.app import create_app
 from aiwfd.spec.compiler import Compiled, Memo, load_and_compile
 from aiwfd.errors import ConfigError, RetryableStartupError, StartupError
 from aiwfd.daemon.listener import GreedyTCPSite
-from aiwfd.providers.llm import transport_from_env
+from aiwfd.providers.base import transport_from_env
 from aiwfd.logs import ProtocolErrorLogger, RequestLog
 from aiwfd.http.middlewares import new_request_id
 from aiwfd.daemon.notify import Notifier, watchdog_interval

@@ -22,7 +22,9 @@ from aiwfd.spec.artifacts import write_artifacts
 from aiwfd.spec.compiler import Compiled, CompiledAgent
 from aiwfd.http.cors import CorsPolicy, policy
 from aiwfd.errors import StartupError, Unavailable
-from aiwfd.providers.llm import ModelClient, OpenAICompatible, Transport, signature
+from aiwfd.providers.base import ModelClient, Transport
+from aiwfd.providers.endpoints import signature
+from aiwfd.providers.openai_compatible import OpenAICompatible
 from aiwfd.logs import RequestLog
 from aiwfd.http.metrics import Metrics
 from aiwfd.providers.mock import MockClient

@@ -12,7 +12,7 @@ from typing import Any, Mapping
 import orjson
 
 from aiwfd.spec import typedsl
-from aiwfd.providers.llm import ChatResult, OnDelta
+from aiwfd.providers.base import ChatResult, OnDelta
 from aiwfd.spec.typedsl import Node
 
 # A streamed mock answer comes in this many pieces.
@@ -42,8 +42,7 @@ def sample(node: Node, defs: Mapping[str, Node], depth: int = 0) -> Any:
             text = (text + " ") * (lo // len(text) + 1)
         return text[: max(lo, min(hi, len(text)))]
     if isinstance(node, typedsl.Int):
-        lo, hi = node.minimum, node.maximum
-        return _pick(lo, hi, 1)
+        return _pick(node.minimum, node.maximum, 1)
     if isinstance(node, typedsl.Num):
         return _pick(node.minimum, node.maximum, 0.5)
     if isinstance(node, typedsl.Bool):
