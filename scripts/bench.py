@@ -687,6 +687,32 @@ class Bench:
             finally:
                 if proc is not None:
                     self.procs.stop(proc)
+        if do_startup:
+            self.startup_side_by_side(big)
+
+    def startup_side_by_side(self, big: Path) -> None:
+        """`aiwfd serve` (first 200 on /health) and `aiwfd validate` of `big` against a bare
+        aiohttp app's start-up, interleaved in one run (scripts/bench_startup.py, issue 13).
+        In these rows the raw column holds the bare app, so aiwfd ÷ raw is the ratio the
+        targets name; aiwfd runs with the default transport (the SDK transport imports the SDK)."""
+        sys.path.insert(0, str(REPO / "scripts"))
+        import bench_startup
+
+        runs = 3 if self.plan.quick else 7
+        cases = {c.name: c for c in bench_startup.side_by_side(big, runs, pin=self.procs.pin)}
+        bare = cases["bare aiohttp app"]
+        if "raw" in self.results:
+            self.results["raw"].update(startup_side_s=bare.median, validate_side_s=bare.median)
+        default = next((s for s in self.servers if s.is_aiwfd and s.variant == "aiohttp"), None)
+        if default is not None:
+            self.put(default, "startup_side_s", cases["aiwfd serve"].median)
+            self.put(default, "validate_side_s", cases["aiwfd validate"].median)
+        self.log("  side by side, median of " + str(runs) + ": " + ", ".join(
+            f"{c.name} {c.median * 1000:.0f} ms ({c.median / bare.median:.2f}×)" for c in cases.values()))
+        self.notes.append("start-up side by side (scripts/bench_startup.py, median of " + str(runs)
+                          + " interleaved runs): " + ", ".join(f"{c.name} {c.median * 1000:.0f} ms"
+                                                               for c in cases.values())
+                          + "; in its two rows the raw column is the bare aiohttp app")
 
     def reload(self, srv: Server, proc: Proc, big: Path) -> None:
         """SIGHUPs under a 16-connection load: each after an edit of agent_000's input type
@@ -806,6 +832,10 @@ def rows_for(plan: Plan) -> list[Row]:
         Row("rss_mb", "peak RSS MB, 1,000 in flight", "{:.1f}", "< 150 MB", lambda a, r: a["rss_mb"] < 150),
         Row("startup_s", f"start-up s to first 200 ({N_AGENTS} agents*)", "{:.3f}", "< 1 s",
             lambda a, r: a["startup_s"] < 1.0),
+        Row("startup_side_s", f"start-up s to first 200 ({N_AGENTS} agents), side by side: raw = bare aiohttp app",
+            "{:.3f}", "≤ 2× bare app", lambda a, r: a["startup_side_s"] <= 2.0 * r["startup_side_s"]),
+        Row("validate_side_s", f"`aiwfd validate` s ({N_AGENTS} agents) vs the bare app's start-up", "{:.3f}",
+            "≤ 1.5× bare app", lambda a, r: a["validate_side_s"] <= 1.5 * r["validate_side_s"]),
         Row("reload_ms", f"SIGHUP reload ms, edited {N_AGENTS}-agent config (until it answers)", "{:.1f}",
             "< 200 ms", lambda a, r: a["reload_ms"] < 200, ratio=False),
         Row("reload_done_ms", "… until the `reloaded` line (artifacts written)", "{:.1f}", ratio=False),
