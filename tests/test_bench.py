@@ -1,11 +1,14 @@
 """The benchmark cannot rot: `scripts/bench.py --quick` runs end to end and fills its table.
 
-It checks that numbers were produced, never what they are (the machine is shared).
+It checks that numbers were produced, never what speed they show (the machine
+is shared): a performance target may FAIL in a --quick run. The rows that
+count failures are correctness, not speed, and must PASS.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -15,6 +18,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 SCRIPTS = REPO / "scripts"
 NUMBER = re.compile(r"^\*{0,2}-?\d+(\.\d+)?\*{0,2}$")
+# Rows whose target is "no request failed": PASS on any machine.
+MUST_PASS = ("failed of 1,000 in flight (1 s model)", "failed requests during reloads")
 
 
 def _table(stdout: str) -> tuple[list[str], list[list[str]]]:
@@ -27,8 +32,13 @@ def _table(stdout: str) -> tuple[list[str], list[list[str]]]:
 
 def test_quick_run_fills_every_row(tmp_path: Path) -> None:
     before = (REPO / "BENCHMARKS.md").read_bytes() if (REPO / "BENCHMARKS.md").exists() else None
+    # Every temporary file of the run (its workdir, the servers' artifacts)
+    # goes under TMPDIR: what is left there afterwards, the run leaked.
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
     cp = subprocess.run([sys.executable, str(SCRIPTS / "bench.py"), "--quick", "--no-write"],
-                        capture_output=True, text=True, timeout=150, cwd=tmp_path)
+                        capture_output=True, text=True, timeout=150, cwd=tmp_path,
+                        env={**os.environ, "TMPDIR": str(tmp)})
     assert cp.returncode == 0, f"bench.py --quick failed ({cp.returncode}):\n{cp.stderr[-4000:]}"
     head, rows = _table(cp.stdout)
     for name in ("raw", "sdk-lean", "sdk-default", "**aiwfd[aiohttp]**", "**aiwfd[sdk]**"):
@@ -63,7 +73,13 @@ def test_quick_run_fills_every_row(tmp_path: Path) -> None:
             for ref in ("sdk-lean", "sdk-default"):
                 assert NUMBER.match(row[head.index(ref)]), f"{label!r}: no number for {ref}"
         assert re.fullmatch(r"((PASS|FAIL|n/a)( / (PASS|FAIL|n/a))?)?", row[-1]), row
+        if label in MUST_PASS:  # measured for the default transport at least
+            assert row[-1].startswith("PASS") and "FAIL" not in row[-1], \
+                f"{label!r}: {row[-1]!r} ({head[aiwfd_i[0]]} {row[aiwfd_i[0]]})"
+        if label.startswith("errors c"):  # the default transport answers every call, even at c256
+            assert row[aiwfd_i[0]].strip("*") == "0", f"{label!r}: {row[aiwfd_i[0]]} for {head[aiwfd_i[0]]}"
     assert re.search(r"Targets: \d+/\d+ PASS", cp.stdout)
+    assert sorted(p.name for p in tmp.iterdir()) == [], "bench.py left files in TMPDIR"
     after = (REPO / "BENCHMARKS.md").read_bytes() if (REPO / "BENCHMARKS.md").exists() else None
     assert after == before, "--quick --no-write must not touch BENCHMARKS.md"
 
@@ -85,7 +101,7 @@ def test_references_send_what_aiwfd_sends_for_the_greeter() -> None:
     assert json.dumps(ours, sort_keys=True) == json.dumps(theirs, sort_keys=True)
 
 
-def test_generated_config_loads_and_its_body_is_valid() -> None:
+def test_generated_config_loads_and_its_body_is_valid(tmp_path: Path) -> None:
     sys.path.insert(0, str(SCRIPTS / "bench"))
     try:
         from gen_agents import AGENT_BODY, generate
@@ -93,7 +109,7 @@ def test_generated_config_loads_and_its_body_is_valid() -> None:
         sys.path.remove(str(SCRIPTS / "bench"))
     from aiwfd.spec.compiler import load_and_compile
 
-    path = Path(__import__("tempfile").mkdtemp()) / "agents.yaml"
+    path = tmp_path / "agents.yaml"
     path.write_text(generate(3), encoding="utf-8")
     compiled = load_and_compile(str(path))
     assert sorted(compiled.agents) == ["agent_000", "agent_001", "agent_002"]
