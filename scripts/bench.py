@@ -699,7 +699,8 @@ class Bench:
         import bench_startup
 
         runs = 3 if self.plan.quick else 7
-        cases = {c.name: c for c in bench_startup.side_by_side(big, runs, pin=self.procs.pin)}
+        cases = {c.name: c for c in bench_startup.side_by_side(big, runs, pin=self.procs.pin,
+                                                               warm=not self.plan.quick)}
         bare = cases["bare aiohttp app"]
         if "raw" in self.results:
             self.results["raw"].update(startup_side_s=bare.median, validate_side_s=bare.median)

@@ -163,8 +163,11 @@ def can_pin() -> bool:
 
 
 def side_by_side(config: Path, runs: int, before: Path | None = None, pin: bool | None = None,
-                 log: bool = False) -> list[Case]:
-    """Every case measured `runs` times, interleaved; cases[0] is the bare app."""
+                 log: bool = False, warm: bool = True) -> list[Case]:
+    """Every case measured `runs` times, interleaved; cases[0] is the bare app.
+
+    warm: one unmeasured round first, so the page cache and the .pyc files are
+    warm for every case alike."""
     pin = can_pin() if pin is None else pin
     workdir = Path(tempfile.mkdtemp(prefix="aiwfd-startup-"))
     old_affinity = os.sched_getaffinity(0) if pin else None
@@ -172,7 +175,7 @@ def side_by_side(config: Path, runs: int, before: Path | None = None, pin: bool 
         if pin:
             os.sched_setaffinity(0, {POLLER_CPU})
         cases = cases_for(config, workdir, before)
-        for case in cases:  # one unmeasured round: the page cache and the .pyc files are warm for every case
+        for case in cases if warm else []:
             measure_once(case, workdir, pin)
         for i in range(runs):
             for case in cases:
