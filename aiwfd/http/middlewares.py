@@ -145,15 +145,19 @@ def on_prepare(runtime: Runtime) -> Callable[[web.Request, web.StreamResponse], 
     fires for both, just before the head goes out): the request id, `Connection:
     close` while draining or when the body was never invited, CORS."""
 
+    serving = Phase.SERVING  # it runs for every answer: the fewest lookups it can
+
     async def prepare(request: web.Request, resp: web.StreamResponse) -> None:
         h = resp.headers
-        rid = request.get(REQUEST_ID)
-        if rid is not None:  # None: aiohttp answered before the middleware ran (an Expect it refused)
-            h["X-Request-ID"] = rid
+        try:
+            h["X-Request-ID"] = request[REQUEST_ID]
+        except KeyError:  # aiohttp answered before the middleware ran (an Expect it refused)
+            pass
         # Keep-alive connections end politely while draining; and one refused
         # before `100 Continue` cannot carry a next request (the client holds
-        # its body back). aiohttp has chosen the Connection header by now: set it too.
-        if runtime.phase is not Phase.SERVING or request.get(CONTINUED) is False:
+        # its body back; CONTINUED is only ever False under an Expect header).
+        # aiohttp has chosen the Connection header by now: set it too.
+        if runtime.phase is not serving or ("Expect" in request.headers and request.get(CONTINUED) is False):
             resp.force_close()
             h["Connection"] = "close"
         # The policy current when the answer goes out (a reload may have changed it).
