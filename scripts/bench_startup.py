@@ -23,7 +23,6 @@ import http.client
 import os
 import re
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -35,7 +34,10 @@ from typing import Sequence
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "scripts" / "bench"))
+sys.path.insert(0, str(REPO))
 from gen_agents import generate  # noqa: E402
+
+from aiwfd.testing.processes import free_port  # noqa: E402
 
 N_AGENTS = 200
 SERVE_TARGET = 2.0
@@ -54,12 +56,6 @@ app = web.Application()
 app.router.add_get("/health", health)
 web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), print=None, access_log=None)
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def closed_port_url() -> str:
