@@ -126,7 +126,7 @@ class _JSONFormatter(logging.Formatter):
         return json.dumps(doc, ensure_ascii=True)
 
 
-class ProtocolErrorLogger(logging.LoggerAdapter):  # type: ignore[type-arg]
+class ProtocolErrorLogger(logging.LoggerAdapter[logging.Logger]):
     """aiohttp's connection logger, minus the request bytes its messages quote.
 
     aiohttp answers a malformed request (bad Content-Length, a control

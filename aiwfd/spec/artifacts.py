@@ -55,9 +55,9 @@ def write_artifacts(compiled: Compiled, directory: str | os.PathLike[str], extra
         tmp.write_bytes(data)
         os.replace(tmp, target)
         _written[target] = data
-    for sub in ("agents", "types"):
-        for old in (root / sub).glob("*.json"):
-            if f"{sub}/{old.name}" not in files:
+    for kind in ("agents", "types"):
+        for old in (root / kind).glob("*.json"):
+            if f"{kind}/{old.name}" not in files:
                 old.unlink(missing_ok=True)
                 _written.pop(old, None)
     return sorted(files)

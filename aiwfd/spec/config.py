@@ -254,6 +254,7 @@ class _Loader:
             ok = False
         if not ok:
             return None
+        assert isinstance(alias, str) and isinstance(rel, str)  # checked above
         target = (fspath.parent / rel).resolve()
         if target in stack:
             chain = " -> ".join(p.name for p in stack[stack.index(target):] + (target,))
@@ -292,7 +293,7 @@ class _Loader:
                 self.err(src, path, e.message, e.hint)
                 return None
         if isinstance(value, dict):
-            fields = []
+            fields: list[typedsl.Field] = []
             ok = True
             for raw, fvalue in value.items():
                 optional = raw.endswith("?")
@@ -468,6 +469,7 @@ def _assistants(ld: _Loader, src: yamlsrc.Source, section: Any, providers: dict[
         description = _opt_str(ld, src, path + ("description",), body.get("description"))
         if len(ld.problems) != n_before:
             continue
+        assert isinstance(model, str)  # a problem was recorded otherwise
         out[name] = Assistant(
             name=name, use=use, model=model, system_prompt=prompt,
             input_type=in_node, output_type=out_node, input_type_name=in_name, output_type_name=out_name,
@@ -615,7 +617,8 @@ def _range_text(what: str, lo: Any, hi: Any) -> str:
 
 
 def _kind(v: Any) -> str:
-    return {dict: "mapping", list: "list", str: "string"}.get(type(v), type(v).__name__)
+    kinds: dict[type, str] = {dict: "mapping", list: "list", str: "string"}
+    return kinds.get(type(v), type(v).__name__)
 
 
 def _describe(v: Any) -> str:

@@ -135,8 +135,12 @@ def _depth(text: str) -> int:
     return deepest
 
 
-def json_kind(v: Any) -> str:
-    """What a parsed JSON value is, for messages: "an array", "null", …"""
+def json_kind(v: Any, integers: bool = False) -> str:
+    """What a parsed JSON value is, for messages: "an array", "null", …
+
+    `integers`: tell "an integer" from "a number" (for a type error whose
+    schema asked for one of them).
+    """
     if isinstance(v, dict):
         return "an object"
     if isinstance(v, list):
@@ -147,4 +151,6 @@ def json_kind(v: Any) -> str:
         return "null"
     if isinstance(v, bool):
         return "a boolean"
+    if integers and isinstance(v, int):
+        return "an integer"
     return "a number"

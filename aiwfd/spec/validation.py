@@ -12,7 +12,6 @@ The test suite checks that both always agree.
 
 from __future__ import annotations
 
-import difflib
 import math
 import re
 import sys
@@ -28,6 +27,8 @@ import jsonschema  # noqa: E402
 from jsonschema import Draft202012Validator, FormatChecker  # noqa: E402
 
 from aiwfd.spec import typedsl  # noqa: E402
+from aiwfd.spec.config import did_you_mean  # noqa: E402
+from aiwfd.spec.jsonparse import json_kind  # noqa: E402
 from aiwfd.spec.typedsl import Node  # noqa: E402
 
 Check = Callable[[Any], bool]
@@ -204,29 +205,34 @@ def _order(err: jsonschema.ValidationError) -> tuple:
 
 def _details(err: jsonschema.ValidationError) -> Iterable[dict[str, str]]:
     path = list(err.absolute_path)
+    # Read once, as Any: jsonschema types them with an `Unset` that a raised
+    # error never holds.
+    value: Any = err.validator_value
+    schema: Any = err.schema
     if err.validator == "required" and isinstance(err.instance, dict):
-        missing = [r for r in err.validator_value if r not in err.instance]
+        missing = [r for r in value if r not in err.instance]
         for name in missing:
             yield {"path": format_path(path + [name]), "message": "required field is missing"}
         return
     if err.validator == "additionalProperties" and err.validator_value is False and isinstance(err.instance, dict):
-        known = list(err.schema.get("properties", {}))
+        known = list(schema.get("properties", {}))
         for name in err.instance:
             if name in known:
                 continue
-            close = difflib.get_close_matches(name, known, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            close = did_you_mean(name, known)
+            hint = f" ({close})" if close else ""
             yield {"path": format_path(path + [name]), "message": f"unknown field{hint}"}
         return
     yield {"path": format_path(path), "message": _message(err)}
 
 
 def _message(err: jsonschema.ValidationError) -> str:
-    v, val = err.validator, err.validator_value
+    v: Any = err.validator
+    val: Any = err.validator_value
     if v == "format":
         return f"is not a valid {val}"
     if v == "type":
-        return f"expected {_article(val)}, got {_json_kind(err.instance)}"
+        return f"expected {_article(val)}, got {json_kind(err.instance, integers=True)}"
     if v == "enum":
         return "must be one of: " + ", ".join(str(x) for x in val)
     if v == "minLength":
@@ -248,22 +254,6 @@ def _article(t: Any) -> str:
     if isinstance(t, list):
         return " or ".join(_article(x) for x in t)
     return {"integer": "an integer", "object": "an object", "array": "an array"}.get(t, f"a {t}")
-
-
-def _json_kind(v: Any) -> str:
-    if v is None:
-        return "null"
-    if isinstance(v, bool):
-        return "a boolean"
-    if isinstance(v, int):
-        return "an integer"
-    if isinstance(v, float):
-        return "a number"
-    if isinstance(v, str):
-        return "a string"
-    if isinstance(v, list):
-        return "an array"
-    return "an object"
 
 
 def format_path(parts: list[Any]) -> str:

@@ -58,9 +58,9 @@ def parse(text: str, file: str) -> Source:
             problem = f"{problem} ({e.context})"
         if "mapping values are not allowed" in problem:
             problem += " (a ': ' inside a value starts a mapping: write T[](min:1, max:10) or quote the value)"
-        raise YAMLSyntaxError(f"not valid YAML: {problem}", mark.line + 1 if mark else None)
+        raise YAMLSyntaxError(f"not valid YAML: {problem}", mark.line + 1 if mark else None) from None
     except yaml.YAMLError as e:
-        raise YAMLSyntaxError(f"not valid YAML: {e}", None)
+        raise YAMLSyntaxError(f"not valid YAML: {e}", None) from None
     finally:
         loader.dispose()
     src = Source(file, None)
@@ -102,4 +102,4 @@ def _convert(node: yaml.Node, path: Path, src: Source, ctor: yaml.SafeLoader, ac
     try:
         return ctor.construct_object(node)
     except yaml.constructor.ConstructorError as e:
-        raise YAMLSyntaxError(f"not valid YAML: {e.problem}", node.start_mark.line + 1)
+        raise YAMLSyntaxError(f"not valid YAML: {e.problem}", node.start_mark.line + 1) from None
