@@ -8,23 +8,23 @@ ten-field body, which is most of a request's CPU. The type language is small,
 so each type also compiles to a plain Python predicate (`compile_check`); it
 decides "valid" on the hot path and jsonschema only explains what is wrong.
 The test suite checks that both always agree.
+
+jsonschema itself is imported on first need (a body that fails, a format the
+fast patterns do not decide, an untrusted schema): its import is ~50 ms of a
+start that needs none of it (BENCHMARKS.md, start-up).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import sys
-from typing import Any, Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
-# jsonschema imports rfc3987_syntax when it is installed (its format-nongpl
-# extra pulls it in) only for IRI formats we never emit, and that module
-# builds a grammar at import: seven seconds of start-up on a 2-core machine.
-# URIs are checked with rfc3986-validator instead.
-sys.modules.setdefault("rfc3987_syntax", None)  # type: ignore[arg-type]
-
-import jsonschema  # noqa: E402
-from jsonschema import Draft202012Validator, FormatChecker  # noqa: E402
+if TYPE_CHECKING:
+    import jsonschema
+    from jsonschema import FormatChecker
 
 from aiwfd.spec import typedsl  # noqa: E402
 from aiwfd.spec.config import did_you_mean  # noqa: E402
@@ -36,7 +36,20 @@ Check = Callable[[Any], bool]
 _EMAIL_RE = re.compile(r"^[^@\s]+@[^@\s.]+(\.[^@\s.]+)+$")
 
 
-def _format_checker() -> FormatChecker:
+def _import_jsonschema() -> None:
+    # jsonschema imports rfc3987_syntax when it is installed (its format-nongpl
+    # extra pulls it in) only for IRI formats we never emit, and that module
+    # builds a grammar at import: seven seconds on a 2-core machine. URIs are
+    # checked with rfc3986-validator instead.
+    sys.modules.setdefault("rfc3987_syntax", None)  # type: ignore[arg-type]
+    import jsonschema  # noqa: F401
+
+
+@functools.cache
+def format_checker() -> FormatChecker:
+    _import_jsonschema()
+    from jsonschema import FormatChecker
+
     # jsonschema's own email check only looks for an "@"; an address needs a
     # local part and a dotted domain to be worth handing to a model.
     checker = FormatChecker(["date", "date-time", "hostname", "ipv4", "ipv6", "uri", "uuid"])
@@ -48,7 +61,11 @@ def _format_checker() -> FormatChecker:
     return checker
 
 
-FORMAT_CHECKER = _format_checker()
+def __getattr__(name: str) -> Any:
+    # `FORMAT_CHECKER` (the tests' reference) without importing jsonschema at import.
+    if name == "FORMAT_CHECKER":
+        return format_checker()
+    raise AttributeError(name)
 
 # The common well-formed case of a format, accepted without FORMAT_CHECKER's
 # per-call overhead (3–20 µs each). Each pattern accepts only strings the
@@ -71,8 +88,11 @@ _FAST_FORMATS: dict[str, re.Pattern[str]] = {
 
 
 def _format_check(fmt: str) -> Check:
-    """`FORMAT_CHECKER.conforms(v, fmt)` for a string `v`, with the fast path above."""
-    conforms = FORMAT_CHECKER.conforms
+    """`format_checker().conforms(v, fmt)` for a string `v`, with the fast path above."""
+
+    def conforms(v: Any, fmt: str) -> bool:
+        return format_checker().conforms(v, fmt)
+
     if fmt == "email":
         email = _EMAIL_RE.fullmatch
         return lambda v: email(v) is not None
@@ -92,17 +112,28 @@ class Validator:
         # Checking against the 2020-12 metaschema costs jsonschema ~10 ms per
         # schema; the compiler's output is `trusted` (the test suite runs
         # check_schema on every compiled schema), anything else is checked.
-        if not trusted:
-            Draft202012Validator.check_schema(schema)
         self.schema = schema
-        self._v = Draft202012Validator(schema, format_checker=FORMAT_CHECKER)
-        self.is_valid: Check = check or self._v.is_valid
+        self._v: jsonschema.protocols.Validator | None = None
+        if not trusted:
+            type(self._jsonschema()).check_schema(schema)
+        self.is_valid: Check = check or self._jsonschema_is_valid
+
+    def _jsonschema(self) -> jsonschema.protocols.Validator:
+        if self._v is None:
+            _import_jsonschema()
+            from jsonschema import Draft202012Validator
+
+            self._v = Draft202012Validator(self.schema, format_checker=format_checker())
+        return self._v
+
+    def _jsonschema_is_valid(self, instance: Any) -> bool:
+        return self._jsonschema().is_valid(instance)
 
     def errors(self, instance: Any, limit: int = 20) -> list[dict[str, str]]:
         if self.is_valid(instance):
             return []
         out: dict[tuple[str, str], dict[str, str]] = {}
-        for err in sorted(self._v.iter_errors(instance), key=_order):
+        for err in sorted(self._jsonschema().iter_errors(instance), key=_order):
             for d in _details(err):
                 out.setdefault((d["path"], d["message"]), d)
             if len(out) >= limit:
