@@ -70,6 +70,10 @@ class Started:
     def openai_imports(self) -> list[str]:
         return [ln for ln in self.lines if OPENAI_IMPORT.search(ln)]
 
+    def imports_of(self, module: str) -> list[str]:
+        rx = re.compile(rf"^import time:\s+\d+ \|\s+\d+ \|\s*{re.escape(module)}(\.|$)")
+        return [ln for ln in self.lines if rx.search(ln)]
+
     def stop(self) -> None:
         self._watchdog.cancel()
         if self.proc.poll() is None:
@@ -110,6 +114,8 @@ def post_greeter(port: int) -> int:
 def test_serve_mock_never_imports_openai(started: list[Started], tmp_path: Path) -> None:
     proc, port = start(started, tmp_path, ["serve", "-f", str(MOCK_CFG), "--mock"])
     assert proc.openai_imports() == []
+    # Nor jsonschema: a valid body is decided by the compiled predicates.
+    assert proc.imports_of("jsonschema") == []
     assert post_greeter(port) == 200
     proc.read_until(re.compile(r"POST /agent/greeter .*status=200"))
     assert proc.openai_imports() == []
