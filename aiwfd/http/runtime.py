@@ -37,7 +37,7 @@ logger = logging.getLogger("aiwfd")
 class Usage:
     """A snapshot's bookkeeping, the one part of it that changes: the requests
     holding it, whether it was swapped out, whether its clients are closed.
-    Only the Runtime writes it (`lease`, `swap`)."""
+    Written only by the Runtime's `lease` and `swap` and by `Snapshot.close`."""
 
     __slots__ = ("inflight", "retired", "closed", "handed_over")
 
