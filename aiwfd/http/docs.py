@@ -15,6 +15,7 @@ could not even load.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Awaitable, Callable
 
 from aiohttp import web
 
@@ -87,7 +88,7 @@ def add_routes(app: web.Application) -> None:
         app.router.add_get(f"/docs/{name}", _file_handler(path))
 
 
-def _file_handler(path: Path):  # type: ignore[no-untyped-def]
+def _file_handler(path: Path) -> Callable[[web.Request], Awaitable[web.FileResponse]]:
     async def serve(request: web.Request) -> web.FileResponse:
         return web.FileResponse(path, headers={"Cache-Control": "public, max-age=3600"})
 

@@ -84,7 +84,7 @@ class LoopHistogram:
         fam = HistogramMetricFamily(self.name, self.doc, labels=self.labels)
         for key, cells in list(self.cells.items()):
             buckets, total = [], 0.0
-            for le, n in zip(self.le, cells):
+            for le, n in zip(self.le, cells[:-1], strict=True):  # cells[-1] is the sum
                 total += n
                 buckets.append((le, total))
             fam.add_metric([str(k) for k in key], buckets, cells[-1])
