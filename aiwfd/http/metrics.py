@@ -54,9 +54,6 @@ class LoopCounter:
         values = self.values
         values[key] = values.get(key, 0) + amount
 
-    def get(self, *key: object) -> float:
-        return self.values.get(key, 0)
-
     def family(self) -> Metric:
         fam = CounterMetricFamily(self.name, self.doc, labels=self.labels)
         for key, value in list(self.values.items()):

@@ -106,8 +106,6 @@ class Config:
     path: str
     version: str
     types: Mapping[str, Node]
-    # Keys of `types` defined in the main file (the rest come from imports).
-    local_types: tuple[str, ...]
     assistants: Mapping[str, Assistant]
     providers: Mapping[str, Provider]
     server: ServerSettings
@@ -360,7 +358,6 @@ def load(path: str | os.PathLike[str], parses: typedsl.Parses | None = None) -> 
         path=display,
         version=str(data.get("version", "0.3")),
         types=ld.defs,
-        local_types=local_types,
         assistants=assistants,
         providers=providers,
         server=server,
