@@ -12,7 +12,6 @@ body that would pass it is refused before more than one step is held.
 from __future__ import annotations
 
 import asyncio
-import sys
 import zlib
 from typing import Any, Iterator
 
@@ -20,12 +19,9 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 
 from aiwfd.errors import InvalidJSON, PayloadTooLarge, RequestTimeout, UnsupportedMediaType
+from aiwfd.compat import timeout as _timeout
 from aiwfd.spec.jsonparse import parse_object
 
-if sys.version_info >= (3, 11):
-    from asyncio import timeout as _timeout
-else:  # pragma: no cover
-    from async_timeout import timeout as _timeout
 
 # Content-Encoding values accepted (RFC 9110 §8.4.1; x-gzip is gzip's old name).
 IDENTITY, GZIP, DEFLATE = "identity", "gzip", "deflate"

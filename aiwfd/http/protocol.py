@@ -40,7 +40,7 @@ logger = logging.getLogger("aiwfd")
 
 # A request's flag (aiwfd.http.views.send_continue): False while it expects
 # `100 Continue` and has not been sent one, True once sent.
-CONTINUED = "aiwfd.continued"
+CONTINUED: web.RequestKey[bool] = web.RequestKey("aiwfd.continued", bool)
 # Called once per request the protocol answers itself: (status, request id, error type).
 Report = Callable[[int, str, str], None]
 NewId = Callable[[], str]

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import sys
 from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 import aiohttp
@@ -25,15 +24,11 @@ from aiwfd.providers.completion import read_completion
 from aiwfd.providers.endpoints import Endpoint, signature
 from aiwfd.providers.errors import ProviderTimeout, Unreachable, status_error
 from aiwfd.providers.sse import Downstream, StreamReader
+from aiwfd.compat import timeout as _timeout
 from aiwfd.spec.config import Provider
 
 if TYPE_CHECKING:
     from aiwfd.providers.sdk import SDKCalls
-
-if sys.version_info >= (3, 11):
-    from asyncio import timeout as _timeout
-else:  # pragma: no cover
-    from async_timeout import timeout as _timeout
 
 
 @contextlib.contextmanager

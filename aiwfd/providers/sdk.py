@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import sys
 from typing import Any, Iterator
 
 import openai
@@ -20,17 +19,13 @@ from aiwfd.providers.base import ChatResult
 from aiwfd.providers.completion import read_completion
 from aiwfd.providers.endpoints import Endpoint
 from aiwfd.providers.errors import BadAnswer, ProviderTimeout, StatusError, Unreachable, retry_after
+from aiwfd.compat import timeout as _timeout
 from aiwfd.providers.sse import StreamReader
 
 try:  # the SDK moved to httpx2; older releases use httpx
     import httpx2 as httpx
 except ImportError:  # pragma: no cover - depends on the installed SDK
     import httpx  # type: ignore[no-redef, import-not-found]
-
-if sys.version_info >= (3, 11):
-    from asyncio import timeout as _timeout
-else:  # pragma: no cover
-    from async_timeout import timeout as _timeout
 
 
 @contextlib.contextmanager
