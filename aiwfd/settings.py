@@ -4,7 +4,7 @@ the `.env` file, then the agents file's `server:` section, then the default.
 Every setting of `aiwfd serve` is declared once, in REGISTRY: its flags, its
 variable, its default, the parser that checks its range, its help. `aiwfd
 serve --help`, the reading of flags and variables, docs/deploy.md's table
-and tests/test_docs.py all read it. A value out of range is a UsageError,
+and tests/http/test_docs.py all read it. A value out of range is a UsageError,
 worded the same for a flag and a variable.
 
 A reload re-reads the `.env` file (so a rotated key takes effect) but never

@@ -38,7 +38,7 @@ from typing import Any, Awaitable, Callable
 import aiohttp
 from aiohttp import web
 
-# What aiwfd sends for the greeter of scripts/bench/bench.yaml (tests/test_bench.py
+# What aiwfd sends for the greeter of scripts/bench/bench.yaml (tests/system/test_bench.py
 # checks this against aiwfd's own compiler, so the two cannot drift apart).
 MODEL = "gpt-4o-mini"
 SYSTEM_PROMPT = "Generate a friendly greeting"

@@ -18,31 +18,22 @@ REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "tests" / "configs"
 LOCAL_API_KEY = "local-test-key"
 
-# The `system` marker (setup.cfg): whole modules of long tests that start heavy
-# outside programs. `python3 -m pytest -m "not system"` leaves them out: the
-# inner loop, and CI's second run on the oldest Python setup.cfg declares.
-# Marked here by file name so that the modules themselves need no edit.
-SYSTEM_MODULES = {
-    # scripts/bench.py --quick end to end: real servers, a fake model process,
-    # wrk and nginx, every row of the table (about 40 s alone).
-    "test_bench.py": "the benchmark smoke run",
-    # real nginx in front of several real `aiwfd serve` processes, thousands
-    # of calls through it while instances restart and reload (about 25 s).
-    "test_nginx.py": "nginx and a cluster of real daemons under load",
-    # schemathesis' coverage and fuzzing phases against four real servers (about 20 s).
-    "test_schemathesis.py": "schemathesis against real servers",
-    # Debian's headless Chromium renders /docs and calls an agent cross-origin.
-    "test_docs_browser.py": "headless Chromium",
-    # scripts/install.sh makes a venv and pip-installs aiwfd into it;
-    # scripts/cluster.sh starts instances behind nginx.
-    "test_install.py": "a venv, pip install, and nginx",
-}
+# tests/ is split by what a test starts (docs/architecture.md):
+#   unit/     nothing: pure functions, the layer and lint rules
+#   http/     an in-process aiwfd Server on a free port, the fake model in the same loop
+#   process/  real `aiwfd serve` (or validate/compile) processes: signals, exit codes, stderr
+#   system/   heavy outside programs: nginx and a cluster under load, headless Chromium,
+#             pip install into a venv, schemathesis, the benchmark smoke run
+# Everything under system/ gets the `system` marker (setup.cfg), so
+# `python3 -m pytest -m "not system"` is the inner loop, and CI's second run
+# on the oldest Python setup.cfg declares.
+SYSTEM_DIR = Path(__file__).resolve().parent / "system"
 
 
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        if item.path.name in SYSTEM_MODULES:
+        if SYSTEM_DIR in item.path.parents:
             item.add_marker(pytest.mark.system)
 
 

@@ -2,7 +2,7 @@
 
 SPEC §1.3: every network provider is configured as `openai.AsyncOpenAI`
 configures itself (the same variables and defaults for key, base URL,
-organization/project headers); tests/test_providers.py holds this equal to
+organization/project headers); tests/http/test_providers.py holds this equal to
 the SDK's own resolution. Resolving them here, without the SDK, keeps its
 import (~1 s) out of a start-up that never calls through it.
 """

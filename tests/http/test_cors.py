@@ -1,7 +1,7 @@
 """CORS from the agents file's `server.cors` (SPEC §7.3): preflights, headers on
 every answer including errors, disallowed origins, no section → no CORS at all,
 and a policy that changes on reload. (A real browser calling cross-origin is in
-tests/test_docs_browser.py.)
+tests/system/test_docs_browser.py.)
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SCRIPTS = REPO / "scripts"
 NUMBER = re.compile(r"^\*{0,2}-?\d+(\.\d+)?\*{0,2}$")
 # Rows whose target is "no request failed": PASS on any machine.

@@ -19,7 +19,7 @@ from aiwfd.logs import RequestLog
 from aiwfd.settings import Settings
 from aiwfd.spec.compiler import load_and_compile
 
-CONFIG = Path(__file__).parent / "configs" / "api_cors.yaml"
+CONFIG = Path(__file__).parent.parent / "configs" / "api_cors.yaml"
 ORIGIN = "https://app.example"
 BODY = {"name": "Ada"}
 

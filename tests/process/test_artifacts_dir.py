@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from aiwfd.testing.fakeopenai import FakeOpenAI
-from tests.test_cli_serve import GOOD, MOCK_CFG, OPENAI_CFG, http, launch
+from tests.process.test_cli_serve import GOOD, MOCK_CFG, OPENAI_CFG, http, launch
 
 MOCK_AGENTS = {"greeter", "chatter"}
 MOCK_TYPES = {"GreetingRequest", "GreetingResponse", "Mood"}

@@ -19,7 +19,7 @@ from typing import Iterator
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "tests" / "configs"
 MOCK_CFG = CONFIGS / "cli_mock.yaml"
 OPENAI_CFG = CONFIGS / "cli_openai.yaml"  # one agent on `openai`, max_attempts 1

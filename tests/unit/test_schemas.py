@@ -22,7 +22,7 @@ from aiwfd.spec.config import load
 from aiwfd.errors import ConfigError
 from aiwfd.spec.validation import FORMAT_CHECKER, Validator, compile_check
 
-CONFIGS = Path(__file__).resolve().parent / "configs"
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 OWN_CONFIGS = ("content_api.yaml", "extraction.yaml", "with_imports.yaml")
 
 

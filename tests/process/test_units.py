@@ -27,7 +27,7 @@ import pytest
 from aiwfd.cli import EXIT_CONFIG
 from aiwfd.testing.nginxconf import NGINX, SHIPPED, main_conf, shipped_conf
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 UNIT_DIR = ROOT / "systemd"
 SHIPPED_EXEC = "/opt/aiwfd/venv/bin/aiwfd"
 SECURITY_MAX = 2.5
