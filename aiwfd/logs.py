@@ -14,7 +14,7 @@ import logging
 import re
 import sys
 import time
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 logger = logging.getLogger("aiwfd")
 
@@ -126,7 +126,13 @@ class _JSONFormatter(logging.Formatter):
         return json.dumps(doc, ensure_ascii=True)
 
 
-class ProtocolErrorLogger(logging.LoggerAdapter[logging.Logger]):
+if TYPE_CHECKING:
+    _LoggerAdapter = logging.LoggerAdapter[logging.Logger]
+else:  # subscriptable at run time only from Python 3.11
+    _LoggerAdapter = logging.LoggerAdapter
+
+
+class ProtocolErrorLogger(_LoggerAdapter):
     """aiohttp's connection logger, minus the request bytes its messages quote.
 
     aiohttp answers a malformed request (bad Content-Length, a control
