@@ -37,7 +37,7 @@ sys.path.insert(0, str(REPO / "scripts" / "bench"))
 sys.path.insert(0, str(REPO))
 from gen_agents import generate  # noqa: E402
 
-from aiwfd.testing.processes import free_port  # noqa: E402
+from aiwfd.testing.processes import free_port, stop_process  # noqa: E402
 
 N_AGENTS = 200
 SERVE_TARGET = 2.0
@@ -126,12 +126,7 @@ def measure_once(case: Case, workdir: Path, pin: bool) -> float:
     try:
         return wait_health(proc, port) - t0
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
         if proc.stderr:
             proc.stderr.close()
 

@@ -38,6 +38,18 @@ __all__ = [
 LISTEN_RE = re.compile(r"on http://(\[[^\]]+\]|[^:\s]+):(\d+)")
 
 
+def stop_process(proc: "subprocess.Popen[Any]", sig: int = signal.SIGTERM, timeout: float = 15.0) -> None:
+    """Stop a child: `sig` (a graceful stop), then SIGKILL if it is still there after `timeout`."""
+    if proc.poll() is not None:
+        return
+    proc.send_signal(sig)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def free_port() -> int:
     """A loopback port free right now (another process may take it before it is bound)."""
     with socket.socket() as s:
@@ -210,9 +222,4 @@ def fake_process(latency_ms: int = 0, extra: list[str] | None = None) -> Iterato
         assert line.startswith("LISTENING"), line
         yield proc, f"http://127.0.0.1:{int(line.split()[1])}/v1"
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, timeout=10)

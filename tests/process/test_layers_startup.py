@@ -19,6 +19,8 @@ from typing import Iterator
 
 import pytest
 
+from aiwfd.testing.processes import stop_process
+
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "tests" / "configs"
 MOCK_CFG = CONFIGS / "cli_mock.yaml"
@@ -76,13 +78,7 @@ class Started:
 
     def stop(self) -> None:
         self._watchdog.cancel()
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
         assert self.proc.stderr is not None
         self.proc.stderr.close()
 

@@ -26,6 +26,7 @@ import pytest
 
 from aiwfd.cli import EXIT_CONFIG
 from aiwfd.testing.nginxconf import NGINX, SHIPPED, main_conf, shipped_conf
+from aiwfd.testing.processes import stop_process
 
 ROOT = Path(__file__).resolve().parents[2]
 UNIT_DIR = ROOT / "systemd"
@@ -397,12 +398,7 @@ def test_nginx_retries_a_draining_instance_and_keeps_the_request_id(nginx_dir):
         assert status == 200 and re.fullmatch(r"[0-9a-f]{32}", rid or "")
         assert healthy.seen[-1]["rid"] == rid
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, timeout=10)
         for srv in (draining, healthy):
             srv.shutdown()
             srv.server_close()
