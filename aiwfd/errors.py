@@ -121,6 +121,10 @@ class NotFound(HTTPError):
     status, type, default_message = 404, "not_found", "not found"
 
 
+# The 404 of a path no route has: the router's, the catch-all route's and the parser's.
+NO_SUCH_PATH = "no such path; agents are at POST /agent/{name}"
+
+
 class MethodNotAllowed(HTTPError):
     status, type, default_message = 405, "method_not_allowed", "method not allowed"
 

@@ -24,7 +24,7 @@ from aiohttp import web
 
 from aiwfd.engine import CallStats
 from aiwfd.errors import (
-    HTTPError, InternalError, InvalidJSON, MethodNotAllowed, NotFound, PayloadTooLarge,
+    NO_SUCH_PATH, HTTPError, InternalError, InvalidJSON, MethodNotAllowed, NotFound, PayloadTooLarge,
     RequestTimeout, Unavailable, UnsupportedMediaType, error_body,
 )
 from aiwfd.http.keys import REQUEST_ID, RUNTIME, STATS, STREAM_ERROR
@@ -66,14 +66,15 @@ _AIOHTTP_ERRORS: dict[int, type[HTTPError]] = {
 
 
 def from_aiohttp(e: web.HTTPException) -> HTTPError:
-    """aiohttp's own 404/405/413… in our error shape (the router raises them)."""
+    """aiohttp's own 404/405/413… in our error shape (raised by aiohttp below our routes,
+    e.g. a static file; the catch-all route answers unknown paths itself)."""
     cls = _AIOHTTP_ERRORS.get(e.status, InternalError)
     headers = {"Allow": e.headers["Allow"]} if "Allow" in e.headers else None
     message = None
     if cls is MethodNotAllowed and headers:
         message = f"method not allowed; use {headers['Allow']}"
     elif cls is NotFound:
-        message = "no such path; agents are at POST /agent/{name}"
+        message = NO_SUCH_PATH
     return cls(message, headers=headers)
 
 

@@ -32,7 +32,7 @@ from aiohttp.http_exceptions import (
 from aiohttp.web_protocol import RequestHandler, RequestPayloadError, _ErrInfo
 
 from aiwfd.errors import (
-    HeadersTooLarge, HTTPError, InternalError, InvalidRequest, MethodNotAllowed, NotFound,
+    NO_SUCH_PATH, HeadersTooLarge, HTTPError, InternalError, InvalidRequest, MethodNotAllowed, NotFound,
     PayloadTooLarge, RequestTimeout, URITooLong, error_body,
 )
 
@@ -73,7 +73,7 @@ def parser_error(exc: HttpProcessingError, head: bytes, line_end: int | None, ma
         return InvalidRequest("this is not an HTTP/1.x request" + (" (TLS sent to a plain HTTP port?)"
                                                                   if head[:1] == b"\x16" else ""))
     if isinstance(exc, InvalidURLError):
-        return NotFound("no such path; agents are at POST /agent/{name}")
+        return NotFound(NO_SUCH_PATH)
     if isinstance(exc, (TransferEncodingError, ContentLengthError)):
         return InvalidRequest("malformed chunked body or Content-Length")
     if isinstance(exc, BadStatusLine):

@@ -12,7 +12,9 @@ from aiwfd.engine import CallStats, call_agent
 from aiwfd.spec.compiler import CompiledAgent
 from aiwfd.spec.config import did_you_mean
 from aiwfd.http.body import check_length, content_encoding, read_json
-from aiwfd.errors import InvalidInput, MethodNotAllowed, NotFound, Unauthorized, UnsupportedMediaType
+from aiwfd.errors import (
+    NO_SUCH_PATH, InvalidInput, MethodNotAllowed, NotFound, Unauthorized, UnsupportedMediaType,
+)
 from aiwfd.spec.jsonparse import check_charset
 from aiwfd.http.keys import AGENT, REQUEST_ID, RUNTIME, STATS
 from aiwfd.http.middlewares import json_response
@@ -45,9 +47,14 @@ async def agent_schema(request: web.Request) -> web.Response:
     name = request.match_info["name"]
     body = snap.agent_schema_json(name)
     if body is None:
-        hint = did_you_mean(name, snap.compiled.agents) if len(name) <= 64 else None
-        raise NotFound(f"unknown agent {name[:64]!r}" + (f"; {hint}" if hint else ""))
+        raise unknown_agent(name, snap)
     return web.Response(body=body, content_type="application/json")
+
+
+def unknown_agent(name: str, snap: Snapshot) -> NotFound:
+    """The 404 of an agent the current config does not have, with a hint when one is close."""
+    hint = did_you_mean(name, snap.compiled.agents) if len(name) <= 64 else None
+    return NotFound(f"unknown agent {name[:64]!r}" + (f"; {hint}" if hint else ""))
 
 
 async def begin(request: web.Request, rt: Runtime, snap: Snapshot) -> tuple[CompiledAgent, dict[str, Any]]:
@@ -77,8 +84,7 @@ def prepare(request: web.Request, snap: Snapshot) -> tuple[CompiledAgent, str]:
     name = request.match_info["name"]
     agent = snap.compiled.agents.get(name)
     if agent is None:
-        hint = did_you_mean(name, snap.compiled.agents) if len(name) <= 64 else None
-        raise NotFound(f"unknown agent {name[:64]!r}" + (f"; {hint}" if hint else ""))
+        raise unknown_agent(name, snap)
     request[AGENT] = agent
     if "Content-Type" in request.headers:
         ctype = request.content_type
@@ -126,7 +132,7 @@ async def no_route(request: web.Request) -> web.StreamResponse:
     if allowed:
         allow = ", ".join(sorted(allowed))
         raise MethodNotAllowed(f"method not allowed; use {allow}", headers={"Allow": allow})
-    raise NotFound("no such path; agents are at POST /agent/{name}")
+    raise NotFound(NO_SUCH_PATH)
 
 
 def check_auth(request: web.Request, keys: tuple[bytes, ...]) -> None:
