@@ -10,6 +10,11 @@ In-process::
 As a separate process (prints ``LISTENING <port>`` once, serves until SIGTERM)::
 
     python -m aiwfd.testing.fakeopenai --port 0 --latency-ms 200 [--uvloop]
+        [--answer MODEL=PATH ...] [--chunk-chars N]
+
+``--answer`` makes the content of PATH the default answer to requests for
+MODEL (streamed or not); ``--chunk-chars`` streams default answers in pieces of
+N characters, as a model streams tokens (the benchmark of ``/stream``).
 
 Without a scripted behaviour a request gets the default answer: a sample that
 satisfies the request's ``response_format`` JSON schema, or plain text.
@@ -118,7 +123,9 @@ class Violate:
 
 @dataclass(frozen=True)
 class Stream:
-    """Streamed answer (for ``"stream": true`` requests) in ``chunks`` pieces.
+    """Streamed answer (for ``"stream": true`` requests) in ``chunks`` pieces,
+    or in pieces of ``chunk_chars`` characters when that is set (the last one
+    shorter), written as fast as the client reads.
 
     ``content``/``data`` as in :class:`Reply` (default answer when both are
     None). With ``pause_after=k`` the server stops after k content pieces, sets
@@ -132,6 +139,7 @@ class Stream:
     pause_after: int | None = None
     pause: float = 10.0
     delay: float = 0.0
+    chunk_chars: int | None = None
 
 
 @dataclass(frozen=True)
@@ -552,6 +560,8 @@ class FakeOpenAI:
         record: bool = True,
         api_key: str | None = None,
         text: str = DEFAULT_TEXT,
+        answers: dict[str, str] | None = None,
+        chunk_chars: int | None = None,
     ) -> None:
         self.host = host
         self.port = port
@@ -559,6 +569,8 @@ class FakeOpenAI:
         self.record = record
         self.api_key = api_key  # when set, other keys get 401
         self.text = text  # default answer without response_format
+        self.answers = dict(answers or {})  # model -> default answer, whatever the request asks
+        self.chunk_chars = chunk_chars  # piece size of streamed default answers (None: a few pieces)
         self.requests: list[RecordedRequest] = []
         self.calls = 0
         self.inflight = 0
@@ -749,7 +761,8 @@ class FakeOpenAI:
             content = self._content_of(body, behaviour.content, behaviour.data)
             finish = behaviour.finish_reason
         if stream:
-            return await self._stream(request, body, content, Stream(content=content, chunks=_default_chunks(content)), finish)
+            spec = Stream(content=content, chunks=_default_chunks(content), chunk_chars=self.chunk_chars)
+            return await self._stream(request, body, content, spec, finish)
         return web.Response(body=self._completion(body, content, finish), headers=_headers("application/json"))
 
     def _content_of(self, body: dict[str, Any], content: str | None, data: object) -> str:
@@ -760,6 +773,9 @@ class FakeOpenAI:
         return self._default_content(body)
 
     def _default_content(self, body: dict[str, Any]) -> str:
+        model = body.get("model")
+        if isinstance(model, str) and model in self.answers:
+            return self.answers[model]
         fmt = body.get("response_format")
         if not isinstance(fmt, dict):
             return self.text
@@ -838,16 +854,25 @@ class FakeOpenAI:
         def delta(d: dict[str, Any], reason: str | None = None) -> list[dict[str, Any]]:
             return [{"index": 0, "delta": d, "logprobs": None, "finish_reason": reason}]
 
+        # A content piece's event is the same bytes as event(delta({"content": piece})),
+        # built from a prefix and a suffix: a 64 KB answer in 4-character pieces is
+        # 16k events, and the fake must not be what a benchmark of streaming measures.
+        head, _, tail = event(delta({"content": ""})).partition(b'"content":""')
+        head += b'"content":'
+
+        def piece_event(piece: str) -> bytes:
+            return head + _dumps(piece).encode() + tail
+
         response = web.StreamResponse(headers=_headers("text/event-stream; charset=utf-8"))
         response.headers["Cache-Control"] = "no-cache"
         await response.prepare(request)
-        pieces = _split(content, spec.chunks)
+        pieces = _split(content, spec.chunks) if spec.chunk_chars is None else _slices(content, spec.chunk_chars)
         try:
             await response.write(event(delta({"role": "assistant", "content": "", "refusal": None})))
             for i, piece in enumerate(pieces):
                 if spec.pause_after == i:
                     await self._pause(spec.pause)
-                await response.write(event(delta({"content": piece})))
+                await response.write(piece_event(piece))
             if spec.pause_after is not None and spec.pause_after >= len(pieces):
                 await self._pause(spec.pause)
             await response.write(event(delta({}, finish)))
@@ -911,12 +936,24 @@ def _split(content: str, chunks: int) -> list[str]:
     return pieces
 
 
+def _slices(content: str, size: int) -> list[str]:
+    """Pieces of ``size`` characters (the last one shorter)."""
+    size = max(1, size)
+    return [content[i:i + size] for i in range(0, len(content), size)]
+
+
 # --------------------------------------------------------------------------
 # Command line
 
 
 async def _serve(args: argparse.Namespace) -> None:
-    fake = FakeOpenAI(host=args.host, port=args.port, latency=args.latency_ms / 1000, record=args.record)
+    answers: dict[str, str] = {}
+    for item in args.answer:
+        model, _, path = item.partition("=")
+        with open(path, encoding="utf-8") as f:
+            answers[model] = f.read()
+    fake = FakeOpenAI(host=args.host, port=args.port, latency=args.latency_ms / 1000, record=args.record,
+                      answers=answers, chunk_chars=args.chunk_chars)
     await fake.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -936,6 +973,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--latency-ms", type=float, default=0.0)
     parser.add_argument("--uvloop", action="store_true", help="run on uvloop")
     parser.add_argument("--record", action="store_true", help="keep request records (memory grows)")
+    parser.add_argument("--answer", action="append", default=[], metavar="MODEL=PATH",
+                        help="answer the content of PATH to requests for MODEL (repeatable)")
+    parser.add_argument("--chunk-chars", type=int, default=None, metavar="N",
+                        help="stream default answers in pieces of N characters")
     args = parser.parse_args(argv)
     if args.uvloop:
         import uvloop

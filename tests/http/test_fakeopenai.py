@@ -395,3 +395,55 @@ async def test_subprocess_mode(extra: list[str]) -> None:
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+async def _pieces(client: openai.AsyncOpenAI, model: str, **kwargs: Any) -> list[str]:
+    stream = await client.chat.completions.create(model=model, messages=MESSAGES, stream=True, **kwargs)
+    return [c.choices[0].delta.content async for c in stream if c.choices and c.choices[0].delta.content]
+
+
+async def test_stream_in_pieces_of_chunk_chars(fake: FakeOpenAI, client: openai.AsyncOpenAI) -> None:
+    fake.script(Stream(content="abcdefghij", chunk_chars=4), Stream(content="abcdefghij"))
+    assert await _pieces(client, "gpt-4o-mini") == ["abcd", "efgh", "ij"]
+    assert await _pieces(client, "gpt-4o-mini") == ["abc", "def", "gh", "ij"]  # unchanged without it
+
+
+async def test_answers_per_model_streamed_in_chunk_chars() -> None:
+    answer = '{"message":"Zoë \\"quoted\\" ✓"}'
+    async with FakeOpenAI(answers={"bench-model": answer}, chunk_chars=5) as fake:
+        sdk = openai.AsyncOpenAI(base_url=fake.base_url, api_key="sk-test", max_retries=0)
+        try:
+            pieces = await _pieces(sdk, "bench-model", response_format=response_format(GREETING),
+                                   stream_options={"include_usage": True})
+            assert "".join(pieces) == answer and all(len(p) == 5 for p in pieces[:-1])
+            plain = await sdk.chat.completions.create(model="bench-model", messages=MESSAGES)
+            assert plain.choices[0].message.content == answer
+            # other models keep the schema sample
+            other = await sdk.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+            assert other.choices[0].message.content == fake.text
+        finally:
+            await sdk.close()
+
+
+async def test_subprocess_answer_and_chunk_chars(tmp_path: Any) -> None:
+    path = tmp_path / "answer.json"
+    path.write_text('{"message":"from a file"}', encoding="utf-8")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", FAKE_MODULE, "--port", "0", "--answer", f"m1={path}", "--chunk-chars", "4",
+        stdout=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert proc.stdout is not None
+        port = int((await asyncio.wait_for(proc.stdout.readline(), 10)).split()[1])
+        sdk = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="sk-test", max_retries=0)
+        try:
+            pieces = await _pieces(sdk, "m1")
+            assert "".join(pieces) == '{"message":"from a file"}' and pieces[:2] == ['{"me', 'ssag']
+        finally:
+            await sdk.close()
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 5) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
