@@ -5,8 +5,9 @@ refuses to send (stalled bodies, raw header bytes, unnormalised paths)."""
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 from pathlib import Path
-from typing import AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 import pytest
 
@@ -28,6 +29,16 @@ LOCAL_API_KEY = "local-test-key"
 # `python3 -m pytest -m "not system"` is the inner loop, and CI's second run
 # on the oldest Python setup.cfg declares.
 SYSTEM_DIR = Path(__file__).resolve().parent / "system"
+
+
+def example_applier() -> Callable[[Any, list[dict[str, Any]]], Any]:
+    """`apply(doc, ops)` of examples/python/patch.py: the tests check the applier users copy."""
+    path = REPO / "examples" / "python" / "patch.py"
+    spec = importlib.util.spec_from_file_location("aiwfd_example_patch", path)
+    assert spec is not None and spec.loader is not None, path
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.apply  # type: ignore[no-any-return]
 
 
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker

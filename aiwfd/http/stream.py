@@ -7,7 +7,7 @@ Then the answer is `200 text/event-stream`:
 
     event: start     {"request_id", "agent", "model"}
     event: delta     {"text"}      the next piece of the model's raw output
-    event: partial   {"data"}      the output so far, parsed (object outputs only)
+    event: patch     [op, …]       how the output parsed so far changed (object outputs only)
     event: retry     {"attempt", "errors"}   discard the output so far
     event: result    {"data", "trace"}       as the plain call; the stream ends
     event: error     {"error": {…}, "request_id"}   terminal, the §3.1 shape
@@ -21,10 +21,12 @@ its listener: the same re-asks, transport retries, deadline, usage sum and
 a transport failure it is sent only when that attempt's output had already
 reached the client (otherwise there is nothing to discard).
 
-`partial` is the text so far read by jiter's partial mode (the JSON parser
-the openai SDK depends on and uses for the same purpose): open strings,
-arrays and objects are closed, an unfinished key or literal is left out. It
-is sent when it changed, with the optional nulls dropped as in `result`.
+`patch` is what `spec.patches.PatchParser` makes of the delta before it:
+JSON Pointer ops (`add`, `replace`, `append` to a string) that, applied in
+order to `null`, give the output parsed so far, with the optional nulls
+dropped as in `result`. The parser reads each delta once, so a stream's bytes
+and CPU grow linearly with the answer; a `retry` starts a new one (the client
+starts again from `null`). No patch follows a delta that changed nothing.
 
 The model call runs in a child task named `aiwfd-stream:<request id>` while
 the handler waits on it, writes the keep-alives and watches the connection
@@ -42,13 +44,13 @@ import json
 import logging
 from typing import Any
 
-import jiter
 import orjson
 from aiohttp import web
 
 from aiwfd.http import views
 from aiwfd.engine import CallStats, call_agent
 from aiwfd.spec.compiler import Compiled, CompiledAgent
+from aiwfd.spec.patches import PatchParser
 from aiwfd.errors import HTTPError, InvalidOutput, error_body
 from aiwfd.http.keys import REQUEST_ID, RUNTIME, STATS, STREAM_ERROR
 from aiwfd.http.middlewares import http_error
@@ -69,9 +71,6 @@ HEADERS = {
     "X-Accel-Buffering": "no",
 }
 
-_NOTHING = object()
-
-
 def dumps(doc: Any) -> bytes:
     try:
         return orjson.dumps(doc)
@@ -84,16 +83,8 @@ def event(name: str, data: Any) -> bytes:
     return b"event: " + name.encode() + b"\ndata: " + dumps(data) + b"\n\n"
 
 
-def partial_json(text: str) -> Any:
-    """The best-effort parse of an unfinished JSON text; `_NOTHING` when nothing parses yet."""
-    try:
-        return jiter.from_json(text.encode(), partial_mode="trailing-strings", cache_mode="none")
-    except ValueError:
-        return _NOTHING
-
-
 class EventWriter:
-    """The `call_agent` listener that writes deltas, partials and retries as events."""
+    """The `call_agent` listener that writes deltas, patches and retries as events."""
 
     def __init__(self, resp: web.StreamResponse, compiled: Compiled, agent: CompiledAgent,
                  request_id: str) -> None:
@@ -101,11 +92,15 @@ class EventWriter:
         self.request_id = request_id
         self.compiled = compiled
         self.agent = agent
-        # `partial` is for object outputs: not plain text, not a wrapped {"value": …}.
+        # `patch` is for object outputs: not plain text, not a wrapped {"value": …}.
         self.objects = agent.output_validator is not None and not agent.wrapped
-        self.text = ""
-        self.partial: Any = _NOTHING
+        self.parser = self._parser()
         self.sent = False  # some output of the current attempt reached the client
+
+    def _parser(self) -> PatchParser | None:
+        if not self.objects:
+            return None
+        return PatchParser(self.agent.assistant.output_type, self.compiled.config.types)
 
     async def send(self, name: str, data: Any) -> None:
         await self.resp.write(event(name, data))
@@ -116,21 +111,19 @@ class EventWriter:
     async def delta(self, text: str) -> None:
         self.sent = True
         out = event("delta", {"text": text})
-        if self.objects:
-            self.text += text
-            data = partial_json(self.text)
-            if isinstance(data, dict):
-                try:
-                    data = self.compiled.clean_output(self.agent, data)
-                except Exception:
-                    # A bug in drop_nulls (it takes any JSON): logged like every
-                    # other, and the half-answer is shown as it parsed.
-                    rid = self.request_id
-                    logger.exception("internal error cleaning a partial answer (request_id=%s)", rid,
-                                     extra={"request_id": rid})
-                if data != self.partial:
-                    self.partial = data
-                    out += event("partial", {"data": data})
+        if self.parser is not None:
+            try:
+                ops = self.parser.feed(text)
+            except Exception:
+                # A bug in the parser must not cost the answer: logged like any
+                # other, the attempt goes on without patches, `result` still comes.
+                self.parser = None
+                rid = self.request_id
+                logger.exception("internal error turning a delta into patches (request_id=%s)", rid,
+                                 extra={"request_id": rid})
+            else:
+                if ops:
+                    out += event("patch", ops)
         await self.resp.write(out)
 
     async def retry(self, attempt: int, failure: HTTPError) -> None:
@@ -138,7 +131,7 @@ class EventWriter:
             errors = failure.details if isinstance(failure, InvalidOutput) else [
                 {"path": "", "message": failure.message}]
             await self.send("retry", {"attempt": attempt, "errors": errors})
-        self.text, self.partial, self.sent = "", _NOTHING, False
+        self.parser, self.sent = self._parser(), False
 
 
 async def handler(request: web.Request) -> web.StreamResponse:

@@ -268,7 +268,7 @@ async def test_openapi_documents_stream_and_batch(srv: InProcess) -> None:
     # Statuses: the errors found before the model is called (no API_KEY here: no 401).
     assert set(stream_op["responses"]) == {"200", "400", "404", "408", "413", "415", "422", "500", "503"}
     assert {} in stream_op["security"]
-    for event in ("start", "delta", "partial", "retry", "result", "error", "keep-alive"):
+    for event in ("start", "delta", "patch", "retry", "result", "error", "keep-alive"):
         assert event in stream_op["responses"]["200"]["description"]
 
     op = paths["/agent/greeter/batch"]["post"]

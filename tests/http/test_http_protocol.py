@@ -25,7 +25,7 @@ from typing import Any, AsyncIterator
 
 import pytest
 
-from aiwfd.spec import compiler
+from aiwfd.spec import patches
 from tests.conftest import agents_env
 from aiwfd.testing.fakeopenai import FakeOpenAI
 from aiwfd.testing.inprocess import InProcess, serve
@@ -435,13 +435,14 @@ async def test_a_slow_body_is_not_cut_by_the_header_timeout(srv: InProcess) -> N
 
 # --------------------------------------------------------------------------- a bug in the stream
 
-async def test_a_bug_cleaning_a_partial_answer_is_logged(srv: InProcess, fake: FakeOpenAI,
-                                                         monkeypatch: pytest.MonkeyPatch,
-                                                         caplog: pytest.LogCaptureFixture) -> None:
-    def broken(self: Any, agent: Any, data: Any) -> Any:
+async def test_a_bug_in_the_patch_parser_is_logged_and_costs_no_answer(
+        srv: InProcess, fake: FakeOpenAI, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    def broken(self: Any, value: Any) -> Any:
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(compiler.Compiled, "clean_output", broken)
+    # The one injected bug: a parser whose every value fails.
+    monkeypatch.setattr(patches.PatchParser, "_put", broken)
     with caplog.at_level(logging.ERROR, logger="aiwfd"):
         conn = await Conn.open(srv.server.port)
         try:
@@ -450,11 +451,11 @@ async def test_a_bug_cleaning_a_partial_answer_is_logged(srv: InProcess, fake: F
             events = await asyncio.wait_for(conn.reader.read(), 10)  # the whole stream
         finally:
             await conn.close()
-    assert a.status == 200 and b"event: partial" in events, events[-300:]
+    assert a.status == 200 and b"event: result" in events and b"event: patch" not in events, events[-300:]
+    assert events.count(b"event: delta") > 1, events
     rid = a.headers["x-request-id"]
-    # Before: `except Exception: pass` (nothing logged); the partial is still sent.
-    assert any("partial answer" in r.getMessage() and rid in r.getMessage() and r.exc_info
-               for r in caplog.records), caplog.text
+    assert sum("into patches" in r.getMessage() and rid in r.getMessage() and r.exc_info is not None
+               for r in caplog.records) == 1, caplog.text
 
 
 async def test_a_body_left_unread_does_not_arm_the_header_timer(long_keepalive: InProcess) -> None:

@@ -23,13 +23,14 @@ from aiwfd.http.stream import TASK_PREFIX
 from aiwfd.testing.fakeopenai import Drop, FakeOpenAI, Reply, Status, Stream, Violate, _dumps
 from aiwfd.testing.inprocess import InProcess, fake_env, serve
 from aiwfd.testing.metrics import delta
-from tests.conftest import CONFIGS
+from tests.conftest import CONFIGS, example_applier
 
 CONFIG = CONFIGS / "sb_agents.yaml"
 KEY = "sb-stream-key"
 AUTH = {"X-API-Key": KEY}
 KEEPALIVE = 0.3
 TRACE_KEYS = {"step_name", "usage", "attempts", "duration", "model", "request_id"}
+apply = example_applier()
 
 
 @pytest.fixture(scope="module", params=["aiohttp", "sdk"])
@@ -106,14 +107,14 @@ def names(events: list[Event]) -> list[str]:
 
 
 def check_order(events: list[Event]) -> None:
-    """start, then deltas/partials/retries, then exactly one terminal event, last."""
+    """start, then deltas/patches/retries, then exactly one terminal event, last."""
     assert events[0].name == "start"
     assert events[-1].name in ("result", "error")
     middle = names(events[1:-1])
-    assert set(middle) <= {"delta", "partial", "retry"}, middle
+    assert set(middle) <= {"delta", "patch", "retry"}, middle
     for i, e in enumerate(events[1:-1], 1):
-        if e.name == "partial":  # a partial always follows the delta it parses
-            assert events[i - 1].name == "delta"
+        if e.name == "patch":  # a patch always follows the delta it parses, and changes something
+            assert events[i - 1].name == "delta" and e.data
 
 
 def attempt_texts(events: list[Event]) -> list[str]:
@@ -125,6 +126,20 @@ def attempt_texts(events: list[Event]) -> list[str]:
         elif e.name == "retry":
             texts.append("")
     return texts
+
+
+def attempt_docs(events: list[Event]) -> list[list[Any]]:
+    """Per attempt, the document after each of its patches; every attempt starts from null."""
+    docs: list[list[Any]] = [[]]
+    doc: Any = None
+    for e in events:
+        if e.name == "patch":
+            doc = apply(doc, e.data)
+            docs[-1].append(json.loads(json.dumps(doc)))
+        elif e.name == "retry":
+            docs.append([])
+            doc = None
+    return docs
 
 
 # --------------------------------------------------------------------------
@@ -157,12 +172,13 @@ async def test_events_in_order_and_first_delta_before_the_model_finished(srv: In
     assert len(deltas) == 6
     content = _dumps(answer)
     assert "".join(d.data["text"] for d in deltas) == content
-    partials = [e.data["data"] for e in all_events if e.name == "partial"]
-    assert partials and all(isinstance(p, dict) for p in partials)
-    assert partials[-1] == answer
-    # Each partial is the parse of a longer prefix: message grows, never shrinks.
-    msgs = [p.get("message", "") for p in partials]
+    [docs] = attempt_docs(all_events)
+    assert docs and all(isinstance(d, dict) for d in docs)
+    assert docs[-1] == answer
+    # Each patch makes the parse of a longer prefix: message grows, never shrinks.
+    msgs = [d.get("message", "") for d in docs]
     assert all(answer["message"].startswith(m) for m in msgs) and msgs == sorted(msgs, key=len)
+    assert [e.data[0]["op"] for e in all_events if e.name == "patch"][0] == "add"
     result = all_events[-1]
     assert result.name == "result" and set(result.data) == {"data", "trace"}
     assert result.data["data"] == answer
@@ -185,17 +201,19 @@ async def test_events_in_order_and_first_delta_before_the_model_finished(srv: In
 
 
 async def test_optional_nulls_dropped_and_wrapped_outputs_unwrapped(srv: InProcess, fake: FakeOpenAI) -> None:
-    # Strict mode sends optional fields as null: dropped, in partials and in the result.
-    fake.script(Stream(data={"message": "Hi", "mood": None}, chunks=5))
+    # Strict mode sends optional fields as null: dropped, in patches and in the result.
+    fake.script(Stream(data={"message": "Hi", "mood": None}, chunks=len('{"message":"Hi","mood":null}')))
     _, events = await stream_all(srv, "greeter", {"name": "Bo"})
     assert events[-1].data["data"] == {"message": "Hi"}
-    assert all("mood" not in e.data["data"] for e in events if e.name == "partial")
-    # A non-object output travels as {"value": …}: unwrapped, and no partials (objects only).
+    [docs] = attempt_docs(events)
+    assert docs[-1] == {"message": "Hi"} and all("mood" not in d for d in docs)
+    assert all("mood" not in json.dumps(e.data) for e in events if e.name == "patch")
+    # A non-object output travels as {"value": …}: unwrapped, and no patches (objects only).
     fake.script(Stream(data={"value": ["a", "b", "c"]}, chunks=4))
     _, events = await stream_all(srv, "tags", {"name": "Bo"})
     check_order(events)
     assert events[-1].name == "result" and events[-1].data["data"] == ["a", "b", "c"]
-    assert "partial" not in names(events) and names(events).count("delta") == 4
+    assert "patch" not in names(events) and names(events).count("delta") == 4
     # Plain text: the deltas are the text, `data` is the string.
     fake.script(Stream(content="Hello there, Bo. How are you?", chunks=3))
     _, events = await stream_all(srv, "chat", {"name": "Bo"})
@@ -222,6 +240,11 @@ async def test_invalid_then_valid_output_sends_retry_then_result(srv: InProcess,
     assert "delta" in names(events[i + 1:])
     assert events[-1].name == "result"
     assert events[-1].data["data"] == good
+    # Each attempt's patches start from null and build that attempt's answer.
+    first, second = attempt_docs(events)
+    assert first[-1] == bad and second[-1] == good
+    patches = [e for e in events[i + 1:] if e.name == "patch"]
+    assert patches[0].data[0]["op"] == "add" and patches[0].data[0]["path"] == ""
     assert events[-1].data["trace"]["attempts"] == 2
     # The re-ask quoted the errors, in the same conversation.
     second = fake.requests[-1].messages
@@ -271,6 +294,11 @@ async def test_a_stream_cut_after_output_sends_retry(srv: InProcess, fake: FakeO
         {"path": "", "message": "the model provider did not answer in time"}]}
     assert attempt_texts(events)[1] == _dumps({"message": "Second try"})
     assert events[-1].data["data"] == {"message": "Second try"}
+    # The stalled attempt's patches are discarded with it: the next ones start from null.
+    first, second = attempt_docs(events)
+    assert first == [{}] and second[-1] == {"message": "Second try"}  # `{"mess` of the stalled one
+    after = [e for e in events[i + 1:] if e.name == "patch"]
+    assert after[0].data[0]["op"] == "add" and after[0].data[0]["path"] == ""
     assert events[-1].data["trace"]["attempts"] == 2
     assert fake.disconnects == 1  # the stalled upstream request was closed
 
