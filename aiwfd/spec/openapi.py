@@ -275,25 +275,80 @@ STREAM_EVENTS = """Server-sent events, each `event: <name>` and one `data:` line
 
 - `start` `{"request_id", "agent", "model"}`
 - `delta` `{"text"}`: the next piece of the model's raw output
-- `partial` `{"data"}`: the output so far, parsed best-effort (object outputs only)
-- `retry` `{"attempt", "errors"}`: the last output failed; discard what came before
+- `patch` `[op, …]` (`aiwfd-Patch`): how the output parsed so far changed (object outputs only)
+- `retry` `{"attempt", "errors"}`: the last output failed; discard what came before (the next `patch` starts from `null`)
 - `result` `{"data", "trace"}`: the validated answer, as `POST /agent/{name}` answers it; the stream ends
 - `error` `{"error": {"type", "message", "details"}, "request_id"}`: terminal, the error the plain call would answer
 
-and a `: keep-alive` comment line every 15 s (AIWF_SSE_KEEPALIVE)."""
+and a `: keep-alive` comment line every 15 s (AIWF_SSE_KEEPALIVE).
+
+Applying every `patch` in order to `null` gives the output parsed so far: `add` and `replace` as in
+RFC 6902 (path `""` is the whole document; `/items/3` with 3 the array's length adds an element),
+`append` concatenates `value` to the string at `path`. Paths are RFC 6901 JSON Pointers (`~1` is `/`,
+`~0` is `~`). Strings, arrays and objects are sent as they grow; a key, number, `true`, `false` or
+`null` still being written is left out until it ends. Optional fields sent as `null` never appear, as
+in `result`. Each byte of the output is sent at most once in `patch`
+besides its `delta`, so a stream costs what its answer costs."""
+
+STREAM_EVENT_NAMES: tuple[str, ...] = ("start", "delta", "patch", "retry", "result", "error")
+PATCH = "aiwfd-Patch"
 
 
-# OpenAPI 3.1 has no schema for a stream as a whole: the media type's schema
-# describes one event (what OpenAPI 3.2 calls `itemSchema`), as tools read it.
-SSE_EVENT: dict[str, Any] = {
-    "type": "object",
-    "description": "one server-sent event; `data` is one line of JSON",
-    "required": ["event", "data"],
-    "properties": {
-        "event": {"type": "string", "enum": ["start", "delta", "partial", "retry", "result", "error"]},
-        "data": {"type": "string", "contentMediaType": "application/json"},
-    },
-}
+def _patch_component() -> dict[str, Any]:
+    return {
+        "type": "array",
+        "description": ("The data of a `patch` event (SPEC §7.4): applied in order to the document so far "
+                        "(`null` at the start of each attempt), the ops give the output parsed so far."),
+        "minItems": 1,
+        "items": {
+            "type": "object",
+            "required": ["op", "path", "value"],
+            "additionalProperties": False,
+            "properties": {
+                "op": {"type": "string", "enum": ["add", "replace", "append"],
+                       "description": "`add`, `replace`: RFC 6902; `append`: concatenate `value` to the "
+                                      "string at `path`"},
+                "path": {"type": "string", "pattern": "^(/([^~/]|~[01])*)*$",
+                         "description": 'an RFC 6901 JSON Pointer; `""` is the whole document'},
+                "value": {"description": "the value to put at `path`; for `append`, the string to add"},
+            },
+        },
+    }
+
+
+def _stream_event(agent: CompiledAgent) -> dict[str, Any]:
+    """One server-sent event. OpenAPI 3.1 has no schema for a stream as a whole:
+    the media type's schema describes one event (what OpenAPI 3.2 calls
+    `itemSchema`), as tools read it, and `contentSchema` says what each event's
+    `data` line holds once parsed."""
+    text = {"type": "string"}
+    data: dict[str, Any] = {
+        "start": {"type": "object", "required": ["request_id", "agent", "model"],
+                  "properties": {"request_id": text, "agent": text, "model": text}},
+        "delta": {"type": "object", "required": ["text"], "properties": {"text": text}},
+        "patch": {"$ref": COMPONENTS_PREFIX + PATCH},
+        "retry": {"type": "object", "required": ["attempt", "errors"],
+                  "properties": {"attempt": {"type": "integer", "minimum": 2},
+                                 "errors": {"type": "array", "items": {
+                                     "type": "object", "required": ["path", "message"],
+                                     "properties": {"path": text, "message": text}}}}},
+        "result": _envelope(agent),
+        "error": {"$ref": COMPONENTS_PREFIX + ERROR},
+    }
+    return {
+        "type": "object",
+        "description": "one server-sent event; `data` is one line of JSON",
+        "required": ["event", "data"],
+        "properties": {
+            "event": {"type": "string", "enum": list(STREAM_EVENT_NAMES)},
+            "data": {"type": "string", "contentMediaType": "application/json"},
+        },
+        "oneOf": [
+            {"properties": {"event": {"const": name},
+                            "data": {"contentMediaType": "application/json", "contentSchema": data[name]}}}
+            for name in STREAM_EVENT_NAMES
+        ],
+    }
 
 
 def _stream_operation(agent: CompiledAgent, auth: Auth) -> dict[str, Any]:
@@ -314,7 +369,7 @@ def _stream_operation(agent: CompiledAgent, auth: Auth) -> dict[str, Any]:
         "responses": {
             "200": {"description": STREAM_EVENTS,
                     "headers": {"X-Request-ID": {"$ref": "#/components/headers/X-Request-ID"}},
-                    "content": {"text/event-stream": {"schema": SSE_EVENT}}},
+                    "content": {"text/event-stream": {"schema": _stream_event(agent)}}},
             **_errors(statuses),
         },
         "security": _security(auth),
@@ -388,6 +443,7 @@ def build_openapi(compiled: Compiled, auth: Auth = "unknown") -> dict[str, Any]:
     schemas[TRACE] = _trace_component()
     schemas[AGENT_INFO] = _agent_info_component()
     schemas[ITEM_ERROR] = _item_error_component()
+    schemas[PATCH] = _patch_component()
 
     paths: dict[str, Any] = {}
     server = compiled.config.server

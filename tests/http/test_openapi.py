@@ -9,6 +9,7 @@ document's own `$ref`s.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import signal
@@ -23,6 +24,7 @@ from referencing.jsonschema import DRAFT202012
 
 from aiwfd import errors as E
 from aiwfd.spec.compiler import load_and_compile
+from aiwfd.spec.openapi import STREAM_EVENT_NAMES
 from aiwfd.errors import ConfigError
 from aiwfd.providers.mock import sample
 from aiwfd.testing.inprocess import InProcess, serve, write_config
@@ -230,6 +232,78 @@ async def test_200_is_the_envelope_typed_by_the_output_schema(keyed: InProcess, 
         v.validate(answer)
         assert not v.is_valid({"data": {"no": "such"} if a.output_type is None else 12345, "trace": answer["trace"]})
         assert not v.is_valid({"data": answer["data"]})
+
+
+def example_applier() -> Any:
+    """examples/python/patch.py's `apply`: the one the docs tell clients to copy."""
+    spec = importlib.util.spec_from_file_location("example_patch", REPO / "examples" / "python" / "patch.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.apply
+
+
+async def read_events(srv: InProcess, path: str, body: Any) -> list[tuple[str, Any]]:
+    async with srv.session.post(srv.url(path), json=body, headers={"X-API-Key": KEY}) as r:
+        assert r.status == 200, await r.text()
+        text = (await r.read()).decode()
+    out = []
+    for block in text.split("\n\n"):
+        lines = [ln for ln in block.splitlines() if ln and not ln.startswith(":")]
+        if lines:
+            assert lines[0].startswith("event: ") and lines[1].startswith("data: ") and len(lines) == 2, block
+            out.append((lines[0][len("event: "):], json.loads(lines[1][len("data: "):])))
+    return out
+
+
+def test_the_stream_event_names_are_the_ones_the_stream_sends() -> None:
+    source = (REPO / "aiwfd" / "http" / "stream.py").read_text(encoding="utf-8")
+    sent = set(re.findall(r"""(?:event|send)\(\s*["']([a-z]+)["']""", source))
+    assert sent == set(STREAM_EVENT_NAMES), sent
+
+
+async def test_every_stream_event_matches_its_documented_schema(keyed: InProcess,
+                                                                keyed_doc: dict[str, Any]) -> None:
+    """Each agent streamed for real: every event is one of the enum, its `data`
+    is what the event's `contentSchema` says, and the `patch` ops (the
+    aiwfd-Patch component) rebuild `result.data`."""
+    apply = example_applier()
+    compiled = load_and_compile(str(API_MOCK))
+    seen: set[str] = set()
+    for name, agent in compiled.agents.items():
+        op = keyed_doc["paths"][f"/agent/{name}/stream"]["post"]
+        assert "`patch`" in op["description"] and "partial" not in op["description"]
+        schema = op["responses"]["200"]["content"]["text/event-stream"]["schema"]
+        assert schema["properties"]["event"]["enum"] == ["start", "delta", "patch", "retry", "result", "error"]
+        by_event = {v["properties"]["event"]["const"]: v["properties"]["data"]["contentSchema"]
+                    for v in schema["oneOf"]}
+        assert list(by_event) == schema["properties"]["event"]["enum"]
+        assert by_event["patch"] == {"$ref": "#/components/schemas/aiwfd-Patch"}
+        body = sample(agent.assistant.input_type, compiled.config.types) if agent.assistant.input_type else {"x": 1}
+        events = await read_events(keyed, f"/agent/{name}/stream", body)
+        doc: Any = None
+        for event, data in events:
+            seen.add(event)
+            validator_for(keyed_doc, by_event[event]).validate(data)
+            if event == "patch":
+                doc = apply(doc, data)
+        assert events[-1][0] == "result", events[-1]
+        patches = [d for e, d in events if e == "patch"]
+        # Patches are for object outputs only (not plain text, not a wrapped enum or list).
+        if agent.output_validator is not None and not agent.wrapped:
+            assert patches and doc == events[-1][1]["data"], (name, patches)
+        else:
+            assert not patches, name
+    assert {"start", "delta", "patch", "result"} <= seen
+
+    patch = validator_for(keyed_doc, {"$ref": "#/components/schemas/aiwfd-Patch"})
+    assert patch.is_valid([{"op": "add", "path": "", "value": {}},
+                           {"op": "append", "path": "/items/0/a~1b~0c", "value": "x"},
+                           {"op": "replace", "path": "/n", "value": None}])
+    for bad in ([], [{"op": "remove", "path": "/a"}], [{"op": "add", "path": "a", "value": 1}],
+                [{"op": "add", "path": "/a~2", "value": 1}], [{"op": "add", "value": 1}],
+                {"op": "add", "path": "", "value": {}}):
+        assert not patch.is_valid(bad), bad
 
 
 async def test_every_error_status_is_documented_with_the_error_schema(keyed: InProcess,
