@@ -400,6 +400,80 @@ def test_every_stream_event_is_documented() -> None:
         assert re.search(rf"^\| `{name}` \|", rows, re.M), f"stream event {name!r} has no row in docs/api.md"
 
 
+def stream_events_of(source: str) -> set[str]:
+    return set(re.findall(r"""(?:event|send)\(\s*["']([a-z]+)["']""", source))
+
+
+def test_no_stream_event_is_documented_that_the_stream_does_not_send() -> None:
+    """The event table of docs/api.md#streaming is exactly the events sent (a
+    `partial` row outlived its event once)."""
+    sent = stream_events_of((REPO / "aiwfd" / "http" / "stream.py").read_text(encoding="utf-8"))
+    text = API_MD.read_text(encoding="utf-8")
+    section = text[text.index("## Streaming\n"):]
+    section = section[:section.index("\n## ", 1)]
+    table = section[section.index("| event | data |"):]
+    table = table[:table.index("\n\n")]
+    assert set(re.findall(r"^\| `([a-z-]+)` \|", table, re.M)) == sent
+    for path in (API_MD, REPO / "README.md", REPO / "examples" / "README.md"):
+        assert not re.search(r"event: partial|`partial`", path.read_text(encoding="utf-8")), path
+
+
+def example_streams(path: Path) -> list[str]:
+    """The fenced blocks of `path` that show a whole stream (start to result)."""
+    blocks: list[str] = []
+    current: list[str] | None = None
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.lstrip().startswith("```"):
+            if current is None:
+                current = []
+            else:
+                blocks.append("\n".join(current) + "\n")
+                current = None
+        elif current is not None:
+            current.append(line.strip())
+    return [b for b in blocks if b.startswith("event: start\n") and "event: result\n" in b]
+
+
+def _apply_example() -> Any:
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("example_patch", REPO / "examples" / "python" / "patch.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.apply
+
+
+def _no_nulls(doc: Any) -> Any:
+    if isinstance(doc, dict):
+        return {k: _no_nulls(v) for k, v in doc.items() if v is not None}
+    return [_no_nulls(v) for v in doc] if isinstance(doc, list) else doc
+
+
+@pytest.mark.parametrize("path", [API_MD, REPO / "README.md"], ids=lambda p: p.name)
+def test_the_example_streams_add_up(path: Path) -> None:
+    """The streams the guides show (captured from a server) hold together: the
+    deltas are the answer, the patches applied to null give `result.data` (the
+    optional nulls dropped), and a patch never shows a number before it ends."""
+    apply = _apply_example()
+    streams = example_streams(path)
+    assert streams, f"{path.name} shows no whole stream"
+    for block in streams:
+        events = [(m.group(1), json.loads(m.group(2)))
+                  for m in re.finditer(r"^event: (\w+)\ndata: (.*)$", block, re.M)]
+        assert [e for e, _ in events][0] == "start" and events[-1][0] == "result"
+        assert {e for e, _ in events} <= {"start", "delta", "patch", "result"}
+        text, doc = "", None
+        for name, data in events:
+            if name == "delta":
+                text += data["text"]
+            elif name == "patch":
+                assert all(op["op"] in ("add", "replace", "append") for op in data), data
+                doc = apply(doc, data)
+        result = events[-1][1]["data"]
+        assert doc == result == _no_nulls(json.loads(text)), path.name
+        assert events[0][1]["request_id"] == events[-1][1]["trace"]["request_id"]
+
+
 @pytest.mark.parametrize("message", startup_messages(), ids=lambda m: m.where)
 def test_every_startup_error_message_is_documented(message: Message) -> None:
     """Troubleshooting quotes every start-up failure as the code words it
