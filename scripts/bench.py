@@ -4,6 +4,7 @@
     python scripts/bench.py --quick         # < 1 minute, 1 run each; prints, writes only with --write
     python scripts/bench.py --lean-survey   # which use of the openai SDK is cheapest (picks sdk-lean)
     python scripts/bench.py --profile       # py-spy on aiwfd under load: where its CPU goes
+    python scripts/bench.py --stream [--quick]  # /agent/{name}/stream vs a raw SSE forwarder (bench_stream.py)
 
 Everything runs on 127.0.0.1: a fake OpenAI-compatible server
 (aiwfd.testing.fakeopenai, uvloop, no records), the reference forwarders
@@ -56,6 +57,10 @@ sys.path.insert(0, str(REPO))
 from gen_agents import AGENT_BODY, generate  # noqa: E402
 
 from aiwfd.testing.processes import free_port  # noqa: E402
+
+# scripts/bench_stream.py does `import bench`: run as a script, this module is
+# __main__, and a second import would be a second copy without main's globals.
+sys.modules.setdefault("bench", sys.modules[__name__])
 
 API_KEY = "bench-key"  # aiwfd checks it on every call; the references ignore it
 AUTH_HEADER = f"X-API-Key: {API_KEY}"
@@ -280,6 +285,10 @@ def base_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
            if not (k.startswith(("OPENAI_", "AIWF_", "GROK_")) or k in ("API_KEY", "PORT", "HOST"))}
     env["PYTHONUNBUFFERED"] = "1"
+    # The children run `-m aiwfd` from a temporary directory: this checkout's aiwfd
+    # unless PYTHONPATH names another tree (a "before" run), so that a stale or
+    # missing editable install is not what gets measured.
+    env.setdefault("PYTHONPATH", str(REPO))
     return env
 
 
@@ -1198,6 +1207,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--lean-survey", action="store_true", help="measure every candidate use of the SDK and stop")
     p.add_argument("--profile", action="store_true", help="py-spy aiwfd under load (c64) and print top functions")
     p.add_argument("--profile-seconds", type=float, default=8.0)
+    p.add_argument("--stream", action="store_true",
+                   help="benchmark /agent/{name}/stream against the stream-raw forwarder (its own BENCHMARKS.md block)")
     p.add_argument("--output", type=Path, default=BENCHMARKS, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -1248,6 +1259,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.write:
                 write_benchmarks(args.output, text, LEAN_BEGIN, LEAN_END)
                 log(f"wrote the survey to {args.output}")
+            return 0
+        if args.stream:
+            import bench_stream
+
+            machine = [line if not line.startswith("- load generator") else
+                       "- client: scripts/bench_stream_load.py (aiohttp" + (", uvloop" if has_module("uvloop") else "")
+                       + "), one process per batch" for line in machine_info(loader, pin, "--no-pin" if args.no_pin else "")]
+            log(f"stream benchmark ({'quick' if args.quick else 'full'}); pinned: {pin}; workdir {workdir}")
+            text = bench_stream.run(procs, args, log, command, machine, loadavg_before, began)
+            print(text)
+            if write:
+                write_benchmarks(args.output, text, bench_stream.BEGIN, bench_stream.END)
+                log(f"wrote the stream block of {args.output}")
+            log(f"total {time.monotonic() - began:.1f} s")
             return 0
         transports = ["aiohttp", "sdk"] if args.aiwfd_transport == "both" else [args.aiwfd_transport]
         if args.profile:

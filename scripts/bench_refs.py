@@ -13,6 +13,13 @@ the client used for the upstream call:
   sdk-default       AsyncOpenAI(max_retries=0).chat.completions.create
   sdk-lean          the cheapest use of the openai SDK measured (see LEAN below)
 
+and, for `scripts/bench.py --stream`, on `POST /agent/{name}/stream`:
+
+  stream-raw        the same call with "stream": true over a plain aiohttp.ClientSession; each
+                    content delta of the upstream event stream is written to the client as
+                    `event: delta` {"text"}, then one `event: result` {"text": <the joined text>}.
+                    No validation, no parsing of the answer: the floor of a streamed call.
+
 and the candidates measured for sdk-lean (`python scripts/bench.py --lean-survey`):
 
   sdk-aiohttp       create() over the SDK's aiohttp transport (http_client=DefaultAioHttpClient())
@@ -62,7 +69,38 @@ RESPONSE_FORMAT: dict[str, Any] = {
 LEAN = "sdk-post-bytes"
 
 VARIANTS = ("raw", "sdk-default", "sdk-lean", "sdk-aiohttp", "sdk-raw-response",
-            "sdk-post", "sdk-post-aiohttp", "sdk-post-bytes")
+            "sdk-post", "sdk-post-aiohttp", "sdk-post-bytes", "stream-raw")
+
+# What aiwfd sends for the agents of scripts/bench/stream.yaml (checked against
+# aiwfd's compiler by tests/system/test_bench.py, as the greeter's call is).
+STREAM_MODELS = {"stream_1k": "bench-stream-1k", "stream_4k": "bench-stream-4k", "stream_16k": "bench-stream-16k"}
+STREAM_SYSTEM_PROMPT = "List the work items for the topic"
+STREAM_MAX_TOKENS = 20000
+STREAM_TEMPERATURE = 0.2
+_ITEM: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "id": {"type": "integer"}, "title": {"type": "string"}, "done": {"type": "boolean"},
+        "estimate": {"type": "integer"}, "tags": {"type": "array", "items": {"type": "string"}},
+        "note": {"type": "string"},
+    },
+    "required": ["id", "title", "done", "estimate", "tags", "note"],
+    "additionalProperties": False,
+}
+STREAM_RESPONSE_FORMAT: dict[str, Any] = {
+    "type": "json_schema",
+    "json_schema": {
+        "name": "Out",
+        "strict": True,
+        "schema": {
+            "type": "object",
+            "properties": {"items": {"type": "array", "items": {"$ref": "#/$defs/Item"}}},
+            "required": ["items"],
+            "additionalProperties": False,
+            "$defs": {"Item": _ITEM},
+        },
+    },
+}
 
 Call = Callable[[dict[str, Any]], Awaitable[tuple[str, dict[str, Any], str]]]
 
@@ -77,6 +115,22 @@ def payload_for(body: Any) -> dict[str, Any]:
         "max_tokens": MAX_TOKENS,
         "temperature": TEMPERATURE,
         "response_format": RESPONSE_FORMAT,
+    }
+
+
+def stream_payload_for(agent: str, body: Any) -> dict[str, Any]:
+    """The streamed call aiwfd makes for `agent` of scripts/bench/stream.yaml."""
+    return {
+        "model": STREAM_MODELS[agent],
+        "messages": [
+            {"role": "system", "content": STREAM_SYSTEM_PROMPT},
+            {"role": "user", "content": json.dumps(body, separators=(",", ":"), ensure_ascii=False)},
+        ],
+        "max_tokens": STREAM_MAX_TOKENS,
+        "temperature": STREAM_TEMPERATURE,
+        "response_format": STREAM_RESPONSE_FORMAT,
+        "stream": True,
+        "stream_options": {"include_usage": True},
     }
 
 
@@ -180,9 +234,66 @@ def create_app(call: Call, close: Callable[[], Awaitable[None]]) -> web.Applicat
     return app
 
 
+SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"}
+
+
+def create_stream_app(upstream: str, api_key: str) -> web.Application:
+    """stream-raw: forward the upstream's content deltas as events, nothing else."""
+    url = upstream.rstrip("/") + "/chat/completions"
+    headers = {"Authorization": f"Bearer {api_key}", "Content-Type": "application/json",
+               "Accept": "text/event-stream"}
+    sessions: list[aiohttp.ClientSession] = []
+
+    async def stream(request: web.Request) -> web.StreamResponse:
+        payload = stream_payload_for(request.match_info["name"], json.loads(await request.read()))
+        resp = web.StreamResponse(headers=SSE_HEADERS)
+        await resp.prepare(request)
+        parts: list[str] = []
+        async with sessions[0].post(url, data=json.dumps(payload), headers=headers) as r:
+            if r.status != 200:
+                raise RuntimeError(f"upstream status {r.status}")
+            pending = b""
+            async for chunk in r.content.iter_any():
+                *events, pending = (pending + chunk).split(b"\n\n")
+                for ev in events:
+                    # the upstream's events are one `data:` line each
+                    data = ev[ev.find(b"data: ") + 6:]
+                    if data == b"[DONE]":
+                        break
+                    choices = json.loads(data)["choices"]
+                    text = choices[0]["delta"].get("content") if choices else None
+                    if text:
+                        parts.append(text)
+                        await resp.write(b"event: delta\ndata: " + json.dumps({"text": text}).encode() + b"\n\n")
+        await resp.write(b"event: result\ndata: " + json.dumps({"text": "".join(parts)}).encode() + b"\n\n")
+        await resp.write_eof()
+        return resp
+
+    async def health(request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def on_startup(app: web.Application) -> None:
+        sessions.append(aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)))
+
+    async def on_cleanup(app: web.Application) -> None:
+        await sessions[0].close()
+
+    app = web.Application()
+    app.router.add_post("/agent/{name}/stream", stream)
+    app.router.add_get("/health", health)
+    app.on_startup.append(on_startup)
+    app.on_cleanup.append(on_cleanup)
+    return app
+
+
 async def serve(args: argparse.Namespace) -> None:
-    call, close = make_call(args.variant, args.upstream, os.environ.get("OPENAI_API_KEY", "sk-bench"))
-    runner = web.AppRunner(create_app(call, close), access_log=None, handle_signals=False)
+    api_key = os.environ.get("OPENAI_API_KEY", "sk-bench")
+    if args.variant == "stream-raw":
+        app = create_stream_app(args.upstream, api_key)
+    else:
+        call, close = make_call(args.variant, args.upstream, api_key)
+        app = create_app(call, close)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", args.port, backlog=1024, reuse_address=True)
     await site.start()

@@ -126,3 +126,79 @@ def test_load_generator_percentiles() -> None:
     assert percentile(values, 50) == 50.0
     assert percentile(values, 99) == 99.0
     assert percentile([], 50) == 0.0
+
+
+# Rows of `--stream` whose target is "every stream complete": PASS on any machine.
+STREAM_MUST_PASS = ("failed of 100 concurrent streams (4k)", "failed of the sequential streams, 1k",
+                    "failed of the sequential streams, 4k", "failed of the sequential streams, 16k")
+
+
+def test_stream_quick_run_fills_every_row(tmp_path: Path) -> None:
+    before = (REPO / "BENCHMARKS.md").read_bytes() if (REPO / "BENCHMARKS.md").exists() else None
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    cp = subprocess.run([sys.executable, str(SCRIPTS / "bench.py"), "--stream", "--quick", "--no-write"],
+                        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                        env={**os.environ, "TMPDIR": str(tmp)})
+    assert cp.returncode == 0, f"bench.py --stream --quick failed ({cp.returncode}):\n{cp.stderr[-4000:]}"
+    head, rows = _table(cp.stdout)
+    assert head[:3] == ["metric", "stream-raw", "**aiwfd**"], head
+    labels = [r[0] for r in rows]
+    for size in ("1k", "4k", "16k"):
+        for expected in (f"bytes received per stream, {size}", f"server CPU ms per stream, {size}",
+                         f"server CPU ms per KB of answer, {size}", f"server CPU µs per model chunk, {size}",
+                         f"`patch` events per stream, {size}"):
+            assert expected in labels, labels
+    for expected in ("time to first delta ms, c1, p50 (1k)", "peak RSS MB, 100 concurrent streams (4k)",
+                     *STREAM_MUST_PASS):
+        assert expected in labels, labels
+    for row in rows:
+        for cell in row[1:3]:  # timing may FAIL on a shared machine, but every cell is a number
+            assert NUMBER.match(cell.replace(",", "")), f"{row[0]!r}: no number: {cell!r}"
+        assert re.fullmatch(r"(PASS|FAIL|n/a)?", row[-1]), row
+        if row[0] in STREAM_MUST_PASS:
+            assert row[-1] == "PASS", f"{row[0]!r}: {row[-1]!r} (aiwfd {row[2]}, forwarder {row[1]})"
+            assert row[1] == "0", f"{row[0]!r}: the forwarder failed {row[1]}"
+    assert re.search(r"Targets: \d+/\d+ PASS", cp.stdout)
+    assert sorted(p.name for p in tmp.iterdir()) == [], "bench.py left files in TMPDIR"
+    after = (REPO / "BENCHMARKS.md").read_bytes() if (REPO / "BENCHMARKS.md").exists() else None
+    assert after == before, "--no-write must not touch BENCHMARKS.md"
+
+
+def test_stream_reference_sends_what_aiwfd_sends() -> None:
+    """The stream-raw forwarder hard-codes the stream agents' calls; they must stay aiwfd's."""
+    sys.path.insert(0, str(SCRIPTS))
+    try:
+        import bench_refs
+    finally:
+        sys.path.remove(str(SCRIPTS))
+    from aiwfd.engine import build_payload
+    from aiwfd.spec.compiler import load_and_compile
+
+    compiled = load_and_compile(str(SCRIPTS / "bench" / "stream.yaml"))
+    assert sorted(compiled.agents) == sorted(bench_refs.STREAM_MODELS)
+    body = {"topic": "Zoë's release"}
+    for name in compiled.agents:
+        # what the aiohttp transport adds to a streamed call (aiwfd.providers.openai_compatible)
+        theirs = {**build_payload(compiled.agents[name], body), "stream": True,
+                  "stream_options": {"include_usage": True}}
+        ours = bench_refs.stream_payload_for(name, body)
+        assert json.dumps(ours, sort_keys=True) == json.dumps(theirs, sort_keys=True)
+
+
+def test_stream_answers_are_valid_outputs() -> None:
+    """The generated answers pass aiwfd's output validation (else the stream re-asks) and have the sizes."""
+    sys.path.insert(0, str(SCRIPTS))
+    try:
+        import bench_stream
+    finally:
+        sys.path.remove(str(SCRIPTS))
+    from aiwfd.spec.compiler import load_and_compile
+
+    compiled = load_and_compile(str(SCRIPTS / "bench" / "stream.yaml"))
+    for label, tokens in bench_stream.SIZES:
+        text = bench_stream.answer(tokens)
+        assert text == bench_stream.answer(tokens)  # deterministic
+        assert tokens * 4 <= len(text) < tokens * 4 + 400
+        validator = compiled.agents[f"stream_{label}"].output_validator
+        assert validator is not None and validator.errors(json.loads(text)) == []
