@@ -9,6 +9,7 @@
         ├── InvalidJSON            400 invalid_json
         ├── InvalidRequest         400 invalid_request
         ├── Unauthorized           401 unauthorized
+        ├── Forbidden              403 forbidden
         ├── NotFound               404 not_found
         ├── MethodNotAllowed       405 method_not_allowed
         ├── RequestTimeout         408 request_timeout
@@ -115,6 +116,10 @@ class InvalidRequest(HTTPError):
 
 class Unauthorized(HTTPError):
     status, type, default_message = 401, "unauthorized", "missing or invalid API key"
+
+
+class Forbidden(HTTPError):
+    status, type, default_message = 403, "forbidden", "this client may not call this agent"
 
 
 class NotFound(HTTPError):

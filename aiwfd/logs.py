@@ -75,13 +75,16 @@ class RequestLog:
         self.stream = stream or sys.stderr
 
     def write(self, method: str, path: str, seconds: float, status: int, request_id: str,
-              attempts: int | None = None, tokens: int | None = None, error: str | None = None) -> None:
+              attempts: int | None = None, tokens: int | None = None, error: str | None = None,
+              client: str | None = None) -> None:
         if self.fmt == "json":
             doc: dict[str, Any] = {
                 "time": _clock.now(), "method": method, "path": path,
                 "duration": go_duration(seconds), "duration_ms": round(seconds * 1000, 3),
                 "status": status, "request_id": request_id,
             }
+            if client is not None:
+                doc["client"] = client
             if attempts is not None:
                 doc["attempts"] = attempts
                 doc["tokens"] = tokens
@@ -92,6 +95,8 @@ class RequestLog:
         else:
             line = (f"{_clock.now()} {method} {escape(path)} - {go_duration(seconds)} "
                     f"status={status} request_id={request_id}")
+            if client is not None:
+                line += f" client={client}"
             if attempts is not None:
                 line += f" attempts={attempts} tokens={tokens}"
             if error:

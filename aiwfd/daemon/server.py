@@ -38,6 +38,7 @@ from aiwfd.daemon.notify import Notifier, watchdog_interval
 from aiwfd.http.protocol import ConnectionFactory
 from aiwfd.http.runtime import Phase, Runtime, Snapshot, build_snapshot
 from aiwfd.settings import Settings
+from aiwfd.store.limits import open_store
 
 logger = logging.getLogger("aiwfd")
 
@@ -121,7 +122,11 @@ class Server:
         # busy disk. The "serving" line and READY=1 wait for them.
         writing = asyncio.ensure_future(asyncio.to_thread(_write_artifacts, snapshot, artifacts_dir))
         self.runtime = Runtime(settings=s, snapshot=snapshot, artifacts_dir=str(artifacts_dir),
-                               request_log=self.request_log or RequestLog(s.log_format))
+                               request_log=self.request_log or RequestLog(s.log_format),
+                               store=open_store(s.env.get("REDIS_URL")))
+        await self._check_store(compiled)
+        if snapshot.verifier is not None:
+            await snapshot.verifier.start()
         app = create_app(self.runtime)
         # auto_decompress off: aiwfd.http.body inflates bodies itself, within the size limit.
         self.runner = web.AppRunner(app, handle_signals=False, access_log=None,
@@ -148,17 +153,38 @@ class Server:
             await self._close_resources()
             raise RetryableStartupError(f"cannot write the compiled artifacts to {artifacts_dir}: "
                                f"{e.strerror or e}") from None
-        if not s.api_keys and not _is_loopback(s.host):
-            logger.warning("API_KEY is not set and %s is not a loopback address: anyone who can "
-                           "reach this port can call the agents", s.host)
+        if not snapshot.auth_required and not _is_loopback(s.host):
+            logger.warning("neither API_KEY nor auth: is set and %s is not a loopback address: anyone "
+                           "who can reach this port can call the agents", s.host)
         n = len(compiled.agents)
-        logger.info("aiwfd %s serving %s (%d agent%s%s) on http://%s:%d", __version__, s.file,
+        store = self.runtime.store
+        logger.info("aiwfd %s serving %s (%d agent%s%s, store %s) on http://%s:%d", __version__, s.file,
                     n, "" if n == 1 else "s", ", mock provider" if s.mock else "",
-                    _url_host(s.host), self.port)
+                    store.description if store is not None else "memory", _url_host(s.host), self.port)
         self.notifier.ready()
         interval = watchdog_interval()
         if interval:
             self._watchdog = asyncio.get_running_loop().create_task(self._watchdog_loop(interval))
+
+    async def _check_store(self, compiled: Compiled) -> None:
+        """Say what the limits will be worth. A Redis that does not answer is not
+        fatal: the instance starts unready (/health/ready 503) and
+        `limits.on_store_error` decides for the calls, as for a Redis lost later;
+        exiting would only turn a Redis outage into a restart loop of every instance."""
+        rt = self.runtime
+        assert rt is not None and rt.store is not None
+        limited = compiled.config.limits.default is not None or any(
+            a.limits for a in compiled.config.assistants.values()) or any(
+            k.limits for k in compiled.config.auth.keys) or bool(
+            compiled.config.auth.jwt and compiled.config.auth.jwt.limits)
+        if not rt.store.shared:
+            if limited:
+                logger.warning("limits are configured but REDIS_URL is not set: each instance counts "
+                               "alone, so N instances behind one proxy let through N times the limits")
+            return
+        problem = await rt.store_problem()
+        if problem is not None:
+            logger.error("%s; starting unready (/health/ready answers 503) until it does", problem)
 
     def _report_rejected(self, status: int, request_id: str, error_type: str) -> None:
         """A request the protocol refused before the app saw it: log and count it like any other."""
@@ -251,7 +277,9 @@ class Server:
             return False
         self.settings = settings
         rt.settings = settings
-        rt.swap(snapshot)
+        old = rt.swap(snapshot)
+        if snapshot.verifier is not None and snapshot.verifier is not old.verifier:
+            await snapshot.verifier.start()
         for w in compiled.warnings:
             logger.warning("%s", w)
         live_ms = (asyncio.get_running_loop().time() - started) * 1000

@@ -7,7 +7,7 @@ from typing import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
 
-from aiwfd.http import batch, docs, metrics, middlewares, stream, views
+from aiwfd.http import access, batch, docs, metrics, middlewares, stream, views
 from aiwfd.http.keys import NO_ROUTE, RUNTIME
 from aiwfd.http.runtime import Runtime
 
@@ -29,6 +29,8 @@ class Route:
 # assets come from aiwfd.http.docs, then the catch-all (views.no_route).
 ROUTES = (
     Route("GET", "/health", views.health),
+    Route("GET", "/health/ready", views.ready),
+    Route("GET", access.RESOURCE_METADATA_PATH, access.protected_resource),
     Route("GET", "/agents", views.agents),
     Route("POST", "/agent/{name}", views.call, agent_call=True, own_continue=True),
     Route("POST", "/agent/{name}/stream", stream.handler, agent_call=True, own_continue=True),

@@ -37,12 +37,12 @@ from typing import Any
 
 from aiohttp import web
 
-from aiwfd.http import views
+from aiwfd.http import quota, views
 from aiwfd.engine import CallStats, call_agent
 from aiwfd.spec.compiler import CompiledAgent
 from aiwfd.errors import HTTPError, InternalError, InvalidInput, UpstreamTimeout
 from aiwfd.spec.jsonparse import json_kind
-from aiwfd.http.keys import REQUEST_ID, RUNTIME, STATS
+from aiwfd.http.keys import CLIENT, REQUEST_ID, RUNTIME, STATS
 from aiwfd.http.middlewares import json_response
 from aiwfd.http.runtime import Runtime, Snapshot
 
@@ -56,7 +56,16 @@ async def handler(request: web.Request) -> web.Response:
         server = snap.compiled.config.server
         inputs = read_inputs(body, server.batch_max)
         total = request[STATS] = CallStats()
-        results = await run_batch(rt, snap, agent, inputs, request[REQUEST_ID], server.batch_concurrency, total)
+        client = request[CLIENT]
+        # Counted per input that will call the model; a window that cannot take them all refuses the batch.
+        checked = [check_item(agent, item) for item in inputs]
+        calls = checked.count(None)
+        # At once: what batch_concurrency allows, and no more than a concurrency limit
+        # could ever take (a batch is never refused for being wider than the limit).
+        width = min(server.batch_concurrency, quota.narrowest(snap, client, agent))
+        async with quota.admitted(request, rt, snap, client, agent, cost=calls, slots=min(calls, width)):
+            results = await run_batch(rt, snap, agent, inputs, request[REQUEST_ID], width,
+                                      total, client.label, checked)
         return json_response({"results": results})
 
 
@@ -95,18 +104,21 @@ def item_error(err: HTTPError) -> dict[str, Any]:
 
 
 async def run_batch(rt: Runtime, snap: Snapshot, agent: CompiledAgent, inputs: list[Any], rid: str,
-                    concurrency: int, total: CallStats) -> list[Any]:
+                    concurrency: int, total: CallStats, label: str = "anonymous",
+                    checked: list[InvalidInput | None] | None = None) -> list[Any]:
+    """Every input of a batch; `label` is the caller's metrics label (Client.label),
+    `checked` each input's `check_item` when the caller has made them."""
     started = time.monotonic()
     metrics = rt.metrics
     results: list[Any] = [None] * len(inputs)
     todo: list[int] = []
     for i, item in enumerate(inputs):
-        err = check_item(agent, item)
+        err = checked[i] if checked is not None else check_item(agent, item)
         if err is None:
             todo.append(i)
         else:
             results[i] = item_error(err)
-            metrics.record_agent(agent, None, err.status, err.type)
+            metrics.record_agent(agent, None, err.status, err.type, label)
 
     client = snap.client(agent)
     deadline = rt.settings.deadline
@@ -118,15 +130,15 @@ async def run_batch(rt: Runtime, snap: Snapshot, agent: CompiledAgent, inputs: l
             if remaining <= 0:
                 raise UpstreamTimeout("the batch's deadline passed before this input's turn")
             results[i] = await call_agent(snap.compiled, agent, client, inputs[i], rid, remaining, stats)
-            metrics.record_agent(agent, stats, 200, None)
+            metrics.record_agent(agent, stats, 200, None, label)
         except HTTPError as e:
             results[i] = item_error(e)
-            metrics.record_agent(agent, stats, e.status, e.type)
+            metrics.record_agent(agent, stats, e.status, e.type, label)
         except Exception:  # a bug: this input's error, never the batch's
             logger.exception("internal error (request_id=%s, input %d)", rid, i, extra={"request_id": rid})
             err = InternalError(f"internal error; the server log has the details under request id {rid}, input {i}")
             results[i] = item_error(err)
-            metrics.record_agent(agent, stats, err.status, err.type)
+            metrics.record_agent(agent, stats, err.status, err.type, label)
         total.attempts += stats.attempts
         total.prompt_tokens += stats.prompt_tokens
         total.completion_tokens += stats.completion_tokens

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 if TYPE_CHECKING:
+    from aiwfd.auth.clients import Client
     from aiwfd.engine import CallStats
     from aiwfd.http.runtime import Runtime
     from aiwfd.spec.compiler import CompiledAgent
@@ -18,6 +19,10 @@ REQUEST_ID: web.RequestKey[str] = web.RequestKey("aiwfd.request_id", str)
 STATS: web.RequestKey[CallStats] = web.RequestKey("aiwfd.stats")
 # The CompiledAgent a request is for, once it is known to exist (for metrics).
 AGENT: web.RequestKey[CompiledAgent] = web.RequestKey("aiwfd.agent")
+# Who is calling (aiwfd.http.access), once the credentials checked out: the log's client=.
+CLIENT: web.RequestKey[Client] = web.RequestKey("aiwfd.client")
+# The RateLimit-Policy and RateLimit headers of the call (aiwfd.http.quota), for the on_prepare hook.
+RATE_HEADERS: web.RequestKey[dict[str, str]] = web.RequestKey("aiwfd.rate_headers", dict)
 # The error type a streamed answer ended with, after its 200 went out (aiwfd.http.stream),
 # for the request log and metrics.
 STREAM_ERROR: web.RequestKey[str] = web.RequestKey("aiwfd.stream_error", str)

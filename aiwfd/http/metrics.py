@@ -31,7 +31,7 @@ from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, M
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
 
-from aiwfd.http.keys import AGENT, NO_ROUTE, RUNTIME, STATS
+from aiwfd.http.keys import AGENT, CLIENT, NO_ROUTE, RUNTIME, STATS
 
 if TYPE_CHECKING:
     from aiwfd.engine import CallStats
@@ -112,8 +112,8 @@ class Metrics:
             "aiwfd_http_request_duration_seconds", "Time to answer an HTTP request, by route template",
             ("route",), HTTP_BUCKETS)
         self.agent_calls = LoopCounter(
-            "aiwfd_agent_calls", "Calls of a configured agent, by outcome (ok or the error type)",
-            ("agent", "outcome"))
+            "aiwfd_agent_calls", "Calls of a configured agent, by outcome (ok or the error type) and client "
+            "(a configured key's name, jwt or anonymous)", ("agent", "outcome", "client"))
         self.agent_attempts = LoopCounter(
             "aiwfd_agent_attempts", "Model calls made for an agent (re-asks and retries included)", ("agent",))
         self.tokens = LoopCounter(
@@ -122,9 +122,13 @@ class Metrics:
         self.upstream_duration = LoopHistogram(
             "aiwfd_upstream_duration_seconds", "Duration of one model call (one attempt)",
             ("agent", "provider"), UPSTREAM_BUCKETS)
+        self.store_errors = LoopCounter(
+            "aiwfd_store_errors", "Calls the limits store did not answer for, by what was done: allow "
+            "(passed uncounted), deny (503), finish (tokens and slots not recorded)", ("decision",))
         r = self.registry = CollectorRegistry(auto_describe=True)
         r.register(_LoopCollector([self.http_requests, self.http_duration, self.agent_calls,
-                                   self.agent_attempts, self.tokens, self.upstream_duration]))
+                                   self.agent_attempts, self.tokens, self.upstream_duration,
+                                   self.store_errors]))
         self.inflight = Gauge("aiwfd_inflight_requests", "HTTP requests being answered (this scrape included)",
                               registry=r)
         self.config_reloads = Counter(
@@ -153,16 +157,18 @@ class Metrics:
         if route in self.agent_routes:
             agent = request.get(AGENT)
             if agent is not None:
-                self.record_agent(agent, request.get(STATS), status, error_type)
+                client = request.get(CLIENT)
+                self.record_agent(agent, request.get(STATS), status, error_type,
+                                  client.label if client is not None else "anonymous")
 
     def record_rejected(self, status: int) -> None:
         """A request the HTTP protocol answered itself (malformed, or its head too slow)."""
         self.http_requests.inc((UNMATCHED, "other", status))
 
     def record_agent(self, agent: "CompiledAgent", stats: "CallStats | None", status: int,
-                     error_type: str | None) -> None:
+                     error_type: str | None, client: str = "anonymous") -> None:
         name = agent.assistant.name
-        self.agent_calls.inc((name, error_type or ("ok" if status < 400 else f"http_{status}")))
+        self.agent_calls.inc((name, error_type or ("ok" if status < 400 else f"http_{status}"), client))
         if stats is None or not stats.attempts:
             return
         self.agent_attempts.inc((name,), stats.attempts)

@@ -27,7 +27,8 @@ from aiwfd.errors import (
     NO_SUCH_PATH, HTTPError, InternalError, InvalidJSON, MethodNotAllowed, NotFound, PayloadTooLarge,
     RequestTimeout, Unavailable, UnsupportedMediaType, error_body,
 )
-from aiwfd.http.keys import REQUEST_ID, RUNTIME, STATS, STREAM_ERROR
+from aiwfd.auth.clients import ANONYMOUS
+from aiwfd.http.keys import CLIENT, RATE_HEADERS, REQUEST_ID, RUNTIME, STATS, STREAM_ERROR
 from aiwfd.http.protocol import CONTINUED
 from aiwfd.http.runtime import Phase, Runtime
 
@@ -133,9 +134,12 @@ async def core(request: web.Request, handler: Handler) -> web.StreamResponse:
         error_type = request.get(STREAM_ERROR)
     stats: CallStats | None = request.get(STATS)
     elapsed = time.monotonic() - started
+    client = request.get(CLIENT)
     rt.request_log.write(
         request.method, request.path, elapsed, resp.status, rid,
         stats.attempts if stats else None, stats.total_tokens if stats else None, error_type,
+        # Client names are config names or a JWT's client claim: no credential.
+        client.name if client is not None and client is not ANONYMOUS else None,
     )
     rt.metrics.record(request, resp.status, elapsed, error_type)
     return resp
@@ -161,6 +165,9 @@ def on_prepare(runtime: Runtime) -> Callable[[web.Request, web.StreamResponse], 
         if runtime.phase is not serving or ("Expect" in request.headers and request.get(CONTINUED) is False):
             resp.force_close()
             h["Connection"] = "close"
+        rate = request.get(RATE_HEADERS)
+        if rate:  # an agent call with request limits (aiwfd.http.quota)
+            h.update(rate)
         # The policy current when the answer goes out (a reload may have changed it).
         cors = runtime.snapshot.cors
         if cors is not None:

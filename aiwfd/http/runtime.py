@@ -13,11 +13,13 @@ import logging
 import os
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import aiohttp
 import orjson
 
+from aiwfd.auth.clients import KeyTable, key_table
+from aiwfd.spec.access import JWTConfig
 from aiwfd.spec.artifacts import write_artifacts
 from aiwfd.spec.compiler import Compiled, CompiledAgent
 from aiwfd.http.cors import CorsPolicy, policy
@@ -30,6 +32,11 @@ from aiwfd.http.metrics import Metrics
 from aiwfd.providers.mock import MockClient
 from aiwfd.spec.openapi import Auth, agent_schema_doc, build_openapi
 from aiwfd.settings import Settings
+
+from aiwfd.store.base import Store, StoreError
+
+if TYPE_CHECKING:
+    from aiwfd.auth.jwt import Verifier
 
 logger = logging.getLogger("aiwfd")
 
@@ -45,8 +52,9 @@ class Usage:
         self.inflight = 0
         self.retired = False
         self.closed = False
-        # Clients the snapshot that replaced this one reuses: not closed with it.
-        self.handed_over: tuple[ModelClient, ...] = ()
+        # Clients (and the JWT verifier) the snapshot that replaced this one
+        # reuses: not closed with it.
+        self.handed_over: tuple[Any, ...] = ()
 
 
 @dataclass(frozen=True, eq=False)
@@ -60,13 +68,18 @@ class Snapshot:
 
     compiled: Compiled
     clients: Mapping[str, ModelClient]
-    api_keys: tuple[bytes, ...]
+    keys: KeyTable
     max_body: int
     agents_json: bytes
     # The CORS policy (SPEC §7.3); whether agent calls need a key, for the documents of §7.1.
     cors: CorsPolicy | None = None
     auth: Auth = "none"
+    jwt: JWTConfig | None = None
+    # Verifies the bearer tokens of auth.jwt; kept across reloads that leave auth.jwt alone.
+    verifier: Verifier | None = None
     usage: Usage = field(default_factory=Usage)
+    # (client name, its limits, agent) -> the Limits of such a call (aiwfd.http.quota).
+    limit_cache: dict[Any, Any] = field(default_factory=dict)
     _agent_schemas: dict[str, bytes] = field(default_factory=dict)
 
     @property
@@ -80,6 +93,10 @@ class Snapshot:
     @property
     def closed(self) -> bool:
         return self.usage.closed
+
+    @property
+    def auth_required(self) -> bool:
+        return len(self.keys) > 0 or self.jwt is not None
 
     def client(self, agent: CompiledAgent) -> ModelClient:
         return self.clients[agent.provider.name]
@@ -124,6 +141,8 @@ class Snapshot:
                 await c.close()
             except Exception:  # a client that fails to close must not stop the others
                 logger.exception("closing provider client %s failed", c.name)
+        if self.verifier is not None and self.verifier not in usage.handed_over:
+            await self.verifier.close()
 
 
 def build_snapshot(compiled: Compiled, settings: Settings, session: aiohttp.ClientSession | None,
@@ -153,14 +172,28 @@ def build_snapshot(compiled: Compiled, settings: Settings, session: aiohttp.Clie
                 raise
             except Exception as e:  # e.g. a base_url the HTTP client rejects ("http://[::1")
                 raise StartupError(f"provider {p.name!r} cannot be configured: {e}") from None
+    auth = compiled.config.auth
+    keys = key_table(auth, settings.api_keys, settings.env)
+    verifier = None
+    if auth.jwt is not None:
+        if previous is not None and previous.jwt == auth.jwt and previous.verifier is not None:
+            verifier = previous.verifier  # its cached keys stay
+        elif session is not None:
+            from aiwfd.auth.jwt import JWTSettings, Verifier
+
+            j = auth.jwt
+            verifier = Verifier(JWTSettings(j.issuer, j.audience, j.algorithms, j.jwks_url, j.client_claim,
+                                            j.scope_prefix), session)
     snapshot = Snapshot(
         compiled=compiled,
         clients=clients,
-        api_keys=settings.api_keys,
+        keys=keys,
         max_body=settings.effective_max_body(compiled.config),
         agents_json=orjson.dumps({"agents": agents_listing(compiled, settings.mock)}),
         cors=policy(compiled.config.server.cors),
-        auth="required" if settings.api_keys else "none",
+        auth="required" if len(keys) or auth.jwt is not None else "none",
+        jwt=auth.jwt,
+        verifier=verifier,
     )
     if previous is not None and compiled is previous.compiled and snapshot.auth == previous.auth:
         # The same config (a SIGHUP that rotated a key): the same document. Taken
@@ -247,6 +280,9 @@ class Runtime:
     artifacts_dir: str
     request_log: RequestLog
     metrics: Metrics = field(default_factory=Metrics)
+    # The limits' counters (SPEC §8.2): the process's for its life, so they survive reloads.
+    store: Store | None = None
+    store_error_logged: float = float("-inf")  # monotonic time of the last "store does not answer" line
     phase: Phase = Phase.SERVING
     inflight_tasks: set[asyncio.Task[Any]] = field(default_factory=set)
     idle: asyncio.Event = field(default_factory=asyncio.Event)
@@ -259,12 +295,24 @@ class Runtime:
     def lease(self) -> Lease:
         return Lease(self)
 
+    async def store_problem(self) -> str | None:
+        """Why the store does not answer (for /health/ready); None when it does."""
+        if self.store is None:
+            return None
+        try:
+            await self.store.ping()
+        except StoreError as e:
+            return f"the store ({self.store.description}) does not answer: {e}"
+        return None
+
     def swap(self, new: Snapshot) -> Snapshot:
         old = self.snapshot
         self.snapshot = new
         kept = {id(c) for c in new.clients.values()}
         usage = old.usage
         usage.handed_over = tuple(c for c in old.clients.values() if id(c) in kept)
+        if old.verifier is not None and old.verifier is new.verifier:
+            usage.handed_over += (old.verifier,)
         usage.retired = True
         if usage.inflight == 0:
             self._close_later(old)
@@ -279,3 +327,5 @@ class Runtime:
         await self.snapshot.close()
         if self._closing:
             await asyncio.gather(*self._closing, return_exceptions=True)
+        if self.store is not None:
+            await self.store.close()

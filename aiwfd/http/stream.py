@@ -47,12 +47,12 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from aiwfd.http import views
+from aiwfd.http import quota, views
 from aiwfd.engine import CallStats, call_agent
 from aiwfd.spec.compiler import Compiled, CompiledAgent
 from aiwfd.spec.patches import PatchParser
 from aiwfd.errors import HTTPError, InvalidOutput, error_body
-from aiwfd.http.keys import REQUEST_ID, RUNTIME, STATS, STREAM_ERROR
+from aiwfd.http.keys import CLIENT, REQUEST_ID, RUNTIME, STATS, STREAM_ERROR
 from aiwfd.http.middlewares import http_error
 from aiwfd.http.runtime import Runtime, Snapshot
 
@@ -140,29 +140,36 @@ async def handler(request: web.Request) -> web.StreamResponse:
         agent, body = await views.begin(request, rt, snap)
         views.check_input(agent, body)
         stats = request[STATS] = CallStats()
-        rid = request[REQUEST_ID]
-        # The request id, CORS and `Connection: close` come from the on_prepare hook.
-        resp = web.StreamResponse(headers=HEADERS)
-        writer = EventWriter(resp, snap.compiled, agent, rid)
-        error: str | None = None
-        try:
-            await resp.prepare(request)
-            await _run(request, rt, snap, agent, body, stats, writer)
-        except ConnectionError:  # a write found the client gone
-            error = CLIENT_GONE
-        except (Exception, asyncio.CancelledError) as e:
-            # After the 200 went out, the middleware's JSON answer could not be
-            # sent: the model's error, the shutdown timeout's 503 (server.drain)
-            # or a bug ends the stream as an `error` event instead.
-            err = http_error(e, rt, rid)
-            error = err.type
-            with contextlib.suppress(ConnectionError):
-                await writer.send("error", error_body(err, rid))
-        if error is not None:
-            request[STREAM_ERROR] = error
+        # A refusal (429) is a plain JSON answer: the stream has not started yet.
+        async with quota.admitted(request, rt, snap, request[CLIENT], agent):
+            return await _respond(request, rt, snap, agent, body, stats)
+
+
+async def _respond(request: web.Request, rt: Runtime, snap: Snapshot, agent: CompiledAgent, body: Any,
+                   stats: CallStats) -> web.StreamResponse:
+    rid = request[REQUEST_ID]
+    # The request id, CORS and `Connection: close` come from the on_prepare hook.
+    resp = web.StreamResponse(headers=HEADERS)
+    writer = EventWriter(resp, snap.compiled, agent, rid)
+    error: str | None = None
+    try:
+        await resp.prepare(request)
+        await _run(request, rt, snap, agent, body, stats, writer)
+    except ConnectionError:  # a write found the client gone
+        error = CLIENT_GONE
+    except (Exception, asyncio.CancelledError) as e:
+        # After the 200 went out, the middleware's JSON answer could not be
+        # sent: the model's error, the shutdown timeout's 503 (server.drain)
+        # or a bug ends the stream as an `error` event instead.
+        err = http_error(e, rt, rid)
+        error = err.type
         with contextlib.suppress(ConnectionError):
-            await resp.write_eof()
-        return resp
+            await writer.send("error", error_body(err, rid))
+    if error is not None:
+        request[STREAM_ERROR] = error
+    with contextlib.suppress(ConnectionError):
+        await resp.write_eof()
+    return resp
 
 
 async def _run(request: web.Request, rt: Runtime, snap: Snapshot, agent: CompiledAgent, body: Any,

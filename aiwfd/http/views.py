@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hmac
 from typing import Any
 
 from aiohttp import web
@@ -13,10 +12,11 @@ from aiwfd.spec.compiler import CompiledAgent
 from aiwfd.spec.config import did_you_mean
 from aiwfd.http.body import check_length, content_encoding, read_json
 from aiwfd.errors import (
-    NO_SUCH_PATH, InvalidInput, MethodNotAllowed, NotFound, Unauthorized, UnsupportedMediaType,
+    NO_SUCH_PATH, InvalidInput, MethodNotAllowed, NotFound, UnsupportedMediaType,
 )
 from aiwfd.spec.jsonparse import check_charset
-from aiwfd.http.keys import AGENT, REQUEST_ID, RUNTIME, STATS
+from aiwfd.http import access, quota
+from aiwfd.http.keys import AGENT, CLIENT, REQUEST_ID, RUNTIME, STATS
 from aiwfd.http.middlewares import json_response
 from aiwfd.http.protocol import CONTINUED
 from aiwfd.http.runtime import Phase, Runtime, Snapshot
@@ -28,6 +28,23 @@ async def health(request: web.Request) -> web.Response:
         return json_response({"status": "draining"}, status=503)
     return json_response({"status": "ok", "version": __version__,
                           "agents": len(rt.snapshot.compiled.agents)})
+
+
+async def ready(request: web.Request) -> web.Response:
+    """`GET /health/ready` (SPEC §8.2): the config is loaded, the token issuer's keys
+    are (with auth.jwt) and the store answers; else 503 with the reason."""
+    rt = request.app[RUNTIME]
+    reason = None
+    snap = rt.snapshot
+    if rt.phase is not Phase.SERVING:
+        reason = "the server is shutting down"
+    elif snap.verifier is not None and not snap.verifier.ready:
+        reason = snap.verifier.reason or "the token issuer's keys are not loaded yet"
+    else:
+        reason = await rt.store_problem()
+    if reason is not None:
+        return json_response({"status": "unready", "reason": reason}, status=503)
+    return json_response({"status": "ready", "store": rt.store.description if rt.store else "memory"})
 
 
 async def agents(request: web.Request) -> web.Response:
@@ -58,9 +75,12 @@ def unknown_agent(name: str, snap: Snapshot) -> NotFound:
 
 
 async def begin(request: web.Request, rt: Runtime, snap: Snapshot) -> tuple[CompiledAgent, dict[str, Any]]:
-    """What every agent endpoint does first, inside its `rt.lease()`: check the
-    key, the agent and the media type, invite and read the body."""
+    """What every agent endpoint does first, inside its `rt.lease()`: find the
+    client, check the agent, the client's right to it and the media type,
+    invite and read the body."""
+    client = request[CLIENT] = await access.authenticate(request, snap)
     agent, coding = prepare(request, snap)
+    access.authorize(request, snap, client, agent.name)
     await send_continue(request)
     body = await read_json(request, snap.max_body, rt.settings.body_timeout, coding)
     return agent, body
@@ -72,15 +92,15 @@ async def call(request: web.Request) -> web.Response:
         agent, body = await begin(request, rt, snap)
         check_input(agent, body)
         stats = request[STATS] = CallStats()
-        result = await call_agent(snap.compiled, agent, snap.client(agent), body,
-                                  request[REQUEST_ID], rt.settings.deadline, stats)
+        async with quota.admitted(request, rt, snap, request[CLIENT], agent):
+            result = await call_agent(snap.compiled, agent, snap.client(agent), body,
+                                      request[REQUEST_ID], rt.settings.deadline, stats)
         return json_response(result)
 
 
 def prepare(request: web.Request, snap: Snapshot) -> tuple[CompiledAgent, str]:
-    """Auth, the agent, the media type, the encoding and the declared size:
-    all before the body is read (and before `100 Continue` invites it)."""
-    check_auth(request, snap.api_keys)
+    """The agent, the media type, the encoding and the declared size: all
+    before the body is read (and before `100 Continue` invites it)."""
     name = request.match_info["name"]
     agent = snap.compiled.agents.get(name)
     if agent is None:
@@ -133,27 +153,6 @@ async def no_route(request: web.Request) -> web.StreamResponse:
         allow = ", ".join(sorted(allowed))
         raise MethodNotAllowed(f"method not allowed; use {allow}", headers={"Allow": allow})
     raise NotFound(NO_SUCH_PATH)
-
-
-def check_auth(request: web.Request, keys: tuple[bytes, ...]) -> None:
-    if not keys:
-        return
-    given = request.headers.get("X-API-Key")
-    if given is None:
-        auth = request.headers.get("Authorization", "")
-        if auth[:7].lower() == "bearer ":
-            given = auth[7:].strip()
-    if not given:
-        raise Unauthorized("missing API key: send X-API-Key or Authorization: Bearer",
-                           headers={"WWW-Authenticate": "Bearer"})
-    # Headers arrive as latin-1/surrogate-escaped text; compare the bytes the
-    # client sent, against every key, in constant time.
-    raw = given.encode("utf-8", "surrogateescape")
-    ok = False
-    for key in keys:
-        ok |= hmac.compare_digest(raw, key)
-    if not ok:
-        raise Unauthorized("invalid API key", headers={"WWW-Authenticate": "Bearer"})
 
 
 def check_input(agent: CompiledAgent, body: dict[str, Any]) -> None:

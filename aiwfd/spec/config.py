@@ -21,6 +21,9 @@ from typing import Any, Literal, Mapping
 from aiwfd.spec import typedsl
 
 from aiwfd.spec import yamlsrc
+from aiwfd.spec.access import (
+    AuthConfig, LimitSet, LimitsConfig, check_allowlists, load_auth, load_limit_set, load_limits,
+)
 from aiwfd.errors import ConfigError, Problem
 from aiwfd.spec.typedsl import Node, TypeSyntaxError
 
@@ -30,10 +33,10 @@ PROVIDER_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
 ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 VERSIONS = ("0.3", "0.3-proposal")
 
-TOP_KEYS = ("version", "imports", "types", "assistants", "providers", "server")
+TOP_KEYS = ("version", "imports", "types", "assistants", "providers", "server", "auth", "limits")
 ASSISTANT_KEYS = (
     "use", "model", "system_prompt", "input_type", "output_type", "max_tokens",
-    "temperature", "max_attempts", "timeout", "description",
+    "temperature", "max_attempts", "timeout", "description", "limits",
 )
 PROVIDER_KEYS = ("base_url", "api_key_env", "timeout", "organization", "project")
 SERVER_KEYS = ("cors", "max_body", "shutdown_timeout", "batch_max", "batch_concurrency")
@@ -81,6 +84,7 @@ class Assistant:
     timeout: float | None = None
     description: str | None = None
     line: int | None = None
+    limits: LimitSet | None = None  # per agent, all clients together (SPEC §8.2)
 
 
 @dataclass(frozen=True)
@@ -110,6 +114,8 @@ class Config:
     providers: Mapping[str, Provider]
     server: ServerSettings
     warnings: tuple[Problem, ...] = field(default=())
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
     # Every file read (the agents file and its imports) with the text read.
     sources: tuple[tuple[str, str], ...] = field(default=(), repr=False)
 
@@ -352,6 +358,9 @@ def load(path: str | os.PathLike[str], parses: typedsl.Parses | None = None) -> 
     resolve = ld.resolver({k: k for k in local_types} | _pending_local(data, ld), _aliases(data))
     assistants = _assistants(ld, src, data.get("assistants"), providers, resolve)
     server = _server(ld, src, data.get("server"))
+    auth = load_auth(ld, src, data.get("auth"))
+    check_allowlists(ld, src, auth, assistants)
+    limits = load_limits(ld, src, data.get("limits"))
     if ld.problems:
         raise ConfigError(_in_file_order(ld.problems))
     return Config(
@@ -362,6 +371,8 @@ def load(path: str | os.PathLike[str], parses: typedsl.Parses | None = None) -> 
         providers=providers,
         server=server,
         warnings=tuple(_in_file_order(ld.warnings)),
+        auth=auth,
+        limits=limits,
         sources=tuple(ld.sources),
     )
 
@@ -464,6 +475,7 @@ def _assistants(ld: _Loader, src: yamlsrc.Source, section: Any, providers: dict[
         attempts = _int(ld, src, path + ("max_attempts",), body.get("max_attempts"), DEFAULT_MAX_ATTEMPTS, 1, 10)
         timeout = _positive_number(ld, src, path + ("timeout",), body.get("timeout"))
         description = _opt_str(ld, src, path + ("description",), body.get("description"))
+        limits = load_limit_set(ld, src, path + ("limits",), body.get("limits"))
         if len(ld.problems) != n_before:
             continue
         assert isinstance(model, str)  # a problem was recorded otherwise
@@ -471,7 +483,7 @@ def _assistants(ld: _Loader, src: yamlsrc.Source, section: Any, providers: dict[
             name=name, use=use, model=model, system_prompt=prompt,
             input_type=in_node, output_type=out_node, input_type_name=in_name, output_type_name=out_name,
             max_tokens=max_tokens, temperature=temperature, max_attempts=attempts,
-            timeout=timeout, description=description, line=src.line(path),
+            timeout=timeout, description=description, line=src.line(path), limits=limits,
         )
     return out
 

@@ -16,6 +16,8 @@ import functools
 from dataclasses import dataclass
 from typing import Literal, Protocol, Sequence
 
+from aiwfd.spec.access import Rate  # the config's `600/min`, one definition for both layers
+
 __all__ = [
     "BUCKETS",
     "Admission",
@@ -38,14 +40,6 @@ BUCKETS = 60
 # The buckets that overlap the last window: the BUCKETS whole ones and the
 # oldest, partly expired one.
 SPAN = BUCKETS + 1
-
-
-@dataclass(frozen=True)
-class Rate:
-    """`600/min` as parsed by :func:`aiwfd.store.limits.parse_rate`."""
-
-    quota: int
-    window: float  # seconds
 
 
 @dataclass(frozen=True)

@@ -238,9 +238,9 @@ async def test_batch_counts_in_metrics(srv: InProcess, fake: EchoFake) -> None:
     assert d("aiwfd_http_requests_total", route=route, method="POST", status="422") == 1
     assert d("aiwfd_http_request_duration_seconds_count", route=route) == 2
     # One agent call per input.
-    assert d("aiwfd_agent_calls_total", agent="twice", outcome="ok") == 2
-    assert d("aiwfd_agent_calls_total", agent="twice", outcome="invalid_input") == 1
-    assert d("aiwfd_agent_calls_total", agent="twice", outcome="upstream_error") == 1
+    assert d("aiwfd_agent_calls_total", agent="twice", outcome="ok", client="anonymous") == 2
+    assert d("aiwfd_agent_calls_total", agent="twice", outcome="invalid_input", client="anonymous") == 1
+    assert d("aiwfd_agent_calls_total", agent="twice", outcome="upstream_error", client="anonymous") == 1
     assert d("aiwfd_agent_attempts_total", agent="twice") == 4
     prompt = sum(r["trace"]["usage"]["prompt"] for r in doc["results"] if "data" in r)
     assert d("aiwfd_tokens_total", agent="twice", model="gpt-4o-mini", kind="prompt") == prompt

@@ -76,7 +76,7 @@ async def test_a_successful_call(srv: InProcess, fake: FakeOpenAI) -> None:
     assert delta(before, after, "aiwfd_http_requests_total", route="/agent/{name}", method="POST", status="200") == 1
     assert delta(before, after, "aiwfd_http_request_duration_seconds_count", route="/agent/{name}") == 1
     assert delta(before, after, "aiwfd_http_request_duration_seconds_sum", route="/agent/{name}") > 0
-    assert delta(before, after, "aiwfd_agent_calls_total", agent="greeter", outcome="ok") == 1
+    assert delta(before, after, "aiwfd_agent_calls_total", agent="greeter", outcome="ok", client="anonymous") == 1
     assert delta(before, after, "aiwfd_agent_attempts_total", agent="greeter") == 1
     assert delta(before, after, "aiwfd_tokens_total", agent="greeter", model="gpt-4o-mini", kind="prompt") == usage["prompt"]
     assert delta(before, after, "aiwfd_tokens_total", agent="greeter", model="gpt-4o-mini",
@@ -95,7 +95,7 @@ async def test_a_reask_counts_two_attempts(srv: InProcess, fake: FakeOpenAI) -> 
     assert status == 200 and doc["trace"]["attempts"] == 2
     after = await srv.scrape()
     assert delta(before, after, "aiwfd_agent_attempts_total", agent="greeter") == 2
-    assert delta(before, after, "aiwfd_agent_calls_total", agent="greeter", outcome="ok") == 1
+    assert delta(before, after, "aiwfd_agent_calls_total", agent="greeter", outcome="ok", client="anonymous") == 1
     assert delta(before, after, "aiwfd_upstream_duration_seconds_count", agent="greeter", provider="openai") == 2
     prompt = delta(before, after, "aiwfd_tokens_total", agent="greeter", model="gpt-4o-mini", kind="prompt")
     assert prompt == doc["trace"]["usage"]["prompt"]
@@ -114,11 +114,11 @@ async def test_errors_are_counted_by_type(srv: InProcess, fake: FakeOpenAI) -> N
     after = await srv.scrape()
     assert delta(before, after, "aiwfd_http_requests_total", route="/agent/{name}", method="POST", status="422") == 1
     assert delta(before, after, "aiwfd_http_requests_total", route="/agent/{name}", method="POST", status="502") == 2
-    assert delta(before, after, "aiwfd_agent_calls_total", agent="greeter", outcome="invalid_input") == 1
+    assert delta(before, after, "aiwfd_agent_calls_total", agent="greeter", outcome="invalid_input", client="anonymous") == 1
     assert delta(before, after, "aiwfd_agent_attempts_total", agent="greeter") == 0
-    assert delta(before, after, "aiwfd_agent_calls_total", agent="twice", outcome="invalid_output") == 1
+    assert delta(before, after, "aiwfd_agent_calls_total", agent="twice", outcome="invalid_output", client="anonymous") == 1
     assert delta(before, after, "aiwfd_agent_attempts_total", agent="twice") == 2
-    assert delta(before, after, "aiwfd_agent_calls_total", agent="tuned", outcome="upstream_error") == 1
+    assert delta(before, after, "aiwfd_agent_calls_total", agent="tuned", outcome="upstream_error", client="anonymous") == 1
     assert delta(before, after, "aiwfd_agent_attempts_total", agent="tuned") == 1
     assert delta(before, after, "aiwfd_upstream_duration_seconds_count", agent="tuned", provider="openai") == 1
 

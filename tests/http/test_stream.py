@@ -432,7 +432,7 @@ async def test_stream_counts_in_metrics_and_the_request_log(srv: InProcess, fake
     r, events = await stream_all(srv, "greeter", {"name": "Ivy"})
     usage = events[-1].data["trace"]["usage"]
     line = srv.log_lines()[-1]
-    assert re.search(r" POST /agent/greeter/stream - \S+ status=200 request_id=\S+ attempts=1 tokens=%d$"
+    assert re.search(r" POST /agent/greeter/stream - \S+ status=200 request_id=\S+ client=api-key-1 attempts=1 tokens=%d$"
                      % usage["total"], line), line
     fake.script(Violate(), Violate())
     await stream_all(srv, "twice", {"name": "Ivy"})
@@ -444,8 +444,8 @@ async def test_stream_counts_in_metrics_and_the_request_log(srv: InProcess, fake
     route = "/agent/{name}/stream"
     assert d("aiwfd_http_requests_total", route=route, method="POST", status="200") == 2
     assert d("aiwfd_http_request_duration_seconds_count", route=route) == 2
-    assert d("aiwfd_agent_calls_total", agent="greeter", outcome="ok") == 1
-    assert d("aiwfd_agent_calls_total", agent="twice", outcome="invalid_output") == 1
+    assert d("aiwfd_agent_calls_total", agent="greeter", outcome="ok", client="api-key-1") == 1
+    assert d("aiwfd_agent_calls_total", agent="twice", outcome="invalid_output", client="api-key-1") == 1
     assert d("aiwfd_agent_attempts_total", agent="greeter") == 1
     assert d("aiwfd_agent_attempts_total", agent="twice") == 2
     assert d("aiwfd_tokens_total", agent="greeter", model="gpt-4o-mini", kind="prompt") == usage["prompt"]

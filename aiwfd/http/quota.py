@@ -1,0 +1,163 @@
+"""Limits on agent calls (SPEC §8.2): which apply, admitting a call, its headers.
+
+    async with admitted(request, rt, snap, agent, cost=1, slots=1):
+        ... the model call ...
+
+Every call counts against its client's limits (its own, else
+`limits.default`) and its agent's, all in one `Store.admit` (one round trip).
+Refused: 429 `rate_limited` naming the limit, with `Retry-After`. Leaving the
+block gives the store the call's tokens and frees its concurrency slots,
+whatever happened inside, cancellation included.
+
+When the store does not answer, `limits.on_store_error` decides (allow: the
+call goes on uncounted; deny: 503), the decision is counted in
+`aiwfd_store_errors_total` and logged at most once a minute.
+
+The `RateLimit-Policy` and `RateLimit` headers (draft-ietf-httpapi-ratelimit-
+headers-10) of the requests limits are put on the request, and the
+on_prepare hook writes them on the answer, streamed or not, refused or not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from contextlib import asynccontextmanager
+from typing import AsyncIterator, Sequence
+
+from aiohttp import web
+
+from aiwfd.auth.clients import Client
+from aiwfd.errors import RateLimited, Unavailable
+from aiwfd.http.keys import RATE_HEADERS, STATS
+from aiwfd.http.runtime import Runtime, Snapshot
+from aiwfd.spec.access import LimitSet
+from aiwfd.spec.compiler import CompiledAgent
+from aiwfd.store.base import Admission, Limit, Scope, StoreError
+
+logger = logging.getLogger("aiwfd")
+
+# How long a crashed instance's concurrency slots outlive it (Redis): past any call's deadline.
+LEASE_MARGIN = 30.0
+LOG_EVERY = 60.0
+
+
+def limits_for(snap: Snapshot, client: Client, agent: CompiledAgent) -> tuple[Limit, ...]:
+    """The limits of a call by `client` to `agent` (computed once per snapshot, client and agent)."""
+    key = (client.name, client.limits, agent.name)
+    cached = snap.limit_cache.get(key)
+    if cached is not None:
+        return cached
+    own = client.limits if client.limits is not None else snap.compiled.config.limits.default
+    out = _limits(own, "client", client.name) + _limits(agent.assistant.limits, "agent", agent.name)
+    if len(snap.limit_cache) < 10_000:  # JWT clients are unbounded in number: so is not the cache
+        snap.limit_cache[key] = out
+    return out
+
+
+def narrowest(snap: Snapshot, client: Client, agent: CompiledAgent) -> int:
+    """The smallest concurrency limit of such a call (a large number when none)."""
+    return min((lim.quota for lim in limits_for(snap, client, agent) if lim.kind == "concurrency"),
+               default=1 << 30)
+
+
+def _limits(limits: LimitSet | None, scope: Scope, name: str) -> tuple[Limit, ...]:
+    if limits is None:
+        return ()
+    out = []
+    if limits.requests is not None:
+        out.append(Limit("requests", scope, name, limits.requests.quota, limits.requests.window))
+    if limits.tokens is not None:
+        out.append(Limit("tokens", scope, name, limits.tokens.quota, limits.tokens.window))
+    if limits.concurrency is not None:
+        out.append(Limit("concurrency", scope, name, limits.concurrency, 0.0))
+    return tuple(out)
+
+
+@asynccontextmanager
+async def admitted(request: web.Request, rt: Runtime, snap: Snapshot, client: Client, agent: CompiledAgent,
+                   cost: int = 1, slots: int = 1) -> AsyncIterator[None]:
+    limits = limits_for(snap, client, agent)
+    store = rt.store
+    if not limits or store is None or cost <= 0:
+        yield
+        return
+    try:
+        admission = await store.admit(limits, cost, slots, rt.settings.deadline + LEASE_MARGIN)
+    except StoreError as e:
+        deny = snap.compiled.config.limits.on_store_error == "deny"
+        store_failed(rt, "deny" if deny else "allow", e)
+        if deny:
+            raise Unavailable("the limits store does not answer; try again shortly",
+                              headers={"Retry-After": "1"}) from None
+        yield
+        return
+    request[RATE_HEADERS] = rate_headers(limits, admission)
+    if not admission.allowed:
+        raise refusal(admission, request[RATE_HEADERS])
+    try:
+        yield
+    finally:
+        stats = request.get(STATS)
+        tokens = stats.total_tokens if stats is not None else 0
+        # Shielded: a cancelled call (client gone, shutdown) still gives its slots back.
+        await asyncio.shield(_finish(rt, admission.lease, limits, tokens, slots))
+
+
+async def _finish(rt: Runtime, lease: str, limits: Sequence[Limit], tokens: int, slots: int) -> None:
+    assert rt.store is not None
+    try:
+        await rt.store.finish(lease, limits, tokens, slots)
+    except StoreError as e:
+        store_failed(rt, "finish", e)
+
+
+def store_failed(rt: Runtime, decision: str, error: StoreError) -> None:
+    rt.metrics.store_errors.inc((decision,))
+    now = time.monotonic()
+    if now - rt.store_error_logged >= LOG_EVERY:
+        rt.store_error_logged = now
+        what = {"allow": "calls pass uncounted (on_store_error: allow)",
+                "deny": "calls are refused with 503 (on_store_error: deny)",
+                "finish": "a call's tokens and slots could not be recorded"}[decision]
+        logger.error("the limits store (%s) does not answer: %s; %s (logged at most once a minute; "
+                     "aiwfd_store_errors_total counts every one)", rt.store.description if rt.store else "?",
+                     error, what)
+
+
+def refusal(admission: Admission, headers: dict[str, str]) -> RateLimited:
+    limit = admission.refused
+    assert limit is not None
+    wait = max(1, math.ceil(admission.retry_after))
+    window = f" per {limit.window:g} s" if limit.kind != "concurrency" else " at once"
+    what = {"requests": "requests", "tokens": "tokens", "concurrency": "calls"}[limit.kind]
+    return RateLimited(
+        f"rate limited: the {limit.scope} {limit.name!r} may make {limit.quota} {what}{window}; "
+        f"retry after {wait} s",
+        details=[{"limit": limit.kind, "scope": limit.scope, "quota": limit.quota,
+                  "window": _seconds(limit.window) if limit.kind != "concurrency" else None}],
+        headers={**headers, "Retry-After": str(wait)},
+    )
+
+
+def rate_headers(limits: Sequence[Limit], admission: Admission) -> dict[str, str]:
+    """`RateLimit-Policy` and `RateLimit` for the requests limits (Structured Fields lists)."""
+    if not admission.standings:
+        return {}
+    policy = ", ".join(f'"{s.limit.scope}";q={s.limit.quota};w={_whole(s.limit.window)}'
+                       for s in admission.standings)
+    # The store counts the partly expired oldest bucket whole: its reset can pass the window by one bucket.
+    state = ", ".join(f'"{s.limit.scope}";r={max(0, s.remaining)};'
+                      f't={min(_whole(s.limit.window), max(0, math.ceil(s.reset)))}'
+                      for s in admission.standings)
+    return {"RateLimit-Policy": policy, "RateLimit": state}
+
+
+def _seconds(window: float) -> int | float:
+    return int(window) if float(window).is_integer() else window
+
+
+def _whole(seconds: float) -> int:
+    return max(1, round(seconds))
