@@ -300,3 +300,79 @@ def test_input_type_must_be_an_object(tmp_path: Path) -> None:
     text = "types:\n  Status: enum(a, b)\nassistants:\n  greeter:\n    model: m\n    input_type: Status\n"
     p = the_problem(write(tmp_path, text))
     assert (p.line, p.path) == (6, "assistants.greeter.input_type") and "not an object" in p.message
+
+
+# --------------------------------------------------------------------------- auth: and limits: (SPEC §8)
+
+DIGEST = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
+ACCESS_CASES: dict[str, tuple[str, str, str, str]] = {
+    "a key without a name": (
+        "auth:\n  keys:\n    - key_env: FRONTEND_KEY   # <-\n",
+        "# <-", "auth.keys[0].name", "every key needs a name"),
+    "a key with both key_env and key_sha256": (
+        f"auth:\n  keys:\n    - name: a   # <-\n      key_env: A_KEY\n      key_sha256: '{DIGEST}'\n",
+        "# <-", "auth.keys[0]", "give exactly one of key_env: or key_sha256:"),
+    "a short digest": (
+        "auth:\n  keys:\n    - name: a\n      key_sha256: abc123\n",
+        "key_sha256", "auth.keys[0].key_sha256", "expected 64 hex digits (the key's SHA-256)"),
+    "two clients of one name": (
+        "auth:\n  keys:\n    - name: a\n      key_env: A_KEY\n    - name: a   # <-\n      key_env: B_KEY\n",
+        "# <-", "auth.keys[1].name", "client name 'a' is already taken (names must be unique)"),
+    "a name API_KEY's clients use": (
+        "auth:\n  keys:\n    - name: api-key-1\n      key_env: A_KEY\n",
+        "api-key-1", "auth.keys[0].name", "api-key-N names the keys of API_KEY"),
+    "an allowlist naming an unknown agent": (
+        "auth:\n  keys:\n    - name: a\n      key_env: A_KEY\n      agents: [greter]\n",
+        "agents:", "auth.keys[0].agents", "unknown agent 'greter' (did you mean 'greeter'?)"),
+    "a rate without a unit": (
+        "limits:\n  default: {requests: 600}\n",
+        "default", "limits.default.requests", "expected a rate such as '600/min', got 600"),
+    "a rate per fortnight": (
+        "limits:\n  default:\n    tokens: 5/fortnight\n",
+        "fortnight", "limits.default.tokens", "one of s, min, hour, day"),
+    "concurrency 0": (
+        "assistants:\n  greeter:\n    model: m\n    limits: {concurrency: 0}\n",
+        "limits", "assistants.greeter.limits.concurrency", "expected a whole number ≥ 1, got 0"),
+    "an unknown limit": (
+        "limits:\n  default:\n    burst: 5\n",
+        "burst", "limits.default.burst", "unknown key"),
+    "on_store_error: maybe": (
+        "limits:\n  on_store_error: maybe\n",
+        "maybe", "limits.on_store_error", "expected allow or deny, got 'maybe'"),
+    "jwt without an issuer": (
+        "auth:\n  jwt:   # <-\n    audience: aiwfd\n",
+        "# <-", "auth.jwt.issuer", "discovery reads {issuer}/.well-known/openid-configuration"),
+    "jwt with a shared secret": (
+        "auth:\n  jwt:\n    issuer: https://login.example.com\n    audience: aiwfd\n    algorithms: [HS256]\n",
+        "algorithms", "auth.jwt.algorithms", "unsupported algorithm 'HS256' (a shared secret"),
+}
+
+
+@pytest.mark.parametrize("case", list(ACCESS_CASES))
+def test_access_errors_name_file_line_and_key(tmp_path: Path, case: str) -> None:
+    text, marker, keypath, message = ACCESS_CASES[case]
+    if "assistants:" not in text:
+        text += "assistants:\n" + GOOD_AGENT
+    path = write(tmp_path, text)
+    p = the_problem(path)
+    assert (p.file, p.line, p.path) == (str(path), line_of(text, marker), keypath), str(p)
+    assert message in str(p), str(p)
+
+
+def test_access_sections_load(tmp_path: Path) -> None:
+    text = (f"auth:\n  keys:\n    - name: frontend\n      key_env: FRONTEND_KEY\n"
+            f"      limits: {{requests: 120/min, tokens: 50000/minutes, concurrency: 4}}\n"
+            f"    - name: reports\n      key_sha256: '{DIGEST.upper()}'\n      agents: [greeter]\n"
+            "  jwt:\n    issuer: https://login.example.com/realms/main\n    audience: aiwfd\n"
+            "    algorithms: [RS256, ES256]\n    client_claim: azp\n    scope_prefix: 'aiwfd:'\n"
+            "limits:\n  default: {requests: 10/s}\n  on_store_error: deny\n"
+            "assistants:\n  greeter:\n    model: m\n    limits: {requests: 2/day}\n")
+    c = load(write(tmp_path, text))
+    front, reports = c.auth.keys
+    assert front.name == "frontend" and front.key_env == "FRONTEND_KEY" and front.agents is None
+    assert front.limits is not None and (str(front.limits.requests), str(front.limits.tokens)) == (
+        "120/min", "50000/min") and front.limits.concurrency == 4
+    assert reports.key_sha256 == DIGEST and reports.agents == ("greeter",)
+    assert c.auth.jwt is not None and c.auth.jwt.algorithms == ("RS256", "ES256") and c.auth.jwt.client_claim == "azp"
+    assert c.limits.on_store_error == "deny" and str(c.limits.default.requests) == "10/s"  # type: ignore[union-attr]
+    assert str(c.assistants["greeter"].limits.requests) == "2/day"  # type: ignore[union-attr]
