@@ -52,6 +52,8 @@ from typing import Any, Callable
 import aiohttp
 import jwt
 
+from aiwfd.auth.errors import KeysUnavailable, TokenError  # re-exported: raised here
+
 __all__ = [
     "ALLOWED_ALGORITHMS",
     "Claims",
@@ -121,19 +123,6 @@ class Claims:
         if prefix is None:
             return True
         return prefix + agent in self.scopes or prefix + "*" in self.scopes
-
-
-class TokenError(Exception):
-    """The token is refused: 401 invalid_token. ``description`` is short and safe
-    for error_description: it never quotes the token or a claim."""
-
-    def __init__(self, description: str) -> None:
-        super().__init__(description)
-        self.description = description
-
-
-class KeysUnavailable(Exception):
-    """No key set could be loaded yet (the issuer is down since start-up): 503."""
 
 
 class _FetchError(Exception):

@@ -18,7 +18,7 @@ import re
 from aiohttp import web
 
 from aiwfd.auth.clients import ANONYMOUS, Client
-from aiwfd.auth.jwt import KeysUnavailable, TokenError
+from aiwfd.auth.errors import KeysUnavailable, TokenError
 from aiwfd.errors import Forbidden, NotFound, Unauthorized, Unavailable
 from aiwfd.http.keys import RUNTIME
 from aiwfd.http.middlewares import json_response

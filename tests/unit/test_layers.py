@@ -117,3 +117,12 @@ def test_spec_leaves_aiohttp_and_openai_out() -> None:
             "print(' '.join(m for m in ('aiohttp', 'openai', 'httpx') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
     assert out.stdout.strip() == "", f"aiwfd.spec imported: {out.stdout}"
+
+
+def test_the_daemon_loads_redis_and_pyjwt_only_when_configured() -> None:
+    """Both are imported only where REDIS_URL or auth.jwt asks for them: every other
+    start pays for neither (PyJWT alone is ~25 ms of imports)."""
+    code = ("import sys, aiwfd.cli, aiwfd.daemon.server, aiwfd.http.app; "
+            "print(sorted(m for m in ('redis', 'jwt', 'cryptography') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+    assert out.stdout.strip() == "[]", out.stdout
