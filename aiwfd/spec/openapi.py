@@ -12,10 +12,19 @@ schema. aiwfd's own schemas are named `aiwfd-…`: a type name cannot contain
 
 `auth` says what the agent operations require:
 
-- "required": API_KEY is set; every agent operation documents 401.
-- "none": API_KEY is not set; the key is accepted and ignored.
-- "unknown": `aiwfd compile` (the key is a property of the running daemon);
-  the operations show the key as optional and document 401.
+- "required": API_KEY or the agents file's `auth:` is set; every agent
+  operation documents 401.
+- "none": neither is set; a key is accepted and ignored.
+- "unknown": `aiwfd compile` (API_KEY is a property of the running daemon);
+  the operations show the key as optional and document 401, unless the file
+  has `auth:`, which makes credentials required whatever the environment.
+
+The rest comes from the file (SPEC §8): 403 on the operations of an agent
+that an allowlist leaves out or that a JWT needs a scope for, 429 on every
+operation when a limit applies to the agent (the plain call has it anyway:
+the provider's 429), the `RateLimit-Policy` / `RateLimit` headers when a
+requests limit does, and `GET /.well-known/oauth-protected-resource` with
+`auth.jwt`.
 
 Pure functions of the config, cheap enough to run once per load; only the
 standard library and aiwfd's compiler (`aiwfd compile` imports this).
@@ -28,10 +37,12 @@ from typing import Any, Literal
 from aiwfd import __version__
 
 from aiwfd.spec import typedsl
+from aiwfd.spec.access import LimitSet
 from aiwfd.spec.compiler import Compiled, CompiledAgent
+from aiwfd.spec.config import Config
 from aiwfd.errors import (
-    HeadersTooLarge, HTTPError, InternalError, InvalidInput, InvalidJSON, InvalidOutput, InvalidRequest,
-    MethodNotAllowed, NotFound, PayloadTooLarge, RateLimited, RequestTimeout, Unauthorized, Unavailable,
+    Forbidden, HeadersTooLarge, HTTPError, InternalError, InvalidInput, InvalidJSON, InvalidOutput,
+    InvalidRequest, MethodNotAllowed, NotFound, PayloadTooLarge, RateLimited, RequestTimeout, Unauthorized, Unavailable,
     UnsupportedMediaType, UpstreamError, UpstreamTimeout, URITooLong,
 )
 
@@ -47,7 +58,7 @@ COMPONENTS_PREFIX = "#/components/schemas/"
 
 # Every error of SPEC §3.1, in status order.
 ERROR_CLASSES: tuple[type[HTTPError], ...] = (
-    InvalidJSON, InvalidRequest, Unauthorized, NotFound, MethodNotAllowed, RequestTimeout, PayloadTooLarge,
+    InvalidJSON, InvalidRequest, Unauthorized, Forbidden, NotFound, MethodNotAllowed, RequestTimeout, PayloadTooLarge,
     URITooLong, UnsupportedMediaType, HeadersTooLarge, InvalidInput, RateLimited, InternalError, UpstreamError, InvalidOutput,
     Unavailable, UpstreamTimeout,
 )
@@ -58,7 +69,10 @@ ERROR_RESPONSES: dict[int, tuple[str, str]] = {
     400: ("InvalidJSON", "`invalid_json`: the body is not JSON, or not a JSON object (strict parsing: "
                          "no NaN, no duplicate keys, no nesting deeper than 64), or its gzip/deflate data "
                          "is invalid; or `invalid_request`: the HTTP request itself is malformed"),
-    401: ("Unauthorized", "`unauthorized`: the API key is missing or wrong (only when the server has API_KEY set)"),
+    401: ("Unauthorized", "`unauthorized`: the credentials are missing or wrong: an unknown API key, or a "
+                          "JWT that fails verification (only when the server has API_KEY or `auth:` set)"),
+    403: ("Forbidden", "`forbidden`: the client may not call this agent: it is outside the key's `agents` "
+                       "allowlist, or the JWT lacks the scope `<scope_prefix><agent>` (or `<scope_prefix>*`)"),
     404: ("NotFound", "`not_found`: unknown agent or path"),
     405: ("MethodNotAllowed", "`method_not_allowed`: wrong method; `Allow` lists the right ones"),
     408: ("RequestTimeout", "`request_timeout`: the body did not arrive within the server's body timeout"),
@@ -67,20 +81,25 @@ ERROR_RESPONSES: dict[int, tuple[str, str]] = {
                                   "or a Content-Encoding other than gzip or deflate"),
     422: ("InvalidInput", "`invalid_input`: the body does not match the input schema; "
                           "`details` lists each `{path, message}`"),
-    429: ("RateLimited", "`rate_limited`: the model provider kept answering 429 after retries"),
+    429: ("RateLimited", "`rate_limited`: a limit of the agents file is reached (`details`: "
+                         "`[{limit, scope, quota, window}]`), or the model provider kept answering 429 "
+                         "after retries; `Retry-After` says when to try again"),
     500: ("InternalError", "`internal_error`: a bug; the server log has the traceback under the request id"),
     502: ("BadGateway", "`upstream_error`: the provider answered an error; or `invalid_output`: the "
                         "model's answer still failed the output schema after max_attempts (`details`: the last errors)"),
-    503: ("Unavailable", "`unavailable`: the server is draining, or the provider is unreachable"),
+    503: ("Unavailable", "`unavailable`: the server is draining, the provider is unreachable, the limits "
+                         "store does not answer (with `on_store_error: deny`), or the token issuer's keys "
+                         "are not loaded yet"),
     504: ("UpstreamTimeout", "`upstream_timeout`: the provider timed out on every attempt"),
 }
 
-# The statuses a call of an agent can answer (405 cannot: the path has POST).
-AGENT_CALL_STATUSES = (400, 401, 404, 408, 413, 415, 422, 429, 500, 502, 503, 504)
+# The statuses a call of an agent can answer (405 cannot: the path has POST);
+# 401 only with auth, 403 only when auth can refuse this agent (_restricted).
+AGENT_CALL_STATUSES = (400, 401, 403, 404, 408, 413, 415, 422, 429, 500, 502, 503, 504)
 # What /agent/{name}/stream and /agent/{name}/batch can answer as a status: the
 # errors found before the model is called (later ones are an `error` event, or
-# an item's error).
-STREAM_BATCH_STATUSES = (400, 401, 404, 408, 413, 415, 422, 500, 503)
+# an item's error); 429 only when a limit applies (_limited).
+STREAM_BATCH_STATUSES = (400, 401, 403, 404, 408, 413, 415, 422, 429, 500, 503)
 # What every other route can answer: a bug, or draining.
 SERVICE_STATUSES = (500, 503)
 
@@ -139,7 +158,9 @@ def _error_component() -> dict[str, Any]:
                     "message": {"type": "string"},
                     "details": {
                         "type": "array",
-                        "description": "for invalid_input and invalid_output: one `{path, message}` per problem",
+                        "description": "for invalid_input and invalid_output: one `{path, message}` per "
+                                       "problem; for rate_limited by a limit of the agents file: "
+                                       "`[{limit, scope, quota, window}]`",
                         "items": {},
                     },
                 },
@@ -160,11 +181,20 @@ def _error_response(status: int) -> dict[str, Any]:
     }
     headers: dict[str, Any] = {"X-Request-ID": {"$ref": "#/components/headers/X-Request-ID"}}
     if status == 401:
-        headers["WWW-Authenticate"] = {"schema": {"type": "string"}, "description": "`Bearer`"}
+        headers["WWW-Authenticate"] = {"schema": {"type": "string"}, "description": (
+            '`Bearer` (no credentials), `Bearer error="invalid_token", error_description="…"` (RFC 6750); '
+            'with `auth.jwt` also `resource_metadata="<origin>/.well-known/oauth-protected-resource"` (RFC 9728)')}
+    elif status == 403:
+        headers["WWW-Authenticate"] = {"schema": {"type": "string"}, "description": (
+            '`Bearer error="insufficient_scope"` (RFC 6750), with `error_description` for a missing scope')}
     elif status == 405:
         headers["Allow"] = {"schema": {"type": "string"}, "description": "the methods the path accepts"}
     elif status == 429:
-        headers["Retry-After"] = {"schema": {"type": "string"}, "description": "seconds to wait"}
+        headers["Retry-After"] = {"schema": {"type": "string"}, "description": "whole seconds to wait (≥ 1)"}
+        headers.update(_rate_headers())
+    elif status == 503:
+        headers["Retry-After"] = {"schema": {"type": "string"},
+                                  "description": "seconds to wait, when the limits store or the token issuer is the cause"}
     return {"description": description, "headers": headers,
             "content": {"application/json": {"schema": schema}}}
 
@@ -223,9 +253,70 @@ def _errors(statuses: tuple[int, ...]) -> dict[str, Any]:
     return {str(s): {"$ref": f"#/components/responses/{ERROR_RESPONSES[s][0]}"} for s in statuses}
 
 
-def _agent_operation(agent: CompiledAgent, auth: Auth) -> dict[str, Any]:
+def _rate_headers() -> dict[str, Any]:
+    return {
+        "RateLimit-Policy": {"schema": {"type": "string"}, "description": (
+            "the requests limits of this call (draft-ietf-httpapi-ratelimit-headers-10), e.g. "
+            '`"client";q=600;w=60, "agent";q=1000;w=60`')},
+        "RateLimit": {"schema": {"type": "string"}, "description": (
+            'where they stand: remaining calls `r` and seconds until the window frees some `t`, e.g. '
+            '`"client";r=412;t=37, "agent";r=950;t=12`')},
+    }
+
+
+def _restricted(config: Config, name: str) -> bool:
+    """Whether auth can refuse a call of agent `name` with 403: an allowlist of
+    `auth.keys` leaves it out, or `auth.jwt` has a `scope_prefix`."""
+    auth = config.auth
+    if auth.jwt is not None and auth.jwt.scope_prefix:
+        return True
+    return any(k.agents is not None and name not in k.agents for k in auth.keys)
+
+
+def _limit_sets(config: Config, agent: CompiledAgent) -> list[LimitSet]:
+    """Every limit set that can apply to a call of `agent` (some client's, or the agent's)."""
+    auth = config.auth
+    sets = [config.limits.default, agent.assistant.limits, *(k.limits for k in auth.keys),
+            auth.jwt.limits if auth.jwt is not None else None]
+    return [s for s in sets if s]
+
+
+def _limited(config: Config, agent: CompiledAgent) -> bool:
+    return bool(_limit_sets(config, agent))
+
+
+def _request_limited(config: Config, agent: CompiledAgent) -> bool:
+    """Whether a requests limit can apply: then the answers carry RateLimit-Policy and RateLimit."""
+    return any(s.requests is not None for s in _limit_sets(config, agent))
+
+
+def _call_statuses(base: tuple[int, ...], config: Config, agent: CompiledAgent, auth: Auth) -> tuple[int, ...]:
+    out = []
+    for s in base:
+        if s == 401 and auth == "none":
+            continue
+        if s == 403 and not _restricted(config, agent.assistant.name):
+            continue
+        if s == 429 and base is STREAM_BATCH_STATUSES and not _limited(config, agent):
+            continue
+        out.append(s)
+    return tuple(out)
+
+
+def _ok(schema: dict[str, Any], description: str, config: Config, agent: CompiledAgent,
+        media: str = "application/json") -> dict[str, Any]:
+    """A 200 answer of an agent operation: with the RateLimit headers when a requests limit applies."""
+    resp = _json(schema, description)
+    if media != "application/json":
+        resp["content"] = {media: resp["content"]["application/json"]}
+    if _request_limited(config, agent):
+        resp["headers"] = {**resp["headers"], **_rate_headers()}
+    return resp
+
+
+def _agent_operation(agent: CompiledAgent, auth: Auth, config: Config) -> dict[str, Any]:
     a = agent.assistant
-    statuses = tuple(s for s in AGENT_CALL_STATUSES if s != 401 or auth != "none")
+    statuses = _call_statuses(AGENT_CALL_STATUSES, config, agent, auth)
     envelope = {
         "type": "object",
         "required": ["data", "trace"],
@@ -247,7 +338,8 @@ def _agent_operation(agent: CompiledAgent, auth: Auth) -> dict[str, Any]:
             "required": True,
             "content": {"application/json": {"schema": type_schema(a.input_type, agent.input_schema)}},
         },
-        "responses": {"200": _json(envelope, f"the validated answer of {a.name}"), **_errors(statuses)},
+        "responses": {"200": _ok(envelope, f"the validated answer of {a.name}", config, agent),
+                      **_errors(statuses)},
     }
     if auth == "required":
         op["security"] = [{"apiKey": []}, {"bearer": []}]
@@ -351,9 +443,9 @@ def _stream_event(agent: CompiledAgent) -> dict[str, Any]:
     }
 
 
-def _stream_operation(agent: CompiledAgent, auth: Auth) -> dict[str, Any]:
+def _stream_operation(agent: CompiledAgent, auth: Auth, config: Config) -> dict[str, Any]:
     a = agent.assistant
-    statuses = tuple(s for s in STREAM_BATCH_STATUSES if s != 401 or auth != "none")
+    statuses = _call_statuses(STREAM_BATCH_STATUSES, config, agent, auth)
     return {
         "operationId": f"{a.name}.stream",
         "summary": f"Call the agent {a.name}, streamed as server-sent events",
@@ -367,18 +459,17 @@ def _stream_operation(agent: CompiledAgent, auth: Auth) -> dict[str, Any]:
             "content": {"application/json": {"schema": type_schema(a.input_type, agent.input_schema)}},
         },
         "responses": {
-            "200": {"description": STREAM_EVENTS,
-                    "headers": {"X-Request-ID": {"$ref": "#/components/headers/X-Request-ID"}},
-                    "content": {"text/event-stream": {"schema": _stream_event(agent)}}},
+            "200": _ok(_stream_event(agent), STREAM_EVENTS, config, agent, "text/event-stream"),
             **_errors(statuses),
         },
         "security": _security(auth),
     }
 
 
-def _batch_operation(agent: CompiledAgent, auth: Auth, batch_max: int, concurrency: int) -> dict[str, Any]:
+def _batch_operation(agent: CompiledAgent, auth: Auth, config: Config) -> dict[str, Any]:
     a = agent.assistant
-    statuses = tuple(s for s in STREAM_BATCH_STATUSES if s != 401 or auth != "none")
+    batch_max, concurrency = config.server.batch_max, config.server.batch_concurrency
+    statuses = _call_statuses(STREAM_BATCH_STATUSES, config, agent, auth)
     body = {
         "type": "object",
         "required": ["inputs"],
@@ -406,11 +497,15 @@ def _batch_operation(agent: CompiledAgent, auth: Auth, batch_max: int, concurren
                         "once (`server.batch_concurrency`). Each result is what `POST /agent/"
                         f"{a.name}` would answer for that input: `{{\"data\", \"trace\"}}`, or "
                         "`{\"error\"}` without failing the others. A body without an `inputs` array, or "
-                        "over the limit, is a 422."),
+                        "over the limit, is a 422." + (
+                            " Each input counts against the limits like one call; a batch the window "
+                            "cannot take whole is refused whole (429), and no more inputs run at once "
+                            "than the narrowest concurrency limit allows." if _limited(config, agent) else "")),
         "tags": ["agents"],
         "parameters": [{"$ref": "#/components/parameters/X-Request-ID"}],
         "requestBody": {"required": True, "content": {"application/json": {"schema": body}}},
-        "responses": {"200": _json(results, "one result per input, in input order"), **_errors(statuses)},
+        "responses": {"200": _ok(results, "one result per input, in input order", config, agent),
+                      **_errors(statuses)},
         "security": _security(auth),
     }
 
@@ -429,13 +524,18 @@ def _service_operation(op_id: str, summary: str, responses: dict[str, Any], **ex
     # "service." cannot begin an agent name, so no agent (say one named
     # `health`) can take a service operation's id.
     return {"operationId": f"service.{op_id}", "summary": summary, "tags": ["service"], "security": [],
-            "responses": {**responses, **_errors(SERVICE_STATUSES)}, **extra}
+            "responses": {**responses, **{k: v for k, v in _errors(SERVICE_STATUSES).items() if k not in responses}},
+            **extra}
 
 
 def build_openapi(compiled: Compiled, auth: Auth = "unknown") -> dict[str, Any]:
     """The whole document; `auth` as in the module docstring."""
     agents = compiled.agents
     names = sorted(agents)
+    config = compiled.config
+    jwt = config.auth.jwt
+    if config.auth:  # `auth:` in the file: credentials are required, whatever API_KEY says
+        auth = "required"
     schemas: dict[str, Any] = {
         key: rewrite_refs(typedsl.schema(node)) for key, node in compiled.config.types.items()
     }
@@ -446,13 +546,11 @@ def build_openapi(compiled: Compiled, auth: Auth = "unknown") -> dict[str, Any]:
     schemas[PATCH] = _patch_component()
 
     paths: dict[str, Any] = {}
-    server = compiled.config.server
     for name in names:
-        paths[f"/agent/{name}"] = {"post": _agent_operation(agents[name], auth)}
+        paths[f"/agent/{name}"] = {"post": _agent_operation(agents[name], auth, config)}
         # The same call streamed (SPEC §7.4) and on many inputs (§7.5).
-        paths[f"/agent/{name}/stream"] = {"post": _stream_operation(agents[name], auth)}
-        paths[f"/agent/{name}/batch"] = {"post": _batch_operation(agents[name], auth, server.batch_max,
-                                                                  server.batch_concurrency)}
+        paths[f"/agent/{name}/stream"] = {"post": _stream_operation(agents[name], auth, config)}
+        paths[f"/agent/{name}/batch"] = {"post": _batch_operation(agents[name], auth, config)}
 
     health = {
         "type": "object",
@@ -464,6 +562,35 @@ def build_openapi(compiled: Compiled, auth: Auth = "unknown") -> dict[str, Any]:
         "health", "Liveness: 200 while serving, 503 while draining",
         {"200": _json(health, "serving"), "503": _json(health, "draining: the instance is shutting down")},
     )}
+    ready = {
+        "type": "object",
+        "required": ["status"],
+        "properties": {"status": {"type": "string", "enum": ["ready", "unready"]},
+                       "store": {"type": "string", "description": "`memory`, or the Redis URL without its password"},
+                       "reason": {"type": "string", "description": "why the instance is not ready"}},
+    }
+    paths["/health/ready"] = {"get": _service_operation(
+        "ready", "Readiness: 200 when the config is loaded, the token issuer's keys are (with auth.jwt) "
+                 "and the limits store answers; 503 with the reason otherwise",
+        {"200": _json(ready, "ready: `{\"status\": \"ready\", \"store\": …}`"),
+         "503": _json(ready, "unready: `{\"status\": \"unready\", \"reason\": …}` (the store does not "
+                             "answer, the issuer's keys are not loaded yet, or the server is shutting down)")},
+    )}
+    if jwt is not None:
+        metadata = {
+            "type": "object",
+            "required": ["resource", "authorization_servers"],
+            "properties": {"resource": {"type": "string"},
+                           "authorization_servers": {"type": "array", "items": {"type": "string"}},
+                           "bearer_methods_supported": {"type": "array", "items": {"type": "string"}},
+                           "scopes_supported": {"type": "array", "items": {"type": "string"}},
+                           "resource_name": {"type": "string"}},
+        }
+        paths["/.well-known/oauth-protected-resource"] = {"get": _service_operation(
+            "protectedResource", "OAuth 2.0 protected resource metadata (RFC 9728): the issuer of the tokens "
+                                 "this API takes, and its scopes",
+            {"200": _json(metadata, "the metadata")},
+        )}
     paths["/agents"] = {"get": _service_operation(
         "listAgents", "The agents of the running config, sorted by name",
         {"200": _json({"type": "object", "required": ["agents"],
@@ -495,6 +622,21 @@ def build_openapi(compiled: Compiled, auth: Auth = "unknown") -> dict[str, Any]:
         "unknown": "When the server has API_KEY set, agent calls need `X-API-Key: <key>` "
                    "or `Authorization: Bearer <key>`.",
     }[auth]
+    if jwt is not None:
+        auth_text += (f" A JWT from {jwt.issuer} (audience `{jwt.audience}`) is taken as "
+                      "`Authorization: Bearer <token>` too"
+                      + (f", with the scope `{jwt.scope_prefix}<agent>` or `{jwt.scope_prefix}*`"
+                         if jwt.scope_prefix else "") + ".")
+    schemes: dict[str, Any] = {
+        "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key",
+                   "description": "one of the keys in the server's API_KEY (comma-separated for rotation) "
+                                  "or of the agents file's `auth.keys`"},
+        "bearer": {"type": "http", "scheme": "bearer",
+                   "description": "the same key as `Authorization: Bearer <key>`"
+                                  + ("; or a JWT of the issuer (three base64url parts)" if jwt else "")},
+    }
+    if jwt is not None:
+        schemes["bearer"]["bearerFormat"] = "JWT or API key"
     return {
         "openapi": OPENAPI_VERSION,
         "info": {
@@ -508,7 +650,7 @@ def build_openapi(compiled: Compiled, auth: Auth = "unknown") -> dict[str, Any]:
                             "`{\"error\": {\"type\", \"message\", \"details\"}, \"request_id\"}`. " + auth_text),
         },
         "tags": [{"name": "agents", "description": "one operation per agent"},
-                 {"name": "service", "description": "health, discovery, docs and metrics (no key needed)"}],
+                 {"name": "service", "description": "health, readiness, discovery, docs and metrics (no key needed)"}],
         "paths": paths,
         "components": {
             "schemas": schemas,
@@ -520,11 +662,6 @@ def build_openapi(compiled: Compiled, auth: Auth = "unknown") -> dict[str, Any]:
                 "name": "X-Request-ID", "in": "header", "required": False,
                 "description": "an id for this request (`[A-Za-z0-9._:@/+=-]{1,128}`); a new one is made otherwise",
                 "schema": {"type": "string"}}},
-            "securitySchemes": {
-                "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key",
-                           "description": "one of the keys in the server's API_KEY (comma-separated for rotation)"},
-                "bearer": {"type": "http", "scheme": "bearer",
-                           "description": "the same key as `Authorization: Bearer <key>`"},
-            },
+            "securitySchemes": schemes,
         },
     }

@@ -41,6 +41,7 @@ from typing import Any
 import pytest
 import yaml
 
+from aiwfd.spec import access
 from aiwfd.spec import config as cfg
 from aiwfd import errors, settings
 from aiwfd import providers as llm
@@ -131,6 +132,9 @@ def subcommands() -> list[str]:
 AGENTS_FILE_KEYS = {
     "top level": cfg.TOP_KEYS, "assistant": cfg.ASSISTANT_KEYS, "provider": cfg.PROVIDER_KEYS,
     "server": cfg.SERVER_KEYS, "cors": cfg.CORS_KEYS, "import": cfg.IMPORT_KEYS, "legacy": cfg.LEGACY_KEYS,
+    # SPEC §8: aiwfd/spec/access.py's sections
+    "auth": access.AUTH_KEYS, "auth.keys": access.CLIENT_KEYS, "auth.jwt": access.JWT_KEYS,
+    "limits": access.LIMITS_KEYS, "limit set": access.LIMIT_SET_KEYS,
 }
 
 
@@ -337,6 +341,9 @@ def test_documented_agents_file_defaults_are_the_code_defaults() -> None:
         "allow_credentials": [str(cors.allow_credentials).lower()],
         "allow_methods": list(cors.allow_methods),
         "allow_headers": list(cors.allow_headers),
+        "algorithms": list(access.JWTConfig("i", "a").algorithms),
+        "client_claim": [access.JWTConfig("i", "a").client_claim],
+        "on_store_error": [access.LimitsConfig().on_store_error],
     }
     for key, values in expected.items():
         rows = table_rows(text, key)

@@ -9,6 +9,7 @@ document's own `$ref`s.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import re
@@ -42,8 +43,18 @@ AGENT_ERRORS = {400: {"invalid_json", "invalid_request"}, 401: {"unauthorized"},
                 503: {"unavailable"}, 504: {"upstream_timeout"}}
 ALL_TYPES = {c.type for c in vars(E).values() if isinstance(c, type) and issubclass(c, E.HTTPError)
              and c is not E.HTTPError}
+REPORTS_KEY = "reports-secret-key"  # tests/configs/access.yaml's key_sha256 client
+FRONTEND_KEY = "frontend-secret-key"  # and its key_env client
 PLACEHOLDERS = {"@FAKE_URL@": "http://127.0.0.1:9/v1", "@DEAD_URL@": "http://127.0.0.1:9/v1",
-                "@SLOW_URL@": "http://127.0.0.1:9/v1", "@PROMPT@": "a prompt"}
+                "@SLOW_URL@": "http://127.0.0.1:9/v1", "@PROMPT@": "a prompt",
+                "@REPORTS_SHA256@": hashlib.sha256(REPORTS_KEY.encode()).hexdigest()}
+# access.yaml's `key_env:` client.
+CONFIG_ENV = {"FRONTEND_API_KEY": FRONTEND_KEY}
+
+
+def key_env(compiled: Any) -> dict[str, str]:
+    """A distinct key for every `key_env:` client of a config (two clients with one key stop the start)."""
+    return {k.key_env: f"key-of-{k.name}" for k in compiled.config.auth.keys if k.key_env}
 
 
 def all_configs() -> list[Path]:
@@ -129,7 +140,7 @@ async def test_openapi_json_of_every_config_validates(path: Path, tmp_path: Path
         assert path.name.endswith("_invalid.yaml")
         pytest.skip(f"{path.name} is invalid on purpose")
     out = tmp_path / "artifacts"
-    async with serve(cfg, mock=True, output_dir=str(out)) as srv:
+    async with serve(cfg, env=key_env(compiled), mock=True, output_dir=str(out)) as srv:
         status, headers, doc = await get_json(srv, "/openapi.json")
     assert status == 200
     assert headers["Content-Type"].startswith("application/json")
@@ -363,15 +374,108 @@ async def test_security_schemes(keyed_doc: dict[str, Any], open_srv: InProcess) 
 
 async def test_service_routes_are_documented(keyed: InProcess, keyed_doc: dict[str, Any]) -> None:
     paths = keyed_doc["paths"]
-    for p in ("/health", "/agents", "/agent/{name}/schema", "/openapi.json", "/metrics", "/docs"):
+    for p in ("/health", "/health/ready", "/agents", "/agent/{name}/schema", "/openapi.json", "/metrics", "/docs"):
         assert list(paths[p]) == ["get"], p
+    assert "/.well-known/oauth-protected-resource" not in paths  # no auth.jwt: that route is a 404
     schema_op = paths["/agent/{name}/schema"]["get"]
     assert schema_op["parameters"][0]["schema"]["enum"] == sorted(load_and_compile(str(API_MOCK)).agents)
     assert "404" in schema_op["responses"]
-    for path, op_path in (("/health", "/health"), ("/agents", "/agents"), ("/agent/greeter/schema", "/agent/{name}/schema")):
+    for path, op_path in (("/health", "/health"), ("/health/ready", "/health/ready"), ("/agents", "/agents"),
+                          ("/agent/greeter/schema", "/agent/{name}/schema")):
         status, _, body = await get_json(keyed, path)
         assert status == 200
         validator_for(keyed_doc, response_schema(keyed_doc, paths[op_path]["get"], 200)).validate(body)
+
+
+# --------------------------------------------------------------------------
+# Clients and limits (SPEC §8): 403 where auth can refuse, 429 and the
+# RateLimit headers where limits apply, checked against real answers
+
+
+@pytest.fixture
+async def access(tmp_path: Path) -> AsyncIterator[InProcess]:
+    async with serve(materialise(CONFIGS / "access.yaml", tmp_path), env=CONFIG_ENV, mock=True) as s:
+        yield s
+
+
+async def test_403_and_429_are_documented_where_auth_and_limits_apply(access: InProcess) -> None:
+    """access.yaml: `reports` may call greeter only, so 403 is documented for the
+    others and not for greeter; `limits.default` applies to every agent, so
+    every operation documents 429 and its 200 the RateLimit headers."""
+    status, _, doc = await get_json(access, "/openapi.json")
+    assert status == 200
+    validate(doc)
+    for name in ("greeter", "other", "capped"):
+        for suffix in ("", "/stream", "/batch"):
+            op = doc["paths"][f"/agent/{name}{suffix}"]["post"]
+            assert op["security"] == [{"apiKey": []}, {"bearer": []}]
+            assert "401" in op["responses"] and "429" in op["responses"], (name, suffix)
+            assert ("403" in op["responses"]) == (name != "greeter"), (name, suffix)
+            assert {"RateLimit-Policy", "RateLimit"} <= set(op["responses"]["200"]["headers"]), (name, suffix)
+    forbidden = pointer(doc, doc["paths"]["/agent/other"]["post"]["responses"]["403"]["$ref"])
+    assert "WWW-Authenticate" in forbidden["headers"]
+    limited = pointer(doc, doc["paths"]["/agent/capped"]["post"]["responses"]["429"]["$ref"])
+    assert {"Retry-After", "RateLimit-Policy", "RateLimit"} <= set(limited["headers"])
+
+    # Real answers conform: a 403 (reports calling `other`) and a 429 (`capped` is 3/min).
+    op = doc["paths"]["/agent/other"]["post"]
+    async with access.session.post(access.url("/agent/other"), json={"name": "Ann"},
+                                   headers={"X-API-Key": REPORTS_KEY}) as r:
+        assert r.status == 403
+        assert r.headers["WWW-Authenticate"].startswith("Bearer")
+        validator_for(doc, response_schema(doc, op, 403)).validate(await r.json())
+    op = doc["paths"]["/agent/capped"]["post"]
+    answers = []
+    for _ in range(4):
+        async with access.session.post(access.url("/agent/capped"), json={"name": "Ann"},
+                                       headers={"X-API-Key": FRONTEND_KEY}) as r:
+            answers.append((r.status, dict(r.headers), await r.json()))
+    statuses = [a[0] for a in answers]
+    assert statuses == [200, 200, 200, 429], statuses
+    for status, headers, body in answers:
+        assert {"RateLimit-Policy", "RateLimit"} <= set(headers), status
+        validator_for(doc, response_schema(doc, op, status)).validate(body)
+    assert answers[-1][2]["error"]["details"][0]["limit"] == "requests"
+
+
+async def test_jwt_documents_the_protected_resource_and_403_everywhere(tmp_path: Path) -> None:
+    from aiwfd.spec.openapi import build_openapi
+
+    # An issuer that refuses connections: the keys never load, so /health/ready is 503.
+    cfg = write_config(tmp_path, """\
+auth:
+  jwt:
+    issuer: http://127.0.0.1:9/realms/main
+    audience: aiwfd
+    scope_prefix: "aiwfd:"
+assistants:
+  first:
+    use: mock
+    model: m
+""")
+    compiled = load_and_compile(str(cfg))
+    doc = build_openapi(compiled)  # as `aiwfd compile` writes it
+    validate(doc)
+    op = doc["paths"]["/agent/first"]["post"]
+    # `auth:` in the file: credentials are required even where API_KEY is unknown.
+    assert op["security"] == [{"apiKey": []}, {"bearer": []}]
+    assert {"401", "403"} <= set(op["responses"])
+    assert "429" not in doc["paths"]["/agent/first/stream"]["post"]["responses"]  # no limits
+    assert "RateLimit" not in op["responses"]["200"]["headers"]
+    assert "http://127.0.0.1:9/realms/main" in doc["info"]["description"]
+    paths = doc["paths"]
+    assert list(paths["/.well-known/oauth-protected-resource"]) == ["get"]
+    async with serve(cfg) as srv:
+        _, _, served = await get_json(srv, "/openapi.json")
+        assert served == doc
+        for path, status in (("/.well-known/oauth-protected-resource", 200), ("/health/ready", 503)):
+            got, _, body = await get_json(srv, path)
+            assert got == status, (path, body)
+            validator_for(doc, response_schema(doc, paths[path]["get"], status)).validate(body)
+        async with srv.session.post(srv.url("/agent/first"), json={}) as r:
+            assert r.status == 401
+            assert "resource_metadata=" in r.headers["WWW-Authenticate"]
+            validator_for(doc, response_schema(doc, op, 401)).validate(await r.json())
 
 
 async def test_document_is_cached_per_load(keyed: InProcess) -> None:
