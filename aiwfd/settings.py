@@ -62,6 +62,8 @@ class Settings:
     deadline: float = DEFAULT_DEADLINE
     # env AIWF_SSE_KEEPALIVE: seconds between keep-alive comments of /agent/{name}/stream.
     sse_keepalive: float = DEFAULT_SSE_KEEPALIVE
+    # The shared store of SPEC §8-§9; None: the embedded one. Read at start only.
+    redis_url: str | None = None
     # The merged environment (process over .env) that providers and auth read.
     env: Mapping[str, str] = field(default_factory=dict, repr=False)
     # What the .env file held at start (see reread_env).
@@ -147,6 +149,14 @@ def _text(text: str) -> str:
     return text
 
 
+def _redis_url(text: str) -> str:
+    """The schemes redis-py's from_url takes; checked here so a typo is a usage error, not a traceback."""
+    scheme, sep, rest = text.partition("://")
+    if not sep or scheme.lower() not in ("redis", "rediss", "unix") or not rest:
+        raise ValueError(text)
+    return text
+
+
 # --------------------------------------------------------------------------- the registry
 
 
@@ -229,6 +239,9 @@ REGISTRY: tuple[Setting, ...] = (
               "overall time allowed for one agent call, retries included"),
     _duration("sse_keepalive", (), "AIWF_SSE_KEEPALIVE", DEFAULT_SSE_KEEPALIVE, f"`{DEFAULT_SSE_KEEPALIVE:g}`",
               "seconds between `: keep-alive` comments of a stream", high=3600.0),
+    Setting("redis_url", ("--redis-url",), "REDIS_URL", None, "unset: the embedded store",
+            "the store the instances share (limits)", parse=_redis_url,
+            expected="a redis://, rediss:// or unix:// URL", metavar="URL"),
 )
 
 

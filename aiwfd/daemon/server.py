@@ -123,7 +123,7 @@ class Server:
         writing = asyncio.ensure_future(asyncio.to_thread(_write_artifacts, snapshot, artifacts_dir))
         self.runtime = Runtime(settings=s, snapshot=snapshot, artifacts_dir=str(artifacts_dir),
                                request_log=self.request_log or RequestLog(s.log_format),
-                               store=open_store(s.env.get("REDIS_URL")))
+                               store=open_store(s.redis_url))
         await self._check_store(compiled)
         if snapshot.verifier is not None:
             await snapshot.verifier.start()

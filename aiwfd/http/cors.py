@@ -26,7 +26,7 @@ from aiohttp import web
 from aiwfd.spec.config import Cors
 
 # Headers a browser script may read beyond the CORS-safelisted ones.
-EXPOSE_HEADERS = "X-Request-ID, Retry-After"
+EXPOSE_HEADERS = "X-Request-ID, Retry-After, RateLimit-Policy, RateLimit"
 
 
 def _origin_key(origin: str) -> str:

@@ -74,7 +74,9 @@ async def test_headers_on_a_successful_call(srv: InProcess) -> None:
         h = r.headers
     assert h["Access-Control-Allow-Origin"] == ORIGIN
     assert h["Access-Control-Allow-Credentials"] == "true"
-    assert "X-Request-ID" in h["Access-Control-Expose-Headers"]
+    exposed = {v.strip() for v in h["Access-Control-Expose-Headers"].split(",")}
+    # A browser script can read the request id, and the limits' headers (SPEC §8.2).
+    assert {"X-Request-ID", "Retry-After", "RateLimit-Policy", "RateLimit"} <= exposed
     assert varies_on_origin(h)
     async with srv.session.get(srv.url("/agents"), headers={"Origin": OTHER}) as r:
         assert r.status == 200
