@@ -254,7 +254,7 @@ def run(text: str, parts: list[str], numbers: list[tuple[int, int]]) -> tuple[An
 @pytest.mark.parametrize("mode", ["1", "2", "3", "4", "7", "16", "64", "mixed"])
 def test_patches_equal_jiter_after_every_piece(mode: str) -> None:
     rng = random.Random(f"patches-{mode}")
-    for _ in range(60 if mode in ("1", "2") else 120):
+    for _ in range(40 if mode in ("1", "2") else 80):
         value = gen(rng, OUT)
         w = Writer(rng)
         w.value(value)
