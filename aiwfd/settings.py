@@ -64,6 +64,9 @@ class Settings:
     sse_keepalive: float = DEFAULT_SSE_KEEPALIVE
     # The shared store of SPEC §8-§9; None: the embedded one. Read at start only.
     redis_url: str | None = None
+    # The embedded store's directory (SQLite files of jobs and idempotency keys);
+    # None: $STATE_DIRECTORY (systemd StateDirectory=), else ./.aiwfd (state_path).
+    state_dir: str | None = None
     # The merged environment (process over .env) that providers and auth read.
     env: Mapping[str, str] = field(default_factory=dict, repr=False)
     # What the .env file held at start (see reread_env).
@@ -73,6 +76,13 @@ class Settings:
     def api_keys(self) -> tuple[bytes, ...]:
         raw = self.env.get("API_KEY", "")
         return tuple(k.strip().encode("utf-8") for k in raw.split(",") if k.strip())
+
+    @property
+    def state_path(self) -> Path:
+        """The embedded store's directory: the setting, systemd's StateDirectory=, else ./.aiwfd."""
+        # systemd may list several directories separated by ':'; the first is ours.
+        chosen = self.state_dir or self.env.get("STATE_DIRECTORY", "").split(":")[0] or ".aiwfd"
+        return Path(chosen)
 
     def effective_max_body(self, config: Config) -> int:
         return self.max_body or config.server.max_body or DEFAULT_MAX_BODY
@@ -242,6 +252,9 @@ REGISTRY: tuple[Setting, ...] = (
     Setting("redis_url", ("--redis-url",), "REDIS_URL", None, "unset: the embedded store",
             "the store the instances share (limits)", parse=_redis_url,
             expected="a redis://, rediss:// or unix:// URL", metavar="URL"),
+    Setting("state_dir", ("--state-dir",), "AIWF_STATE_DIR", None, "`$STATE_DIRECTORY`, else `./.aiwfd`",
+            "the embedded store's directory (instances on one host that share it share its data)",
+            metavar="DIR"),
 )
 
 
