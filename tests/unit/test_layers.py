@@ -24,7 +24,7 @@ PACKAGE = REPO / "aiwfd"
 LAYERS: dict[str, int] = {
     "errors": 0, "logs": 0, "compat": 0, "__init__": 0,
     "spec": 1, "settings": 1,
-    "providers": 2, "store": 2, "auth": 2,
+    "providers": 2, "store": 2, "auth": 2, "jobs": 2,
     "engine": 3,
     "http": 4,
     "daemon": 5,

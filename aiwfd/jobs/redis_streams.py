@@ -1,0 +1,460 @@
+"""The fleet's job store: Redis Streams with one consumer group (SPEC §9.2).
+
+Imported only when REDIS_URL is set (aiwfd.jobs.open_job_store). Our own
+small layer on purpose (issue 16): arq, saq and taskiq-redis each failed a
+crash-recovery case measured here.
+
+Keys (`prefix` = "aiwfd:" by default):
+
+- `jobs:queue`: the stream; one entry (`job`, `agent`) per queued run of a
+  job, read by the consumer group `aiwfd`, one consumer per owner.
+- `job:<id>`: a hash, the job's document (`status`, `owner`, `lease_until`,
+  `msg` = the id of its current stream entry, times in ms of Redis `TIME`).
+- `jobs:client:<client>`: a sorted set of the client's job ids by their
+  insertion number (`jobs:seq`): the list pages, newest first.
+- `jobs:finished`: a sorted set of finished job ids by their end (retention).
+- `jobs:dead`: a stream of the dead letters' ids (jobs whose runs were lost
+  max_attempts times), for an operator to look at.
+- `jobs:reclaim`: where the XAUTOCLAIM scan of the pending entries goes on.
+
+Every operation is one Lua script (one round trip, atomic, timed by Redis
+`TIME` so that the instances' clocks never matter): submit is HSET + ZADD +
+XADD; claim first XAUTOCLAIMs entries idle longer than the lease (their owner
+stopped renewing: killed), then XREADGROUPs a new one, and in both cases
+takes the job only if its hash says it is queued or its lease ran out, so a
+job never runs twice at the same time; renew extends the lease and resets the
+entry's idle time (XCLAIM JUSTID); finish writes the result, XACKs and XDELs
+in the same script, only for the lease holder. Because claim itself reclaims,
+a job lost on an idle queue is run again by the next claim, with no new job
+needed to wake anything up (taskiq-redis's failure).
+
+The scripts build the job hashes' keys from the prefix, so every key must
+live on one Redis (not Cluster; one Redis or Sentinel is what SPEC §8-9 ask
+for). Durable only as far as Redis is: `appendonly yes`, `noeviction`
+(docs/deploy.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import contextlib
+import secrets
+from typing import Any, AsyncIterator, Sequence
+
+import orjson
+import redis.asyncio
+import redis.exceptions
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from aiwfd.compat import timeout as deadline
+from aiwfd.jobs.store import (
+    DEFAULT_MAX_ATTEMPTS,
+    Job,
+    JobFinished,
+    JobStatus,
+    StoreError,
+    dead_letter_error,
+    decode_cursor,
+    encode_cursor,
+)
+# The limits store's script runner (EVALSHA, EVAL after a Redis restart) and log-safe URL.
+from aiwfd.store.redis import _Script, redacted
+
+__all__ = ["GROUP", "RedisJobStore"]
+
+GROUP = "aiwfd"
+
+# The longest lease (10 days): the idle time a stream entry reaches when its lease runs out.
+MAX_LEASE_MS = 10 * 24 * 3600 * 1000
+
+# Shared by the scripts: the time in ms from Redis (every instance, one clock),
+# ms written as integers (a Lua number would be written as 1.76e+12), and
+# the removal of a stream entry that is done with.
+_PRELUDE = """
+if redis.replicate_commands then redis.replicate_commands() end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local function ms(x) return string.format('%d', x) end
+-- A running job's entry reaches EXPIRED ms of idle time exactly when its
+-- lease runs out: XAUTOCLAIM's one min-idle-time then finds the runs whose
+-- lease ran out, whatever lease each owner asked for.
+local EXPIRED = @EXPIRED@
+local function idle_until_expiry(stream, group, owner, msg, lease)
+  redis.call('XCLAIM', stream, group, owner, 0, msg, 'IDLE', EXPIRED - lease, 'JUSTID')
+end
+local function drop(stream, msg)
+  if msg and msg ~= '' then
+    redis.call('XACK', stream, ARGV[1], msg)
+    redis.call('XDEL', stream, msg)
+  end
+end
+""".replace("@EXPIRED@", str(MAX_LEASE_MS))
+
+# KEYS: stream, seq, job hash, client index. ARGV: group, id, client, agent, body, webhook_url ('' none).
+SUBMIT = _PRELUDE + """
+local seq = redis.call('INCR', KEYS[2])
+local msg = redis.call('XADD', KEYS[1], '*', 'job', ARGV[2], 'agent', ARGV[4])
+redis.call('HSET', KEYS[3], 'id', ARGV[2], 'client', ARGV[3], 'agent', ARGV[4], 'status', 'queued',
+  'created', ms(now), 'attempts', 0, 'body', ARGV[5], 'webhook_url', ARGV[6], 'seq', seq, 'msg', msg)
+redis.call('ZADD', KEYS[4], seq, ARGV[2])
+return redis.call('HGETALL', KEYS[3])
+"""
+
+# KEYS: stream, dead letters, reclaim cursor, finished. ARGV: group, prefix,
+# owner, lease (ms), max attempts, the dead letter's error (JSON, %d = attempts).
+# Returns the claimed job's hash, or nil.
+CLAIM = _PRELUDE + """
+local stream, group, prefix, owner = KEYS[1], ARGV[1], ARGV[2], ARGV[3]
+local lease, max_attempts = tonumber(ARGV[4]), tonumber(ARGV[5])
+-- The group once per stream (BUSYGROUP afterwards; a Redis that lost its data gets it back).
+redis.pcall('XGROUP', 'CREATE', stream, group, '0', 'MKSTREAM')
+
+-- The job of entry `msg`, taken by `owner` if it may run now; else nil
+-- (and the entry dropped when it has nothing left to run).
+local function consider(msg, fields)
+  if not fields then drop(stream, msg) return nil end  -- the entry was deleted (Redis < 7 lists it)
+  local id = fields[2]
+  local key = prefix .. 'job:' .. id
+  local h = redis.call('HMGET', key, 'status', 'lease_until', 'attempts', 'msg', 'owner')
+  local status = h[1]
+  if (status ~= 'queued' and status ~= 'running') or h[4] ~= msg then
+    drop(stream, msg)  -- finished, canceled, purged, or a stale entry of a job queued again
+    return nil
+  end
+  if status == 'running' then
+    local left = tonumber(h[2]) - now
+    if left >= 0 then  -- its lease still holds (a ms of rounding): back to its owner, as idle as it was
+      redis.call('XCLAIM', stream, group, h[5], 0, msg, 'IDLE', math.max(EXPIRED - left, 0), 'JUSTID')
+      return nil
+    end
+    local attempts = tonumber(h[3])
+    if attempts >= max_attempts then
+      redis.call('HSET', key, 'status', 'failed', 'error', string.format(ARGV[6], attempts),
+        'finished', ms(now), 'owner', '', 'lease_until', '')
+      redis.call('ZADD', KEYS[4], now, id)
+      redis.call('XADD', KEYS[2], '*', 'job', id, 'attempts', attempts)
+      drop(stream, msg)
+      return nil
+    end
+  end
+  redis.call('HINCRBY', key, 'attempts', 1)
+  redis.call('HSET', key, 'status', 'running', 'owner', owner, 'lease_until', ms(now + lease), 'started', ms(now))
+  idle_until_expiry(stream, group, owner, msg, lease)
+  return redis.call('HGETALL', key)
+end
+
+-- 1. Runs whose lease ran out (entries idle EXPIRED ms or more: their owner
+-- stopped renewing), one entry per XAUTOCLAIM so that none is moved to us
+-- without being looked at.
+local cursor = redis.call('GET', KEYS[3]) or '0-0'
+for i = 1, 8 do
+  local r = redis.call('XAUTOCLAIM', stream, group, owner, EXPIRED, cursor, 'COUNT', 1)
+  cursor = r[1]
+  for _, e in ipairs(r[2]) do
+    local job = consider(e[1], e[2])
+    if job then redis.call('SET', KEYS[3], cursor) return job end
+  end
+  if cursor == '0-0' then break end
+end
+redis.call('SET', KEYS[3], cursor)
+
+-- 2. New entries.
+for i = 1, 16 do
+  local r = redis.call('XREADGROUP', 'GROUP', group, owner, 'COUNT', 1, 'STREAMS', stream, '>')
+  if not r then return nil end
+  local e = r[1][2][1]
+  local job = consider(e[1], e[2])
+  if job then return job end
+end
+return nil
+"""
+
+# KEYS: stream, job hash. ARGV: group, owner, lease (ms). 1: renewed, 0: not ours.
+RENEW = _PRELUDE + """
+local h = redis.call('HMGET', KEYS[2], 'status', 'owner', 'msg')
+if h[1] ~= 'running' or h[2] ~= ARGV[2] then return 0 end
+redis.call('HSET', KEYS[2], 'lease_until', ms(now + tonumber(ARGV[3])))
+idle_until_expiry(KEYS[1], ARGV[1], ARGV[2], h[3], tonumber(ARGV[3]))
+return 1
+"""
+
+# KEYS: stream, job hash, finished. ARGV: group, owner, status, result, error
+# ('' for none), id. 1: written, 0: not ours (nothing written).
+FINISH = _PRELUDE + """
+local h = redis.call('HMGET', KEYS[2], 'status', 'owner', 'msg')
+if h[1] ~= 'running' or h[2] ~= ARGV[2] then return 0 end
+redis.call('HSET', KEYS[2], 'status', ARGV[3], 'finished', ms(now), 'owner', '', 'lease_until', '')
+if ARGV[4] ~= '' then redis.call('HSET', KEYS[2], 'result', ARGV[4]) end
+if ARGV[5] ~= '' then redis.call('HSET', KEYS[2], 'error', ARGV[5]) end
+drop(KEYS[1], h[3])
+redis.call('ZADD', KEYS[3], now, ARGV[6])
+return 1
+"""
+
+# KEYS: stream, job hash. ARGV: group, owner, id. Back to the queue: a new
+# entry, so that the next XREADGROUP of any instance takes it.
+RELEASE = _PRELUDE + """
+local h = redis.call('HMGET', KEYS[2], 'status', 'owner', 'msg', 'agent')
+if h[1] ~= 'running' or h[2] ~= ARGV[2] then return 0 end
+drop(KEYS[1], h[3])
+local msg = redis.call('XADD', KEYS[1], '*', 'job', ARGV[3], 'agent', h[4])
+redis.call('HSET', KEYS[2], 'status', 'queued', 'owner', '', 'lease_until', '', 'msg', msg)
+return 1
+"""
+
+# KEYS: stream, job hash, finished. ARGV: group, client, id.
+# {0}: not found; {1, hash}: canceled now; {2, hash}: had finished.
+CANCEL = _PRELUDE + """
+local h = redis.call('HMGET', KEYS[2], 'status', 'client', 'msg')
+if not h[1] or h[2] ~= ARGV[2] then return {0} end
+if h[1] ~= 'queued' and h[1] ~= 'running' then return {2, redis.call('HGETALL', KEYS[2])} end
+redis.call('HSET', KEYS[2], 'status', 'canceled', 'finished', ms(now), 'owner', '', 'lease_until', '')
+drop(KEYS[1], h[3])
+redis.call('ZADD', KEYS[3], now, ARGV[3])
+return {1, redis.call('HGETALL', KEYS[2])}
+"""
+
+# KEYS: stream, finished. ARGV: group, prefix, agent, error, first entry, count.
+# One batch of the stream: {failed, last entry id seen ('' at the end)}.
+FAIL_AGENT = _PRELUDE + """
+local entries = redis.call('XRANGE', KEYS[1], ARGV[5], '+', 'COUNT', tonumber(ARGV[6]))
+local n, last = 0, ''
+for _, e in ipairs(entries) do
+  last = e[1]
+  local f = e[2]
+  if f[4] == ARGV[3] then
+    local key = ARGV[2] .. 'job:' .. f[2]
+    local h = redis.call('HMGET', key, 'status', 'msg')
+    if h[1] == 'queued' and h[2] == e[1] then
+      redis.call('HSET', key, 'status', 'failed', 'error', ARGV[4], 'finished', ms(now))
+      drop(KEYS[1], e[1])
+      redis.call('ZADD', KEYS[2], now, f[2])
+      n = n + 1
+    end
+  end
+end
+if #entries < tonumber(ARGV[6]) then last = '' end
+return {n, last}
+"""
+
+# KEYS: finished. ARGV: group (unused), prefix, age (ms), count. One batch: how many deleted.
+PURGE = _PRELUDE + """
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. ms(now - tonumber(ARGV[3])),
+  'LIMIT', 0, tonumber(ARGV[4]))
+for _, id in ipairs(ids) do
+  local key = ARGV[2] .. 'job:' .. id
+  local client = redis.call('HGET', key, 'client')
+  if client then redis.call('ZREM', ARGV[2] .. 'jobs:client:' .. client, id) end
+  redis.call('DEL', key)
+  redis.call('ZREM', KEYS[1], id)
+end
+return #ids
+"""
+
+_SUBMIT, _CLAIM, _RENEW, _FINISH, _RELEASE, _CANCEL, _FAIL_AGENT, _PURGE = (
+    _Script(s) for s in (SUBMIT, CLAIM, RENEW, FINISH, RELEASE, CANCEL, FAIL_AGENT, PURGE))
+
+_BATCH = 500  # stream entries or job ids per script call of fail_agent and purge: Redis never blocks long
+
+
+def _lease_ms(lease: float) -> int:
+    if not 0 < lease * 1000 < MAX_LEASE_MS:
+        raise ValueError(f"lease {lease!r} s: more than 0, less than {MAX_LEASE_MS // 1000} s")
+    return max(1, round(lease * 1000))
+
+
+def _seconds(value: str | None) -> float | None:
+    return int(value) / 1000 if value else None
+
+
+def _job(reply: Any) -> Job:
+    """A job hash (HGETALL's flat list, or a dict) as a Job."""
+    h: dict[str, str] = reply if isinstance(reply, dict) else dict(zip(reply[::2], reply[1::2], strict=True))
+    created = _seconds(h["created"])
+    assert created is not None
+    return Job(
+        id=h["id"], client=h["client"], agent=h["agent"], status=h["status"],  # type: ignore[arg-type]
+        created_at=created, started_at=_seconds(h.get("started")), finished_at=_seconds(h.get("finished")),
+        attempts=int(h.get("attempts") or 0), body=orjson.loads(h["body"]),
+        result=orjson.loads(h["result"]) if h.get("result") else None,
+        error=orjson.loads(h["error"]) if h.get("error") else None,
+        webhook_url=h.get("webhook_url") or None,
+    )
+
+
+class RedisJobStore:
+    """Jobs in Redis, shared by every instance that uses the same URL (SPEC §9)."""
+
+    shared = True
+
+    def __init__(self, url: str, *, timeout: float = 0.5, max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+                 prefix: str = "aiwfd:") -> None:
+        self.description = redacted(url)
+        self.timeout = timeout
+        self.max_attempts = max_attempts
+        self.prefix = prefix
+        self.stream = prefix + "jobs:queue"
+        self.dead = prefix + "jobs:dead"
+        self._finished = prefix + "jobs:finished"
+        self._reclaim = prefix + "jobs:reclaim"
+        self._seq = prefix + "jobs:seq"
+        # The dead letter's error with %d for the attempts (what the script formats).
+        self._dead_error = orjson.dumps(dead_letter_error(0)).decode().replace("%", "%%").replace(
+            "lost 0 times", "lost %d times")
+        # As the limits store: one immediate retry on a connection error (a
+        # pooled connection a Redis restart closed), none on a timeout (the
+        # script may have run). A Redis that is down fails within `timeout`.
+        # A blocking pool: a burst of submissions beyond `max_connections`
+        # waits for a connection (within `timeout`) instead of failing at
+        # once as redis-py's default pool does (MaxConnectionsError at 100).
+        # `?max_connections=` in the URL overrides the 64.
+        pool = redis.asyncio.BlockingConnectionPool.from_url(
+            url,
+            max_connections=64,
+            timeout=timeout,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            retry=Retry(NoBackoff(), 1, supported_errors=(redis.exceptions.ConnectionError,)),
+            health_check_interval=0,
+            decode_responses=True,
+        )
+        self._client = redis.asyncio.Redis.from_pool(pool)  # its aclose() closes the pool too
+
+    def _key(self, job_id: str) -> str:
+        return f"{self.prefix}job:{job_id}"
+
+    def _index(self, client: str) -> str:
+        return f"{self.prefix}jobs:client:{client}"
+
+    @contextlib.asynccontextmanager
+    async def _mapped(self) -> AsyncIterator[None]:
+        """Every way a call to Redis fails, as StoreError (the one place that
+        knows redis-py's exceptions), within `timeout`."""
+        try:
+            async with deadline(self.timeout):
+                yield
+        except StoreError:
+            raise
+        except (redis.exceptions.RedisError, OSError, asyncio.TimeoutError) as exc:
+            raise StoreError(f"redis ({self.description}): {type(exc).__name__}: {exc}".rstrip(": ")) from exc
+
+    async def _script(self, script: _Script, keys: list[str], args: Sequence[str | int]) -> Any:
+        async with self._mapped():
+            return await script(self._client, keys, [GROUP, *args])
+
+    # -- the protocol --------------------------------------------------------
+
+    async def submit(self, client: str, agent: str, body: Any, webhook_url: str | None = None) -> Job:
+        job_id = secrets.token_urlsafe(16)  # 128 random bits: unguessable
+        reply = await self._script(_SUBMIT, [self.stream, self._seq, self._key(job_id), self._index(client)],
+                                   [job_id, client, agent, orjson.dumps(body).decode(), webhook_url or ""])
+        return _job(reply)
+
+    async def claim(self, owner: str, lease: float) -> Job | None:
+        reply = await self._script(
+            _CLAIM, [self.stream, self.dead, self._reclaim, self._finished],
+            [self.prefix, owner, _lease_ms(lease), self.max_attempts, self._dead_error])
+        return _job(reply) if reply else None
+
+    async def renew(self, job_id: str, owner: str, lease: float) -> bool:
+        reply = await self._script(_RENEW, [self.stream, self._key(job_id)], [owner, _lease_ms(lease)])
+        return reply == 1
+
+    async def finish(self, job_id: str, owner: str, status: JobStatus,
+                     result: dict[str, Any] | None = None, error: dict[str, Any] | None = None) -> bool:
+        if status not in ("succeeded", "failed", "canceled"):
+            raise ValueError(f"finish: {status!r} is not a finished status")
+        reply = await self._script(
+            _FINISH, [self.stream, self._key(job_id), self._finished],
+            [owner, status, orjson.dumps(result).decode() if result is not None else "",
+             orjson.dumps(error).decode() if error is not None else "", job_id])
+        return reply == 1
+
+    async def release(self, job_id: str, owner: str) -> None:
+        await self._script(_RELEASE, [self.stream, self._key(job_id)], [owner, job_id])
+
+    async def get(self, job_id: str, client: str) -> Job | None:
+        async with self._mapped():
+            h = await self._client.hgetall(self._key(job_id))
+        if not h or h.get("client") != client:
+            return None
+        return _job(h)
+
+    async def list(self, client: str, status: str | None = None, agent: str | None = None,
+                   limit: int = 50, cursor: str | None = None) -> tuple[list[Job], str | None]:
+        """Pages of the client's index, newest first, the documents read in one
+        pipeline per batch. With a filter a page may need several batches;
+        after `budget` ids it ends early (fewer than `limit`, with a cursor):
+        a client with 100,000 jobs and none matching costs bounded work per page."""
+        top: float | str = decode_cursor(cursor) if cursor else "+inf"
+        index = self._index(client)
+        found: list[tuple[int, Job]] = []
+        scanned, budget, batch = 0, max(1000, 10 * limit), max(limit + 1, 50)
+        while True:
+            async with self._mapped():
+                ids: Any = await self._client.zrevrangebyscore(
+                    index, f"({top}" if top != "+inf" else top, "-inf", start=0, num=batch, withscores=True)
+                if not ids:
+                    return [job for _, job in found], None
+                pipe = self._client.pipeline(transaction=False)
+                for job_id, _ in ids:
+                    pipe.hgetall(self._key(job_id))
+                docs = await pipe.execute()
+            for (_, score), h in zip(ids, docs, strict=True):
+                seq = int(score)
+                top = seq
+                scanned += 1
+                if not h or (status is not None and h["status"] != status) or (agent is not None and h["agent"] != agent):
+                    continue
+                found.append((seq, _job(h)))
+                if len(found) > limit:
+                    return [job for _, job in found[:limit]], encode_cursor(found[limit - 1][0])
+            if len(ids) < batch:
+                return [job for _, job in found], None
+            if scanned >= budget:
+                return [job for _, job in found], encode_cursor(int(top))
+
+    async def cancel(self, job_id: str, client: str) -> Job | None:
+        reply = await self._script(_CANCEL, [self.stream, self._key(job_id), self._finished], [client, job_id])
+        if reply[0] == 0:
+            return None
+        job = _job(reply[1])
+        if reply[0] == 2:
+            raise JobFinished(job)
+        return job
+
+    async def fail_agent(self, agent: str, error: dict[str, Any]) -> int:
+        total, start = 0, "-"
+        err = orjson.dumps(error).decode()
+        while True:
+            n, last = await self._script(_FAIL_AGENT, [self.stream, self._finished],
+                                         [self.prefix, agent, err, start, _BATCH])
+            total += int(n)
+            if not last:
+                return total
+            start = f"({last}"  # exclusive (Redis 6.2+)
+
+    async def purge(self, older_than: float) -> int:
+        total = 0
+        while True:
+            n = int(await self._script(_PURGE, [self._finished], [self.prefix, round(older_than * 1000), _BATCH]))
+            total += n
+            if n < _BATCH:
+                return total
+
+    async def dead_letters(self) -> builtins.list[str]:  # `list` is the method above, here
+        """The ids of the dead letters, oldest first (for an operator, and the tests)."""
+        async with self._mapped():
+            entries: Any = await self._client.xrange(self.dead)
+        return [fields["job"] for _, fields in entries]
+
+    async def ping(self) -> None:
+        async with self._mapped():
+            await self._client.ping()
+
+    async def close(self) -> None:
+        # Closing a pool whose Redis is gone must not fail a shutdown.
+        with contextlib.suppress(Exception):
+            await self._client.aclose()

@@ -1,0 +1,324 @@
+"""The embedded job store: SQLite in WAL mode in the state directory (SPEC §9.2).
+
+Every instance on the host that shares the state directory opens the same
+file, so they share the jobs: a claim is one `UPDATE … RETURNING` inside
+`BEGIN IMMEDIATE`, which takes SQLite's one write lock first, so two
+instances' claims serialize and never take the same job while its lease
+holds. Leases are wall-clock times (`time.time()`): the instances share the
+host's clock.
+
+The stdlib `sqlite3` runs in one thread of its own per store (a connection is
+used by one thread only, and the event loop never waits on the disk or on
+another process's lock). `synchronous=FULL`: a commit is on disk before
+submit returns, so a 202 survives a power loss too, not just kill -9 (WAL
+with NORMAL only survives the latter). A lock held past `timeout` seconds
+(SQLite's busy timeout) and every other sqlite3 failure raise StoreError.
+
+WAL needs the file on a local file system (not NFS): docs/deploy.md says so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import secrets
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator, TypeVar
+
+import orjson
+
+from aiwfd.jobs.store import (
+    DEFAULT_MAX_ATTEMPTS,
+    Job,
+    JobFinished,
+    JobStatus,
+    StoreError,
+    dead_letter_error,
+    decode_cursor,
+    encode_cursor,
+)
+
+__all__ = ["FILENAME", "SQLiteJobStore"]
+
+FILENAME = "jobs.sqlite3"
+
+T = TypeVar("T")
+
+# seq: the insertion order (AUTOINCREMENT: never reused, even after a purge),
+# which claims (oldest first) and list pages (newest first) follow.
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+  seq INTEGER PRIMARY KEY AUTOINCREMENT,
+  id TEXT NOT NULL UNIQUE,
+  client TEXT NOT NULL,
+  agent TEXT NOT NULL,
+  state TEXT NOT NULL,
+  created REAL NOT NULL,
+  started REAL,
+  finished REAL,
+  attempts INTEGER NOT NULL DEFAULT 0,
+  body BLOB NOT NULL,
+  result BLOB,
+  error BLOB,
+  webhook_url TEXT,
+  owner TEXT,
+  lease_until REAL
+);
+-- what claim scans: only the unfinished jobs, oldest first
+CREATE INDEX IF NOT EXISTS jobs_open ON jobs(seq) WHERE state IN ('queued', 'running');
+CREATE INDEX IF NOT EXISTS jobs_client ON jobs(client, seq);
+CREATE INDEX IF NOT EXISTS jobs_finished ON jobs(finished) WHERE finished IS NOT NULL;
+"""
+
+COLUMNS = "id, client, agent, state, created, started, finished, attempts, body, result, error, webhook_url"
+
+
+def _job(row: tuple[Any, ...]) -> Job:
+    jid, client, agent, state, created, started, finished, attempts, body, result, error, webhook_url = row
+    return Job(
+        id=jid, client=client, agent=agent, status=state, created_at=created, started_at=started,
+        finished_at=finished, attempts=attempts, body=orjson.loads(body),
+        result=orjson.loads(result) if result is not None else None,
+        error=orjson.loads(error) if error is not None else None,
+        webhook_url=webhook_url,
+    )
+
+
+def _json(value: Any) -> bytes | None:
+    return None if value is None else orjson.dumps(value)
+
+
+class SQLiteJobStore:
+    """Jobs in `<state_dir>/jobs.sqlite3`, shared by the instances of one host."""
+
+    shared = False
+
+    def __init__(self, state_dir: Path | str, *, timeout: float = 5.0,
+                 max_attempts: int = DEFAULT_MAX_ATTEMPTS, synchronous: str = "FULL") -> None:
+        self.path = Path(state_dir) / FILENAME
+        self.description = f"sqlite:{self.path}"
+        self.timeout = timeout
+        self.max_attempts = max_attempts
+        self.synchronous = synchronous
+        self._conn: sqlite3.Connection | None = None
+        # One thread: the connection is only ever used by it, and the
+        # operations of this store run in order.
+        self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="aiwfd-jobs-sqlite")
+
+    # -- plumbing ------------------------------------------------------------
+
+    def _connect(self) -> sqlite3.Connection:
+        """In the store's thread, at first use: nothing touches the disk before."""
+        if self._conn is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            # isolation_level=None: no implicit transactions; each write says BEGIN IMMEDIATE.
+            conn = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None)
+            try:
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute(f"PRAGMA synchronous={self.synchronous}")
+                with _transaction(conn):
+                    for statement in _statements(SCHEMA):
+                        conn.execute(statement)
+            except BaseException:
+                conn.close()
+                raise
+            self._conn = conn
+        return self._conn
+
+    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """`fn(connection)` in the store's thread; every sqlite3 failure as StoreError."""
+        def call() -> T:
+            return fn(self._connect())
+
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._thread, call)
+        except sqlite3.Error as exc:
+            raise StoreError(f"sqlite ({self.path}): {type(exc).__name__}: {exc}") from exc
+        except OSError as exc:  # the state directory cannot be created or opened
+            raise StoreError(f"sqlite ({self.path}): {exc}") from exc
+
+    # -- the protocol --------------------------------------------------------
+
+    async def submit(self, client: str, agent: str, body: Any, webhook_url: str | None = None) -> Job:
+        job_id = secrets.token_urlsafe(16)  # 128 random bits: unguessable
+        data = orjson.dumps(body)
+
+        def run(conn: sqlite3.Connection) -> Job:
+            now = time.time()
+            with _transaction(conn):
+                conn.execute(
+                    "INSERT INTO jobs (id, client, agent, state, created, body, webhook_url) "
+                    "VALUES (?, ?, ?, 'queued', ?, ?, ?)", (job_id, client, agent, now, data, webhook_url))
+            return Job(job_id, client, agent, "queued", now, None, None, 0, orjson.loads(data), None, None,
+                       webhook_url)
+
+        return await self._run(run)
+
+    async def claim(self, owner: str, lease: float) -> Job | None:
+        def run(conn: sqlite3.Connection) -> Job | None:
+            now = time.time()
+            with _transaction(conn):
+                # Dead letters first: a lost run of a job already claimed
+                # max_attempts times is not started again.
+                for (jid, attempts) in conn.execute(
+                        "SELECT id, attempts FROM jobs WHERE state = 'running' AND lease_until < ? "
+                        "AND attempts >= ?", (now, self.max_attempts)).fetchall():
+                    conn.execute(
+                        "UPDATE jobs SET state = 'failed', finished = ?, error = ?, owner = NULL, "
+                        "lease_until = NULL WHERE id = ?", (now, _json(dead_letter_error(attempts)), jid))
+                row = conn.execute(
+                    "UPDATE jobs SET state = 'running', owner = ?, lease_until = ?, attempts = attempts + 1, "
+                    "started = ? WHERE seq = (SELECT seq FROM jobs WHERE state IN ('queued', 'running') "
+                    "AND (state = 'queued' OR lease_until < ?) ORDER BY seq LIMIT 1) "
+                    f"RETURNING {COLUMNS}", (owner, now + lease, now, now)).fetchone()
+            return _job(row) if row is not None else None
+
+        return await self._run(run)
+
+    async def renew(self, job_id: str, owner: str, lease: float) -> bool:
+        def run(conn: sqlite3.Connection) -> bool:
+            with _transaction(conn):
+                cur = conn.execute(
+                    "UPDATE jobs SET lease_until = ? WHERE id = ? AND state = 'running' AND owner = ?",
+                    (time.time() + lease, job_id, owner))
+            return cur.rowcount == 1
+
+        return await self._run(run)
+
+    async def finish(self, job_id: str, owner: str, status: JobStatus,
+                     result: dict[str, Any] | None = None, error: dict[str, Any] | None = None) -> bool:
+        if status not in ("succeeded", "failed", "canceled"):
+            raise ValueError(f"finish: {status!r} is not a finished status")
+        res, err = _json(result), _json(error)
+
+        def run(conn: sqlite3.Connection) -> bool:
+            with _transaction(conn):
+                cur = conn.execute(
+                    "UPDATE jobs SET state = ?, result = ?, error = ?, finished = ?, owner = NULL, "
+                    "lease_until = NULL WHERE id = ? AND state = 'running' AND owner = ?",
+                    (status, res, err, time.time(), job_id, owner))
+            return cur.rowcount == 1
+
+        return await self._run(run)
+
+    async def release(self, job_id: str, owner: str) -> None:
+        def run(conn: sqlite3.Connection) -> None:
+            with _transaction(conn):
+                conn.execute(
+                    "UPDATE jobs SET state = 'queued', owner = NULL, lease_until = NULL "
+                    "WHERE id = ? AND state = 'running' AND owner = ?", (job_id, owner))
+
+        await self._run(run)
+
+    async def get(self, job_id: str, client: str) -> Job | None:
+        def run(conn: sqlite3.Connection) -> Job | None:
+            row = conn.execute(f"SELECT {COLUMNS} FROM jobs WHERE id = ? AND client = ?",
+                               (job_id, client)).fetchone()
+            return _job(row) if row is not None else None
+
+        return await self._run(run)
+
+    async def list(self, client: str, status: str | None = None, agent: str | None = None,
+                   limit: int = 50, cursor: str | None = None) -> tuple[list[Job], str | None]:
+        below = decode_cursor(cursor) if cursor else None
+        where: list[str] = ["client = ?"]
+        args: list[str | int] = [client]
+        if status is not None:
+            where.append("state = ?")
+            args.append(status)
+        if agent is not None:
+            where.append("agent = ?")
+            args.append(agent)
+        if below is not None:
+            where.append("seq < ?")
+            args.append(below)
+        sql = f"SELECT seq, {COLUMNS} FROM jobs WHERE {' AND '.join(where)} ORDER BY seq DESC LIMIT ?"
+
+        def run(conn: sqlite3.Connection) -> tuple[list[Job], str | None]:
+            # One more than asked: whether there is a next page at all.
+            rows = conn.execute(sql, (*args, limit + 1)).fetchall()
+            more = len(rows) > limit
+            rows = rows[:limit]
+            return [_job(r[1:]) for r in rows], encode_cursor(rows[-1][0]) if more else None
+
+        return await self._run(run)
+
+    async def cancel(self, job_id: str, client: str) -> Job | None:
+        def run(conn: sqlite3.Connection) -> tuple[Job | None, bool]:
+            with _transaction(conn):
+                row = conn.execute(
+                    "UPDATE jobs SET state = 'canceled', finished = ?, owner = NULL, lease_until = NULL "
+                    "WHERE id = ? AND client = ? AND state IN ('queued', 'running') "
+                    f"RETURNING {COLUMNS}", (time.time(), job_id, client)).fetchone()
+                if row is not None:
+                    return _job(row), False
+                row = conn.execute(f"SELECT {COLUMNS} FROM jobs WHERE id = ? AND client = ?",
+                                   (job_id, client)).fetchone()
+                return (_job(row), True) if row is not None else (None, False)
+
+        job, finished = await self._run(run)
+        if finished:
+            assert job is not None
+            raise JobFinished(job)
+        return job
+
+    async def fail_agent(self, agent: str, error: dict[str, Any]) -> int:
+        err = _json(error)
+
+        def run(conn: sqlite3.Connection) -> int:
+            with _transaction(conn):
+                cur = conn.execute(
+                    "UPDATE jobs SET state = 'failed', error = ?, finished = ? WHERE agent = ? AND state = 'queued'",
+                    (err, time.time(), agent))
+            return cur.rowcount
+
+        return await self._run(run)
+
+    async def purge(self, older_than: float) -> int:
+        def run(conn: sqlite3.Connection) -> int:
+            with _transaction(conn):
+                cur = conn.execute(
+                    "DELETE FROM jobs WHERE finished IS NOT NULL AND finished < ? "
+                    "AND state IN ('succeeded', 'failed', 'canceled')", (time.time() - older_than,))
+            return cur.rowcount
+
+        return await self._run(run)
+
+    async def ping(self) -> None:
+        await self._run(lambda conn: conn.execute("SELECT 1").fetchone())
+
+    async def close(self) -> None:
+        def run() -> None:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+        with contextlib.suppress(Exception):
+            await asyncio.get_running_loop().run_in_executor(self._thread, run)
+        self._thread.shutdown(wait=False)
+
+
+def _statements(script: str) -> list[str]:
+    """The schema's statements one by one: executescript would COMMIT first,
+    outside the transaction that makes two instances' first start safe."""
+    body = "\n".join(line for line in script.splitlines() if not line.lstrip().startswith("--"))
+    return [s.strip() for s in body.split(";") if s.strip()]
+
+
+@contextlib.contextmanager
+def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
+    """BEGIN IMMEDIATE … COMMIT (ROLLBACK on an error). IMMEDIATE takes the
+    write lock first, waiting up to the busy timeout: a deferred transaction
+    that reads and then writes fails at once with SQLITE_BUSY when another
+    process wrote in between (WAL cannot upgrade a stale snapshot)."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")

@@ -1,0 +1,427 @@
+"""The job store of SPEC §9 (issue 16): one suite, run against both backends,
+SQLite (a real file in tmp_path) and Redis Streams (a real redis-server).
+
+Several store objects on one file or one Redis stand for several instances:
+each has its own connection (SQLite: its own thread and connection, so the
+file's locks are really contended). Leases are 0.2-0.3 s; the only sleeps
+are waits for a lease to run out. Then what only one backend has: the SQLite
+file surviving a SIGKILL of the process that submitted, Redis's dead-letter
+stream, and each backend's failure as StoreError.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import re
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import AsyncIterator, Callable, Iterator
+
+import pytest
+
+from aiwfd.jobs import open_job_store
+from aiwfd.jobs.redis_streams import RedisJobStore
+from aiwfd.jobs.sqlite import FILENAME, SQLiteJobStore
+from aiwfd.jobs.store import InvalidCursor, Job, JobFinished, JobStore, StoreError
+from aiwfd.testing.processes import free_port, stop_process
+from aiwfd.testing.redisproc import RedisServer
+
+REPO = Path(__file__).resolve().parents[2]
+RFC3339 = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
+LEASE = 0.25  # a lease that runs out within a test; waits are LEASE + a margin
+WAIT = LEASE + 0.1
+LONG = 30.0  # a lease that never runs out within a test
+
+_runs = itertools.count()
+
+Factory = Callable[..., JobStore]
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[RedisServer]:
+    with RedisServer() as srv:
+        yield srv
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+async def stores(request: pytest.FixtureRequest, server: RedisServer,
+                 tmp_path: Path) -> AsyncIterator[Factory]:
+    """A factory of store objects (= instances) sharing one fresh set of jobs:
+    one SQLite directory, or one Redis under a prefix of the test's own."""
+    opened: list[JobStore] = []
+    prefix = f"t{next(_runs)}:"
+
+    def make(**kw: object) -> JobStore:
+        store: JobStore
+        if request.param == "redis":
+            store = open_job_store(server.url, tmp_path, prefix=prefix, **kw)  # type: ignore[arg-type]
+        else:
+            store = open_job_store(None, tmp_path, **kw)  # type: ignore[arg-type]
+        opened.append(store)
+        return store
+
+    try:
+        yield make
+    finally:
+        for st in opened:
+            await st.close()
+
+
+def backend(store: JobStore) -> str:
+    return "redis" if isinstance(store, RedisJobStore) else "sqlite"
+
+
+# -- both backends ---------------------------------------------------------
+
+
+async def test_submit_get_and_the_document(stores: Factory) -> None:
+    st = stores()
+    before = time.time()
+    job = await st.submit("alice", "summarize", {"text": "hi", "n": [1, 2]}, webhook_url="https://h.example/x")
+    assert job.status == "queued" and job.attempts == 0 and job.client == "alice"
+    assert job.body == {"text": "hi", "n": [1, 2]} and job.webhook_url == "https://h.example/x"
+    assert before - 1 <= job.created_at <= time.time() + 1  # Redis's clock, the same host here
+    assert await st.get(job.id, "alice") == job
+    assert await st.get(job.id, "bob") is None  # another client's job does not exist for it
+    assert await st.get("nope", "alice") is None
+    doc = job.to_document()
+    assert set(doc) == {"id", "agent", "status", "created_at", "started_at", "finished_at", "attempts",
+                        "result", "error"}
+    assert RFC3339.match(doc["created_at"]) and doc["started_at"] is None and doc["finished_at"] is None
+    # Unguessable ids: 128 random bits, URL-safe.
+    other = await st.submit("alice", "summarize", None)
+    assert other.id != job.id and re.fullmatch(r"[A-Za-z0-9_-]{22,}", other.id) and other.webhook_url is None
+
+
+async def test_claim_renew_finish_once(stores: Factory) -> None:
+    st = stores()
+    job = await st.submit("c", "a", {"x": 1})
+    got = await st.claim("w1", LONG)
+    assert got is not None and got.id == job.id and got.status == "running" and got.attempts == 1
+    assert got.started_at is not None and RFC3339.match(got.to_document()["started_at"])
+    assert await st.claim("w2", LONG) is None  # the only job is leased
+    assert await st.renew(job.id, "w1", LONG)
+    assert not await st.renew(job.id, "w2", LONG)  # not w2's lease
+    assert not await st.finish(job.id, "w2", "succeeded", {"data": "no"})
+    result = {"data": {"y": 2}, "trace": {"attempts": 1}}
+    assert await st.finish(job.id, "w1", "succeeded", result)
+    assert not await st.finish(job.id, "w1", "failed", error={"type": "x"})  # written once
+    assert not await st.renew(job.id, "w1", LONG)
+    done = await st.get(job.id, "c")
+    assert done is not None and done.status == "succeeded" and done.result == result and done.error is None
+    assert done.finished_at is not None and done.finished_at >= done.started_at  # type: ignore[operator]
+    assert RFC3339.match(done.to_document()["finished_at"])
+    assert await st.claim("w1", LONG) is None  # nothing left to run
+    failed = await st.submit("c", "a", 1)
+    await st.claim("w1", LONG)
+    err = {"type": "upstream_error", "message": "m", "details": []}
+    assert await st.finish(failed.id, "w1", "failed", error=err)
+    got = await st.get(failed.id, "c")
+    assert got is not None and got.status == "failed" and got.error == err and got.result is None
+
+
+async def test_two_instances_never_claim_one_job_at_once(stores: Factory) -> None:
+    a, b = stores(), stores()
+    ids = {(await a.submit("c", "a", i)).id for i in range(10)}
+    claims = await asyncio.gather(*(st.claim(f"w{i}", LONG) for i in range(15) for st in (a, b)))
+    got = [j.id for j in claims if j is not None]
+    assert sorted(got) == sorted(ids)  # each once; the 20 other claims found nothing
+
+
+async def test_an_expired_lease_runs_again_on_an_idle_queue(stores: Factory) -> None:
+    """The owner is killed (it stops renewing): once its lease runs out another
+    instance claims the job, with no new job submitted, attempts 2; the stale
+    owner's renew and finish then answer False and change nothing."""
+    a, b = stores(), stores()
+    job = await a.submit("c", "a", {})
+    first = await a.claim("dead", LEASE)
+    assert first is not None and first.attempts == 1
+    assert await b.claim("alive", LEASE) is None  # the lease holds
+    await asyncio.sleep(WAIT)
+    second = await b.claim("alive", LONG)
+    assert second is not None and second.id == job.id and second.attempts == 2 and second.status == "running"
+    assert not await a.renew(job.id, "dead", LEASE)
+    assert not await a.finish(job.id, "dead", "succeeded", {"data": "stale"})
+    assert await b.finish(job.id, "alive", "succeeded", {"data": "fresh"})
+    done = await a.get(job.id, "c")
+    assert done is not None and done.result == {"data": "fresh"} and done.attempts == 2
+
+
+async def test_renewing_keeps_the_lease(stores: Factory) -> None:
+    a, b = stores(), stores()
+    job = await a.submit("c", "a", {})
+    assert await a.claim("w1", LEASE)
+    for _ in range(3):  # 3 x LEASE/2: past the first lease, never past a renewed one
+        await asyncio.sleep(LEASE / 2)
+        assert await a.renew(job.id, "w1", LEASE)
+        assert await b.claim("w2", LEASE) is None
+
+
+async def test_release_puts_it_back(stores: Factory) -> None:
+    st = stores()
+    job = await st.submit("c", "a", {})
+    assert await st.claim("w1", LONG)
+    await st.release(job.id, "w2")  # not w2's: nothing happens
+    assert await st.claim("w2", LONG) is None
+    await st.release(job.id, "w1")
+    queued = await st.get(job.id, "c")
+    assert queued is not None and queued.status == "queued"
+    again = await st.claim("w2", LONG)
+    assert again is not None and again.id == job.id and again.attempts == 2
+    assert not await st.finish(job.id, "w1", "succeeded")
+    assert await st.finish(job.id, "w2", "succeeded", {"data": 1})
+
+
+async def test_cancel_queued_running_finished(stores: Factory) -> None:
+    st = stores()
+    queued = await st.submit("c", "a", 1)
+    running = await st.submit("c", "a", 2)
+    finished = await st.submit("c", "a", 3)
+    # queued: canceled, never runs
+    canceled = await st.cancel(queued.id, "c")
+    assert canceled is not None and canceled.status == "canceled" and canceled.finished_at is not None
+    assert await st.cancel(running.id, "someone-else") is None
+    assert await st.cancel("nope", "c") is None
+    got = await st.claim("w", LONG)
+    assert got is not None and got.id == running.id
+    # running: canceled; the runner's next renew and finish answer False
+    canceled = await st.cancel(running.id, "c")
+    assert canceled is not None and canceled.status == "canceled"
+    assert not await st.renew(running.id, "w", LONG)
+    assert not await st.finish(running.id, "w", "succeeded", {"data": 1})
+    got = await st.claim("w", LONG)
+    assert got is not None and got.id == finished.id
+    assert await st.finish(finished.id, "w", "succeeded", {"data": 3})
+    assert await st.claim("w", LONG) is None  # the queued one never ran
+    # finished (a cancel too): JobFinished, holding the job (-> 409)
+    for jid, status in ((finished.id, "succeeded"), (queued.id, "canceled")):
+        with pytest.raises(JobFinished) as exc:
+            await st.cancel(jid, "c")
+        assert exc.value.job.status == status
+    assert [(await st.get(j.id, "c")).status for j in (queued, running, finished)] == [  # type: ignore[union-attr]
+        "canceled", "canceled", "succeeded"]
+
+
+async def test_list_pages_newest_first_stable_under_inserts(stores: Factory) -> None:
+    st = stores()
+    mine = [await st.submit("c", "a" if i % 2 else "b", i) for i in range(7)]
+    await st.submit("other", "a", "not mine")
+    page, cursor = await st.list("c", limit=3)
+    assert [j.id for j in page] == [j.id for j in mine[::-1][:3]] and cursor
+    newer = await st.submit("c", "a", "new")  # inserted while paging: shifts nothing
+    page2, cursor2 = await st.list("c", limit=3, cursor=cursor)
+    assert [j.id for j in page2] == [j.id for j in mine[::-1][3:6]] and cursor2
+    page3, cursor3 = await st.list("c", limit=3, cursor=cursor2)
+    assert [j.id for j in page3] == [mine[0].id] and cursor3 is None
+    first, _ = await st.list("c", limit=1)
+    assert [j.id for j in first] == [newer.id]
+    exact, none = await st.list("c", limit=8)
+    assert len(exact) == 8 and none is None  # exactly a page: no empty page after it
+    # filters
+    by_agent, _ = await st.list("c", agent="b", limit=10)
+    assert [j.id for j in by_agent] == [j.id for j in mine[::-2]]
+    got = await st.claim("w", LONG)
+    assert got is not None and got.id == mine[0].id
+    running, _ = await st.list("c", status="running")
+    assert [j.id for j in running] == [mine[0].id]
+    paged, seen, cur = [], 0, None
+    while True:  # a filtered list pages too
+        part, cur = await st.list("c", agent="a", status="queued", limit=2, cursor=cur)
+        paged += [j.id for j in part]
+        seen += 1
+        if cur is None:
+            break
+    assert paged == [newer.id] + [j.id for j in mine[::-1] if j.agent == "a"] and seen == 2
+    assert await st.list("nobody") == ([], None)
+    for bad in ("garbage", "!!", "ajE6eA"):  # "ajE6eA" = base64 of "j1:x"
+        with pytest.raises(InvalidCursor):
+            await st.list("c", cursor=bad)
+
+
+async def test_200_concurrent_submits_3_owners_each_claimed_once(stores: Factory) -> None:
+    sub = stores()
+    jobs = await asyncio.gather(*(sub.submit(f"c{i % 4}", "a", {"i": i}) for i in range(200)))
+    assert len({j.id for j in jobs}) == 200
+    owners = [stores() for _ in range(3)]
+    claimed: dict[str, list[str]] = {}
+
+    async def work(st: JobStore, owner: str) -> None:
+        while (job := await st.claim(owner, LONG)) is not None:
+            claimed.setdefault(job.id, []).append(owner)
+            assert await st.finish(job.id, owner, "succeeded", {"data": owner})
+
+    # Several claim loops per store object too: concurrency inside one instance.
+    await asyncio.gather(*(work(st, f"{k}-{n}") for k, st in enumerate(owners) for n in range(3)))
+    assert set(claimed) == {j.id for j in jobs}
+    assert all(len(v) == 1 for v in claimed.values())
+    assert len({o.split("-")[0] for v in claimed.values() for o in v}) == 3  # all three took some
+
+
+async def test_fail_agent_fails_only_its_queued_jobs(stores: Factory) -> None:
+    st = stores()
+    running = await st.submit("c", "gone", 0)
+    assert await st.claim("w", LONG)
+    queued = [await st.submit("c", "gone", i) for i in range(3)]
+    kept = await st.submit("c", "stays", 9)
+    err = {"type": "not_found", "message": "agent 'gone' no longer exists", "details": []}
+    assert await st.fail_agent("gone", err) == 3
+    for j in queued:
+        got = await st.get(j.id, "c")
+        assert got is not None and got.status == "failed" and got.error == err and got.finished_at
+    assert (await st.get(running.id, "c")).status == "running"  # type: ignore[union-attr]
+    got = await st.claim("w", LONG)
+    assert got is not None and got.id == kept.id  # the failed ones never run
+    assert await st.claim("w", LONG) is None
+    assert await st.fail_agent("gone", err) == 0
+
+
+async def test_purge_deletes_finished_jobs_past_retention(stores: Factory) -> None:
+    st = stores()
+    done = await st.submit("c", "a", 1)
+    canceled = await st.submit("c", "a", 2)
+    await st.claim("w", LONG)
+    await st.finish(done.id, "w", "succeeded", {"data": 1})
+    await st.cancel(canceled.id, "c")
+    waiting = await st.submit("c", "a", 3)
+    assert await st.purge(3600) == 0  # finished less than an hour ago
+    await asyncio.sleep(0.02)
+    assert await st.purge(0.01) == 2
+    assert await st.get(done.id, "c") is None and await st.get(canceled.id, "c") is None
+    assert [j.id for j in (await st.list("c"))[0]] == [waiting.id]
+    assert await st.purge(0) == 0
+
+
+async def test_dead_letter_after_max_attempts(stores: Factory) -> None:
+    """A job whose runs are lost again and again (it kills its instance) fails
+    after max_attempts instead of being run forever; the queue goes on."""
+    st = stores(max_attempts=2)
+    job = await st.submit("c", "a", {})
+    for attempt in (1, 2):
+        got = await st.claim(f"crash{attempt}", LEASE)
+        assert got is not None and got.id == job.id and got.attempts == attempt
+        await asyncio.sleep(WAIT)
+    nxt = await st.submit("c", "a", {"next": True})
+    got = await st.claim("w", LONG)
+    assert got is not None and got.id == nxt.id
+    dead = await st.get(job.id, "c")
+    assert dead is not None and dead.status == "failed" and dead.attempts == 2
+    assert dead.error is not None and dead.error["type"] == "internal_error" and "2 times" in dead.error["message"]
+    if isinstance(st, RedisJobStore):
+        assert await st.dead_letters() == [job.id]
+
+
+async def test_ping_and_description(stores: Factory, server: RedisServer, tmp_path: Path) -> None:
+    st = stores()
+    await st.ping()
+    if isinstance(st, RedisJobStore):
+        assert st.description == server.url and st.shared
+    else:
+        assert st.description == f"sqlite:{tmp_path / FILENAME}" and not st.shared
+
+
+# -- SQLite only ------------------------------------------------------------
+
+
+async def test_sqlite_file_survives_a_kill(tmp_path: Path) -> None:
+    """A process submits (the 202 would go out now) and is SIGKILLed at once:
+    the job is in the file, and another process's store sees it and runs it."""
+    code = ("import asyncio, sys, time; from aiwfd.jobs.sqlite import SQLiteJobStore\n"
+            "async def main():\n"
+            "    st = SQLiteJobStore(sys.argv[1])\n"
+            "    job = await st.submit('c', 'a', {'k': 1})\n"
+            "    print(job.id, flush=True)\n"
+            "    time.sleep(60)\n"
+            "asyncio.run(main())\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, cwd=REPO)
+    try:
+        assert proc.stdout is not None
+        job_id = proc.stdout.readline().decode().strip()
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    finally:
+        stop_process(proc, signal.SIGKILL, 5)
+    assert job_id
+    st = SQLiteJobStore(tmp_path)
+    try:
+        job = await st.get(job_id, "c")
+        assert job is not None and job.status == "queued" and job.body == {"k": 1}
+        got = await st.claim("w", LONG)
+        assert got is not None and got.id == job_id
+    finally:
+        await st.close()
+    assert (tmp_path / FILENAME).exists()
+    mode = sqlite3.connect(tmp_path / FILENAME).execute("PRAGMA journal_mode").fetchone()[0]
+    assert mode == "wal"
+
+
+async def test_sqlite_locked_past_the_timeout_is_a_store_error(tmp_path: Path) -> None:
+    st = SQLiteJobStore(tmp_path, timeout=0.2)
+    try:
+        await st.ping()  # the file and its schema exist
+        other = sqlite3.connect(tmp_path / FILENAME, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")  # another instance holds the write lock
+        try:
+            started = time.monotonic()
+            with pytest.raises(StoreError, match="locked"):
+                await st.submit("c", "a", {})
+            assert 0.15 < time.monotonic() - started < 2
+            assert (await st.list("c")) == ([], None)  # readers are not blocked (WAL)
+        finally:
+            other.execute("ROLLBACK")
+            other.close()
+        assert (await st.submit("c", "a", {})).status == "queued"  # and it recovers
+    finally:
+        await st.close()
+
+
+async def test_sqlite_unusable_directory_is_a_store_error(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("not a directory")
+    st = SQLiteJobStore(tmp_path / "file" / "state")
+    try:
+        with pytest.raises(StoreError):
+            await st.ping()
+    finally:
+        await st.close()
+
+
+# -- Redis only -------------------------------------------------------------
+
+
+async def test_redis_down_is_a_store_error() -> None:
+    st = RedisJobStore(f"redis://127.0.0.1:{free_port()}/0", timeout=0.3)
+    try:
+        started = time.monotonic()
+        for call in (st.submit("c", "a", {}), st.claim("w", 1), st.get("x", "c"), st.list("c")):
+            with pytest.raises(StoreError, match="redis"):
+                await call
+        assert time.monotonic() - started < 3
+    finally:
+        await st.close()
+
+
+async def test_redis_entries_are_acked_and_deleted(server: RedisServer) -> None:
+    """Finished and canceled jobs leave nothing in the stream or the pending list."""
+    import redis.asyncio
+
+    prefix = f"t{next(_runs)}:"
+    st = RedisJobStore(server.url, prefix=prefix)
+    raw = redis.asyncio.Redis.from_url(server.url, decode_responses=True)
+    try:
+        a, b, c = [await st.submit("c", "a", i) for i in range(3)]
+        await st.claim("w", LONG)
+        await st.finish(a.id, "w", "succeeded", {"data": 0})
+        await st.cancel(b.id, "c")
+        assert await raw.xlen(st.stream) == 1
+        await st.claim("w", LONG)
+        await st.cancel(c.id, "c")
+        assert await raw.xlen(st.stream) == 0
+        pending = await raw.xpending(st.stream, "aiwfd")
+        assert pending["pending"] == 0
+    finally:
+        await raw.aclose()
+        await st.close()
