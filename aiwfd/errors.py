@@ -13,11 +13,13 @@
         ├── NotFound               404 not_found
         ├── MethodNotAllowed       405 method_not_allowed
         ├── RequestTimeout         408 request_timeout
+        ├── Conflict               409 conflict
         ├── PayloadTooLarge        413 payload_too_large
         ├── URITooLong             414 uri_too_long
         ├── UnsupportedMediaType   415 unsupported_media_type
         ├── HeadersTooLarge        431 headers_too_large
         ├── InvalidInput           422 invalid_input
+        ├── IdempotencyKeyReused   422 idempotency_key_reused
         ├── RateLimited            429 rate_limited
         ├── UpstreamError          502 upstream_error
         ├── InvalidOutput          502 invalid_output
@@ -138,6 +140,10 @@ class RequestTimeout(HTTPError):
     status, type, default_message = 408, "request_timeout", "the request body did not arrive in time"
 
 
+class Conflict(HTTPError):
+    status, type, default_message = 409, "conflict", "the request conflicts with one still running"
+
+
 class PayloadTooLarge(HTTPError):
     status, type, default_message = 413, "payload_too_large", "request body too large"
 
@@ -160,6 +166,14 @@ class UnsupportedMediaType(HTTPError):
 
 class InvalidInput(HTTPError):
     status, type, default_message = 422, "invalid_input", "request body does not match the input type"
+
+
+class IdempotencyKeyReused(HTTPError):
+    status, type, default_message = (
+        422,
+        "idempotency_key_reused",
+        "this Idempotency-Key was used with a different request body",
+    )
 
 
 class RateLimited(HTTPError):

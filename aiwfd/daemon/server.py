@@ -38,6 +38,7 @@ from aiwfd.daemon.notify import Notifier, watchdog_interval
 from aiwfd.http.protocol import ConnectionFactory
 from aiwfd.http.runtime import Phase, Runtime, Snapshot, build_snapshot
 from aiwfd.settings import Settings
+from aiwfd.store.idempotency import open_idempotency
 from aiwfd.store.limits import open_store
 
 logger = logging.getLogger("aiwfd")
@@ -123,7 +124,10 @@ class Server:
         writing = asyncio.ensure_future(asyncio.to_thread(_write_artifacts, snapshot, artifacts_dir))
         self.runtime = Runtime(settings=s, snapshot=snapshot, artifacts_dir=str(artifacts_dir),
                                request_log=self.request_log or RequestLog(s.log_format),
-                               store=open_store(s.redis_url))
+                               store=open_store(s.redis_url),
+                               # SPEC §8: the same store as the limits (Redis), else SQLite in the
+                               # state directory, created at the first request with a key.
+                               idempotency=open_idempotency(s.redis_url, s.state_path))
         await self._check_store(compiled)
         if snapshot.verifier is not None:
             await snapshot.verifier.start()

@@ -37,7 +37,7 @@ from typing import Any
 
 from aiohttp import web
 
-from aiwfd.http import quota, views
+from aiwfd.http import idempotency, quota, views
 from aiwfd.engine import CallStats, call_agent
 from aiwfd.spec.compiler import CompiledAgent
 from aiwfd.errors import HTTPError, InternalError, InvalidInput, UpstreamTimeout
@@ -49,7 +49,7 @@ from aiwfd.http.runtime import Runtime, Snapshot
 logger = logging.getLogger("aiwfd")
 
 
-async def handler(request: web.Request) -> web.Response:
+async def handler(request: web.Request) -> web.StreamResponse:
     rt = request.app[RUNTIME]
     async with rt.lease() as snap:
         agent, body = await views.begin(request, rt, snap)
@@ -63,10 +63,14 @@ async def handler(request: web.Request) -> web.Response:
         # At once: what batch_concurrency allows, and no more than a concurrency limit
         # could ever take (a batch is never refused for being wider than the limit).
         width = min(server.batch_concurrency, quota.narrowest(snap, client, agent))
-        async with quota.admitted(request, rt, snap, client, agent, cost=calls, slots=min(calls, width)):
-            results = await run_batch(rt, snap, agent, inputs, request[REQUEST_ID], width,
-                                      total, client.label, checked)
-        return json_response({"results": results})
+
+        async def run() -> web.Response:
+            async with quota.admitted(request, rt, snap, client, agent, cost=calls, slots=min(calls, width)):
+                results = await run_batch(rt, snap, agent, inputs, request[REQUEST_ID], width,
+                                          total, client.label, checked)
+            return json_response({"results": results})
+
+        return await idempotency.guarded(request, rt, agent, body, run)
 
 
 def read_inputs(body: dict[str, Any], limit: int) -> list[Any]:

@@ -13,7 +13,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Coroutine, Mapping
 
 import aiohttp
 import orjson
@@ -34,6 +34,7 @@ from aiwfd.spec.openapi import Auth, agent_schema_doc, build_openapi
 from aiwfd.settings import Settings
 
 from aiwfd.store.base import Store, StoreError
+from aiwfd.store.idempotency import IdempotencyStore
 
 if TYPE_CHECKING:
     from aiwfd.auth.jwt import Verifier
@@ -283,6 +284,8 @@ class Runtime:
     # The limits' counters (SPEC §8.2): the process's for its life, so they survive reloads.
     store: Store | None = None
     store_error_logged: float = float("-inf")  # monotonic time of the last "store does not answer" line
+    # Idempotency keys (SPEC §9.4): SQLite in the state directory, or Redis with REDIS_URL.
+    idempotency: IdempotencyStore | None = None
     phase: Phase = Phase.SERVING
     inflight_tasks: set[asyncio.Task[Any]] = field(default_factory=set)
     idle: asyncio.Event = field(default_factory=asyncio.Event)
@@ -319,7 +322,11 @@ class Runtime:
         return old
 
     def _close_later(self, snap: Snapshot) -> None:
-        task = asyncio.get_running_loop().create_task(snap.close())
+        self.track(snap.close())
+
+    def track(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run `coro` in the background, referenced until it ends and awaited by `close`."""
+        task = asyncio.get_running_loop().create_task(coro)
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
 
@@ -329,3 +336,5 @@ class Runtime:
             await asyncio.gather(*self._closing, return_exceptions=True)
         if self.store is not None:
             await self.store.close()
+        if self.idempotency is not None:
+            await self.idempotency.close()

@@ -15,7 +15,7 @@ from aiwfd.errors import (
     NO_SUCH_PATH, InvalidInput, MethodNotAllowed, NotFound, UnsupportedMediaType,
 )
 from aiwfd.spec.jsonparse import check_charset
-from aiwfd.http import access, quota
+from aiwfd.http import access, idempotency, quota
 from aiwfd.http.keys import AGENT, CLIENT, REQUEST_ID, RUNTIME, STATS
 from aiwfd.http.middlewares import json_response
 from aiwfd.http.protocol import CONTINUED
@@ -86,16 +86,20 @@ async def begin(request: web.Request, rt: Runtime, snap: Snapshot) -> tuple[Comp
     return agent, body
 
 
-async def call(request: web.Request) -> web.Response:
+async def call(request: web.Request) -> web.StreamResponse:
     rt = request.app[RUNTIME]
     async with rt.lease() as snap:
         agent, body = await begin(request, rt, snap)
         check_input(agent, body)
-        stats = request[STATS] = CallStats()
-        async with quota.admitted(request, rt, snap, request[CLIENT], agent):
-            result = await call_agent(snap.compiled, agent, snap.client(agent), body,
-                                      request[REQUEST_ID], rt.settings.deadline, stats)
-        return json_response(result)
+
+        async def run() -> web.Response:
+            stats = request[STATS] = CallStats()
+            async with quota.admitted(request, rt, snap, request[CLIENT], agent):
+                result = await call_agent(snap.compiled, agent, snap.client(agent), body,
+                                          request[REQUEST_ID], rt.settings.deadline, stats)
+            return json_response(result)
+
+        return await idempotency.guarded(request, rt, agent, body, run)
 
 
 def prepare(request: web.Request, snap: Snapshot) -> tuple[CompiledAgent, str]:
