@@ -239,6 +239,41 @@ if #entries < tonumber(ARGV[6]) then last = '' end
 return {n, last}
 """
 
+# KEYS: the client's index. ARGV: group (unused), prefix, top ("+inf" or
+# "(<seq>"), limit, status and agent ('' for any), budget. One page as JSON
+# {"jobs": [hash, ...], "next": "<seq>"} (no "next": the last page): one bulk
+# string, which redis-py reads ~10x faster than 50 hashes' fields one by one.
+# Filtering needs every document looked at; after `budget` ids the page ends
+# early (fewer than `limit`, with a next): bounded work per page even for a
+# client with 100,000 jobs and none matching.
+LIST = _PRELUDE + """
+local prefix, top, limit = ARGV[2], ARGV[3], tonumber(ARGV[4])
+local status, agent, budget = ARGV[5], ARGV[6], tonumber(ARGV[7])
+local found, seqs, scanned = {}, {}, 0
+local batch = math.max(limit + 1, 50)
+while true do
+  local ids = redis.call('ZREVRANGEBYSCORE', KEYS[1], top, '-inf', 'WITHSCORES', 'LIMIT', 0, batch)
+  for i = 1, #ids, 2 do
+    local seq = ids[i + 1]
+    top = '(' .. seq
+    scanned = scanned + 1
+    local h = redis.call('HGETALL', prefix .. 'job:' .. ids[i])
+    if #h > 0 then
+      local d = {}
+      for j = 1, #h, 2 do d[h[j]] = h[j + 1] end
+      if (status == '' or d.status == status) and (agent == '' or d.agent == agent) then
+        if #found == limit then return cjson.encode({jobs = found, next = seqs[#seqs]}) end
+        found[#found + 1] = d
+        seqs[#seqs + 1] = seq
+      end
+    end
+  end
+  if #ids < 2 * batch then break end
+  if scanned >= budget then return cjson.encode({jobs = found, next = string.sub(top, 2)}) end
+end
+return cjson.encode({jobs = found})
+"""
+
 # KEYS: finished. ARGV: group (unused), prefix, age (ms), count. One batch: how many deleted.
 PURGE = _PRELUDE + """
 local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. ms(now - tonumber(ARGV[3])),
@@ -253,8 +288,32 @@ end
 return #ids
 """
 
-_SUBMIT, _CLAIM, _RENEW, _FINISH, _RELEASE, _CANCEL, _FAIL_AGENT, _PURGE = (
-    _Script(s) for s in (SUBMIT, CLAIM, RENEW, FINISH, RELEASE, CANCEL, FAIL_AGENT, PURGE))
+# KEYS: stream. ARGV: group, idle (ms). Each owner is a consumer of the group
+# (an instance's owner names are its own), so a fleet that restarts leaves
+# consumers behind: those without pending entries, idle that long, go. In
+# one script: a consumer deleted with an entry pending would lose that run
+# (no XAUTOCLAIM sees it again), so the check and the delete cannot interleave.
+FORGET_CONSUMERS = """
+local r = redis.pcall('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])
+if type(r) ~= 'table' or r.err then return 0 end  -- no stream or no group yet
+local n = 0
+for _, c in ipairs(r) do
+  local f = {}
+  for i = 1, #c, 2 do f[c[i]] = c[i + 1] end
+  if tonumber(f['pending']) == 0 and tonumber(f['idle']) > tonumber(ARGV[2]) then
+    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], f['name'])
+    n = n + 1
+  end
+end
+return n
+"""
+
+_SUBMIT, _CLAIM, _RENEW, _FINISH, _RELEASE, _CANCEL, _LIST, _FAIL_AGENT, _PURGE, _FORGET_CONSUMERS = (
+    _Script(s) for s in (SUBMIT, CLAIM, RENEW, FINISH, RELEASE, CANCEL, LIST, FAIL_AGENT, PURGE,
+                         FORGET_CONSUMERS))
+
+# A live instance claims (or renews) far more often than this.
+CONSUMER_IDLE = 3600.0
 
 _BATCH = 500  # stream entries or job ids per script call of fail_agent and purge: Redis never blocks long
 
@@ -384,37 +443,13 @@ class RedisJobStore:
 
     async def list(self, client: str, status: str | None = None, agent: str | None = None,
                    limit: int = 50, cursor: str | None = None) -> tuple[list[Job], str | None]:
-        """Pages of the client's index, newest first, the documents read in one
-        pipeline per batch. With a filter a page may need several batches;
-        after `budget` ids it ends early (fewer than `limit`, with a cursor):
-        a client with 100,000 jobs and none matching costs bounded work per page."""
-        top: float | str = decode_cursor(cursor) if cursor else "+inf"
-        index = self._index(client)
-        found: list[tuple[int, Job]] = []
-        scanned, budget, batch = 0, max(1000, 10 * limit), max(limit + 1, 50)
-        while True:
-            async with self._mapped():
-                ids: Any = await self._client.zrevrangebyscore(
-                    index, f"({top}" if top != "+inf" else top, "-inf", start=0, num=batch, withscores=True)
-                if not ids:
-                    return [job for _, job in found], None
-                pipe = self._client.pipeline(transaction=False)
-                for job_id, _ in ids:
-                    pipe.hgetall(self._key(job_id))
-                docs = await pipe.execute()
-            for (_, score), h in zip(ids, docs, strict=True):
-                seq = int(score)
-                top = seq
-                scanned += 1
-                if not h or (status is not None and h["status"] != status) or (agent is not None and h["agent"] != agent):
-                    continue
-                found.append((seq, _job(h)))
-                if len(found) > limit:
-                    return [job for _, job in found[:limit]], encode_cursor(found[limit - 1][0])
-            if len(ids) < batch:
-                return [job for _, job in found], None
-            if scanned >= budget:
-                return [job for _, job in found], encode_cursor(int(top))
+        top = f"({decode_cursor(cursor)}" if cursor else "+inf"
+        reply = await self._script(_LIST, [self._index(client)],
+                                   [self.prefix, top, limit, status or "", agent or "", max(1000, 10 * limit)])
+        page = orjson.loads(reply)
+        nxt = page.get("next")
+        # cjson writes an empty list as {}
+        return [_job(h) for h in page["jobs"] or ()], encode_cursor(int(nxt)) if nxt is not None else None
 
     async def cancel(self, job_id: str, client: str) -> Job | None:
         reply = await self._script(_CANCEL, [self.stream, self._key(job_id), self._finished], [client, job_id])
@@ -436,13 +471,17 @@ class RedisJobStore:
                 return total
             start = f"({last}"  # exclusive (Redis 6.2+)
 
-    async def purge(self, older_than: float) -> int:
+    async def purge(self, older_than: float, consumer_idle: float = CONSUMER_IDLE) -> int:
+        """Retention, and the group's consumers left by instances gone for
+        `consumer_idle` seconds (with nothing pending)."""
         total = 0
         while True:
             n = int(await self._script(_PURGE, [self._finished], [self.prefix, round(older_than * 1000), _BATCH]))
             total += n
             if n < _BATCH:
-                return total
+                break
+        await self._script(_FORGET_CONSUMERS, [self.stream], [round(consumer_idle * 1000)])
+        return total
 
     async def dead_letters(self) -> builtins.list[str]:  # `list` is the method above, here
         """The ids of the dead letters, oldest first (for an operator, and the tests)."""

@@ -69,6 +69,8 @@ CREATE TABLE IF NOT EXISTS jobs (
 );
 -- what claim scans: only the unfinished jobs, oldest first
 CREATE INDEX IF NOT EXISTS jobs_open ON jobs(seq) WHERE state IN ('queued', 'running');
+-- the dead-letter check of every claim: the running jobs by lease
+CREATE INDEX IF NOT EXISTS jobs_leases ON jobs(lease_until) WHERE state = 'running';
 CREATE INDEX IF NOT EXISTS jobs_client ON jobs(client, seq);
 CREATE INDEX IF NOT EXISTS jobs_finished ON jobs(finished) WHERE finished IS NOT NULL;
 """
@@ -271,7 +273,9 @@ class SQLiteJobStore:
         def run(conn: sqlite3.Connection) -> int:
             with _transaction(conn):
                 cur = conn.execute(
-                    "UPDATE jobs SET state = 'failed', error = ?, finished = ? WHERE agent = ? AND state = 'queued'",
+                    "UPDATE jobs SET state = 'failed', error = ?, finished = ? "
+                    # the IN term lets SQLite scan the open jobs' index only
+                    "WHERE state IN ('queued', 'running') AND state = 'queued' AND agent = ?",
                     (err, time.time(), agent))
             return cur.rowcount
 
