@@ -360,6 +360,47 @@ async def test_sqlite_file_survives_a_kill(tmp_path: Path) -> None:
     assert mode == "wal"
 
 
+async def test_sqlite_processes_sharing_the_directory_share_the_jobs(tmp_path: Path) -> None:
+    """Three processes (= aiwfd@ instances on one host) claim from one file at
+    once: every job runs once, none twice; the file's locks are the only
+    coordination."""
+    st = SQLiteJobStore(tmp_path)
+    try:
+        ids = {(await st.submit("c", "a", i)).id for i in range(150)}
+    finally:
+        await st.close()
+    code = ("import asyncio, sys; from aiwfd.jobs.sqlite import SQLiteJobStore\n"
+            "async def main():\n"
+            "    st = SQLiteJobStore(sys.argv[1])\n"
+            "    sys.stdin.readline()\n"  # all three start claiming together
+            "    while (job := await st.claim(sys.argv[2], 30)) is not None:\n"
+            "        assert await st.finish(job.id, sys.argv[2], 'succeeded', {'data': sys.argv[2]})\n"
+            "        print(job.id, flush=True)\n"
+            "    await st.close()\n"
+            "asyncio.run(main())\n")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path), f"p{i}"], cwd=REPO,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE) for i in range(3)]
+    try:
+        for p in procs:
+            assert p.stdin is not None
+            p.stdin.write(b"go\n")
+            p.stdin.flush()
+        outs = [p.communicate(timeout=30)[0].decode().split() for p in procs]
+        assert [p.returncode for p in procs] == [0, 0, 0]
+    finally:
+        for p in procs:
+            stop_process(p, signal.SIGKILL, 5)
+    claimed = [jid for out in outs for jid in out]
+    assert sorted(claimed) == sorted(ids)  # each exactly once
+    st = SQLiteJobStore(tmp_path)
+    try:
+        for jid in list(ids)[:5]:
+            job = await st.get(jid, "c")
+            assert job is not None and job.status == "succeeded" and job.attempts == 1
+    finally:
+        await st.close()
+
+
 async def test_sqlite_locked_past_the_timeout_is_a_store_error(tmp_path: Path) -> None:
     st = SQLiteJobStore(tmp_path, timeout=0.2)
     try:
@@ -401,6 +442,26 @@ async def test_redis_down_is_a_store_error() -> None:
             with pytest.raises(StoreError, match="redis"):
                 await call
         assert time.monotonic() - started < 3
+    finally:
+        await st.close()
+
+
+async def test_redis_hanging_is_a_store_error_then_recovers(server: RedisServer) -> None:
+    st = RedisJobStore(server.url, timeout=0.3, prefix=f"t{next(_runs)}:")
+    try:
+        job = await st.submit("c", "a", {})
+        server.pause()  # accepts, never answers
+        try:
+            started = time.monotonic()
+            with pytest.raises(StoreError, match="redis"):
+                await st.claim("w", LONG)
+            assert time.monotonic() - started < 1.5
+        finally:
+            server.resume()
+        got = await st.claim("w", LONG)  # the claim that timed out did not take it away
+        if got is None:  # ... unless Redis ran it after all: then it holds a lease of "w"
+            got = await st.get(job.id, "c")
+        assert got is not None and got.id == job.id and got.status == "running"
     finally:
         await st.close()
 
