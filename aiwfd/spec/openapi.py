@@ -41,7 +41,8 @@ from aiwfd.spec.access import LimitSet
 from aiwfd.spec.compiler import Compiled, CompiledAgent
 from aiwfd.spec.config import Config
 from aiwfd.errors import (
-    Forbidden, HeadersTooLarge, HTTPError, InternalError, InvalidInput, InvalidJSON, InvalidOutput,
+    Conflict, Forbidden, HeadersTooLarge, HTTPError, IdempotencyKeyReused, InternalError, InvalidInput, InvalidJSON,
+    InvalidOutput,
     InvalidRequest, MethodNotAllowed, NotFound, PayloadTooLarge, RateLimited, RequestTimeout, Unauthorized, Unavailable,
     UnsupportedMediaType, UpstreamError, UpstreamTimeout, URITooLong,
 )
@@ -58,9 +59,9 @@ COMPONENTS_PREFIX = "#/components/schemas/"
 
 # Every error of SPEC §3.1, in status order.
 ERROR_CLASSES: tuple[type[HTTPError], ...] = (
-    InvalidJSON, InvalidRequest, Unauthorized, Forbidden, NotFound, MethodNotAllowed, RequestTimeout, PayloadTooLarge,
-    URITooLong, UnsupportedMediaType, HeadersTooLarge, InvalidInput, RateLimited, InternalError, UpstreamError, InvalidOutput,
-    Unavailable, UpstreamTimeout,
+    InvalidJSON, InvalidRequest, Unauthorized, Forbidden, NotFound, MethodNotAllowed, RequestTimeout, Conflict,
+    PayloadTooLarge, URITooLong, UnsupportedMediaType, HeadersTooLarge, InvalidInput, IdempotencyKeyReused, RateLimited,
+    InternalError, UpstreamError, InvalidOutput, Unavailable, UpstreamTimeout,
 )
 ERROR_TYPES: tuple[str, ...] = tuple(c.type for c in ERROR_CLASSES)
 
@@ -68,7 +69,8 @@ ERROR_TYPES: tuple[str, ...] = tuple(c.type for c in ERROR_CLASSES)
 ERROR_RESPONSES: dict[int, tuple[str, str]] = {
     400: ("InvalidJSON", "`invalid_json`: the body is not JSON, or not a JSON object (strict parsing: "
                          "no NaN, no duplicate keys, no nesting deeper than 64), or its gzip/deflate data "
-                         "is invalid; or `invalid_request`: the HTTP request itself is malformed"),
+                         "is invalid; or `invalid_request`: the HTTP request itself is malformed, or its "
+                         "`Idempotency-Key` is"),
     401: ("Unauthorized", "`unauthorized`: the credentials are missing or wrong: an unknown API key, or a "
                           "JWT that fails verification (only when the server has API_KEY or `auth:` set)"),
     403: ("Forbidden", "`forbidden`: the client may not call this agent: it is outside the key's `agents` "
@@ -76,11 +78,14 @@ ERROR_RESPONSES: dict[int, tuple[str, str]] = {
     404: ("NotFound", "`not_found`: unknown agent or path"),
     405: ("MethodNotAllowed", "`method_not_allowed`: wrong method; `Allow` lists the right ones"),
     408: ("RequestTimeout", "`request_timeout`: the body did not arrive within the server's body timeout"),
+    409: ("Conflict", "`conflict`: a request with the same `Idempotency-Key` is still running; "
+                      "`Retry-After: 1`"),
     413: ("PayloadTooLarge", "`payload_too_large`: the body is over the server's limit (default 1 MiB)"),
     415: ("UnsupportedMediaType", "`unsupported_media_type`: Content-Type is present and not JSON, "
                                   "or a Content-Encoding other than gzip or deflate"),
     422: ("InvalidInput", "`invalid_input`: the body does not match the input schema; "
-                          "`details` lists each `{path, message}`"),
+                          "`details` lists each `{path, message}`; or `idempotency_key_reused`: the "
+                          "`Idempotency-Key` was used before with a different body"),
     429: ("RateLimited", "`rate_limited`: a limit of the agents file is reached (`details`: "
                          "`[{limit, scope, quota, window}]`), or the model provider kept answering 429 "
                          "after retries; `Retry-After` says when to try again"),
@@ -88,18 +93,21 @@ ERROR_RESPONSES: dict[int, tuple[str, str]] = {
     502: ("BadGateway", "`upstream_error`: the provider answered an error; or `invalid_output`: the "
                         "model's answer still failed the output schema after max_attempts (`details`: the last errors)"),
     503: ("Unavailable", "`unavailable`: the server is draining, the provider is unreachable, the limits "
-                         "store does not answer (with `on_store_error: deny`), or the token issuer's keys "
+                         "store does not answer (with `on_store_error: deny`), the idempotency key store does "
+                         "not answer (a request with an `Idempotency-Key`), or the token issuer's keys "
                          "are not loaded yet"),
     504: ("UpstreamTimeout", "`upstream_timeout`: the provider timed out on every attempt"),
 }
 
 # The statuses a call of an agent can answer (405 cannot: the path has POST);
 # 401 only with auth, 403 only when auth can refuse this agent (_restricted).
-AGENT_CALL_STATUSES = (400, 401, 403, 404, 408, 413, 415, 422, 429, 500, 502, 503, 504)
+AGENT_CALL_STATUSES = (400, 401, 403, 404, 408, 409, 413, 415, 422, 429, 500, 502, 503, 504)
 # What /agent/{name}/stream and /agent/{name}/batch can answer as a status: the
 # errors found before the model is called (later ones are an `error` event, or
 # an item's error); 429 only when a limit applies (_limited).
 STREAM_BATCH_STATUSES = (400, 401, 403, 404, 408, 413, 415, 422, 429, 500, 503)
+# A batch takes an Idempotency-Key (SPEC §9.4), a stream does not: 409 too.
+BATCH_STATUSES = (400, 401, 403, 404, 408, 409, 413, 415, 422, 429, 500, 503)
 # What every other route can answer: a bug, or draining.
 SERVICE_STATUSES = (500, 503)
 
@@ -189,6 +197,8 @@ def _error_response(status: int) -> dict[str, Any]:
             '`Bearer error="insufficient_scope"` (RFC 6750), with `error_description` for a missing scope')}
     elif status == 405:
         headers["Allow"] = {"schema": {"type": "string"}, "description": "the methods the path accepts"}
+    elif status == 409:
+        headers["Retry-After"] = {"schema": {"type": "string"}, "description": "`1`: retry in a second"}
     elif status == 429:
         headers["Retry-After"] = {"schema": {"type": "string"}, "description": "whole seconds to wait (≥ 1)"}
         headers.update(_rate_headers())
@@ -297,7 +307,7 @@ def _call_statuses(base: tuple[int, ...], config: Config, agent: CompiledAgent, 
             continue
         if s == 403 and not _restricted(config, agent.assistant.name):
             continue
-        if s == 429 and base is STREAM_BATCH_STATUSES and not _limited(config, agent):
+        if s == 429 and base is not AGENT_CALL_STATUSES and not _limited(config, agent):
             continue
         out.append(s)
     return tuple(out)
@@ -311,6 +321,30 @@ def _ok(schema: dict[str, Any], description: str, config: Config, agent: Compile
         resp["content"] = {media: resp["content"]["application/json"]}
     if _request_limited(config, agent):
         resp["headers"] = {**resp["headers"], **_rate_headers()}
+    return resp
+
+
+IDEMPOTENCY_PARAMETER = "#/components/parameters/Idempotency-Key"
+
+
+def _idempotency_parameter() -> dict[str, Any]:
+    return {
+        "name": "Idempotency-Key", "in": "header", "required": False,
+        "description": ("one value per operation, sent again on its retries (SPEC §9.4): a quoted string "
+                        "or a bare value, 1-255 printable ASCII characters. The first request runs; a "
+                        "repeat with the same body gets its stored answer (`Idempotency-Replayed: true`), "
+                        "409 while it runs, 422 `idempotency_key_reused` with another body. Per client and "
+                        "route, kept 24 h; 5xx answers are not kept."),
+        "schema": {"type": "string", "minLength": 1, "maxLength": 512},  # 255 characters, quoted and escaped
+    }
+
+
+def _replayable(resp: dict[str, Any]) -> dict[str, Any]:
+    """A 200 that may be the stored answer of an earlier request with the same Idempotency-Key."""
+    resp["headers"] = {**resp["headers"], "Idempotency-Replayed": {
+        "schema": {"type": "string", "enum": ["true"]},
+        "description": "present when this is the stored answer of an earlier request with the same "
+                       "Idempotency-Key (no model was called)"}}
     return resp
 
 
@@ -333,12 +367,12 @@ def _agent_operation(agent: CompiledAgent, auth: Auth, config: Config) -> dict[s
         "summary": a.description.strip().splitlines()[0][:120] if a.description else f"Call the agent {a.name}",
         "description": "\n\n".join(lines),
         "tags": ["agents"],
-        "parameters": [{"$ref": "#/components/parameters/X-Request-ID"}],
+        "parameters": [{"$ref": "#/components/parameters/X-Request-ID"}, {"$ref": IDEMPOTENCY_PARAMETER}],
         "requestBody": {
             "required": True,
             "content": {"application/json": {"schema": type_schema(a.input_type, agent.input_schema)}},
         },
-        "responses": {"200": _ok(envelope, f"the validated answer of {a.name}", config, agent),
+        "responses": {"200": _replayable(_ok(envelope, f"the validated answer of {a.name}", config, agent)),
                       **_errors(statuses)},
     }
     if auth == "required":
@@ -469,7 +503,7 @@ def _stream_operation(agent: CompiledAgent, auth: Auth, config: Config) -> dict[
 def _batch_operation(agent: CompiledAgent, auth: Auth, config: Config) -> dict[str, Any]:
     a = agent.assistant
     batch_max, concurrency = config.server.batch_max, config.server.batch_concurrency
-    statuses = _call_statuses(STREAM_BATCH_STATUSES, config, agent, auth)
+    statuses = _call_statuses(BATCH_STATUSES, config, agent, auth)
     body = {
         "type": "object",
         "required": ["inputs"],
@@ -502,9 +536,9 @@ def _batch_operation(agent: CompiledAgent, auth: Auth, config: Config) -> dict[s
                             "cannot take whole is refused whole (429), and no more inputs run at once "
                             "than the narrowest concurrency limit allows." if _limited(config, agent) else "")),
         "tags": ["agents"],
-        "parameters": [{"$ref": "#/components/parameters/X-Request-ID"}],
+        "parameters": [{"$ref": "#/components/parameters/X-Request-ID"}, {"$ref": IDEMPOTENCY_PARAMETER}],
         "requestBody": {"required": True, "content": {"application/json": {"schema": body}}},
-        "responses": {"200": _ok(results, "one result per input, in input order", config, agent),
+        "responses": {"200": _replayable(_ok(results, "one result per input, in input order", config, agent)),
                       **_errors(statuses)},
         "security": _security(auth),
     }
@@ -661,7 +695,8 @@ def build_openapi(compiled: Compiled, auth: Auth = "unknown") -> dict[str, Any]:
             "parameters": {"X-Request-ID": {
                 "name": "X-Request-ID", "in": "header", "required": False,
                 "description": "an id for this request (`[A-Za-z0-9._:@/+=-]{1,128}`); a new one is made otherwise",
-                "schema": {"type": "string"}}},
+                "schema": {"type": "string"}},
+                "Idempotency-Key": _idempotency_parameter()},
             "securitySchemes": schemes,
         },
     }

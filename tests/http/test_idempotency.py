@@ -388,3 +388,38 @@ def test_parse_and_fingerprint() -> None:
 
 def test_sqlite_store_class_is_the_default(tmp_path: Path) -> None:
     assert isinstance(open_idempotency(None, tmp_path), SqliteIdempotency)
+
+
+async def test_openapi_documents_the_header_and_real_answers_conform(srv: InProcess, fake: FakeOpenAI) -> None:
+    from openapi_spec_validator import validate
+
+    from tests.http.test_openapi import response_schema, validator_for
+
+    async with srv.session.get(srv.url("/openapi.json")) as r:
+        doc = await r.json()
+    validate(doc)
+    param = {"$ref": "#/components/parameters/Idempotency-Key"}
+    assert doc["components"]["parameters"]["Idempotency-Key"]["in"] == "header"
+    for path in ("/agent/greeter", "/agent/greeter/batch"):
+        op = doc["paths"][path]["post"]
+        assert param in op["parameters"], path
+        assert "Idempotency-Replayed" in op["responses"]["200"]["headers"], path
+        assert {"409", "422"} <= set(op["responses"]), path
+    assert param not in doc["paths"]["/agent/greeter/stream"]["post"]["parameters"]
+    conflict = doc["components"]["responses"]["Conflict"]
+    assert "Retry-After" in conflict["headers"]
+    # A real 409 and a real 422 validate against what the document says of them.
+    op = doc["paths"]["/agent/greeter"]["post"]
+    key = new_key()
+    gate = asyncio.Event()
+    fake.script(Hold(gate))
+    first = asyncio.ensure_future(post(srv, "/agent/greeter", {"name": "Ann"}, key))
+    await fake.wait_calls(1)
+    status, _, busy = await post(srv, "/agent/greeter", {"name": "Ann"}, key)
+    reused_status, _, reused = await post(srv, "/agent/greeter", {"name": "Bob"}, key)
+    gate.set()
+    ok_status, _, ok = await first
+    assert (status, reused_status, ok_status) == (409, 422, 200)
+    validator_for(doc, response_schema(doc, op, 409)).validate(busy)
+    validator_for(doc, response_schema(doc, op, 422)).validate(reused)
+    validator_for(doc, response_schema(doc, op, 200)).validate(ok)

@@ -38,7 +38,8 @@ DOC_ID = "urn:aiwfd:openapi"
 
 # §3.1: every status and type a call of an agent can answer (405 cannot: POST is the route's method).
 AGENT_ERRORS = {400: {"invalid_json", "invalid_request"}, 401: {"unauthorized"}, 404: {"not_found"}, 408: {"request_timeout"},
-                413: {"payload_too_large"}, 415: {"unsupported_media_type"}, 422: {"invalid_input"},
+                409: {"conflict"}, 413: {"payload_too_large"}, 415: {"unsupported_media_type"},
+                422: {"invalid_input", "idempotency_key_reused"},
                 429: {"rate_limited"}, 500: {"internal_error"}, 502: {"upstream_error", "invalid_output"},
                 503: {"unavailable"}, 504: {"upstream_timeout"}}
 ALL_TYPES = {c.type for c in vars(E).values() if isinstance(c, type) and issubclass(c, E.HTTPError)
