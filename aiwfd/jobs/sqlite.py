@@ -115,6 +115,8 @@ class SQLiteJobStore:
     def _connect(self) -> sqlite3.Connection:
         """In the store's thread, at first use: nothing touches the disk before."""
         if self._conn is None:
+            if sqlite3.sqlite_version_info < (3, 35):  # RETURNING; Python links the system's library
+                raise sqlite3.NotSupportedError(f"SQLite {sqlite3.sqlite_version} is older than 3.35 (RETURNING)")
             self.path.parent.mkdir(parents=True, exist_ok=True)
             # isolation_level=None: no implicit transactions; each write says BEGIN IMMEDIATE.
             conn = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None)

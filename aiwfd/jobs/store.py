@@ -173,7 +173,8 @@ class JobStore(Protocol):
 
     async def release(self, job_id: str, owner: str) -> None:
         """Give the job back to the queue without a result (SIGTERM after the
-        shutdown timeout); nothing when it is not ours any more."""
+        shutdown timeout); nothing when it is not ours any more. Its place in
+        the queue is the backend's (SQLite: where it was; Redis: the end)."""
         ...
 
     async def get(self, job_id: str, client: str) -> Job | None:
