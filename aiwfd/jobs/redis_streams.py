@@ -267,9 +267,9 @@ while true do
         seqs[#seqs + 1] = seq
       end
     end
+    if scanned >= budget and i + 1 < #ids then return cjson.encode({jobs = found, next = seq}) end
   end
   if #ids < 2 * batch then break end
-  if scanned >= budget then return cjson.encode({jobs = found, next = string.sub(top, 2)}) end
 end
 return cjson.encode({jobs = found})
 """
@@ -347,6 +347,7 @@ class RedisJobStore:
     """Jobs in Redis, shared by every instance that uses the same URL (SPEC §9)."""
 
     shared = True
+    list_budget = 1000  # documents a filtered page looks at, at most (see LIST)
 
     def __init__(self, url: str, *, timeout: float = 0.5, max_attempts: int = DEFAULT_MAX_ATTEMPTS,
                  prefix: str = "aiwfd:") -> None:
@@ -445,7 +446,8 @@ class RedisJobStore:
                    limit: int = 50, cursor: str | None = None) -> tuple[list[Job], str | None]:
         top = f"({decode_cursor(cursor)}" if cursor else "+inf"
         reply = await self._script(_LIST, [self._index(client)],
-                                   [self.prefix, top, limit, status or "", agent or "", max(1000, 10 * limit)])
+                                   [self.prefix, top, limit, status or "", agent or "",
+                                    max(self.list_budget, 10 * limit)])
         page = orjson.loads(reply)
         nxt = page.get("next")
         # cjson writes an empty list as {}

@@ -466,6 +466,46 @@ async def test_redis_hanging_is_a_store_error_then_recovers(server: RedisServer)
         await st.close()
 
 
+async def test_redis_a_lost_stream_and_group_come_back(server: RedisServer) -> None:
+    """A Redis that lost its data (restarted without persistence, flushed):
+    the next claim makes the stream and the group again."""
+    import redis.asyncio
+
+    st = RedisJobStore(server.url, prefix=f"t{next(_runs)}:")
+    raw = redis.asyncio.Redis.from_url(server.url, decode_responses=True)
+    try:
+        await st.submit("c", "a", 1)
+        await raw.delete(st.stream)
+        assert await st.claim("w", LONG) is None  # that job's entry is gone with the stream
+        job = await st.submit("c", "a", 2)
+        got = await st.claim("w", LONG)
+        assert got is not None and got.id == job.id
+    finally:
+        await raw.aclose()
+        await st.close()
+
+
+async def test_redis_a_filtered_page_ends_early_on_its_budget(server: RedisServer) -> None:
+    st = RedisJobStore(server.url, prefix=f"t{next(_runs)}:")
+    st.list_budget = 5  # and 10 x limit: 10 documents per page at most
+    try:
+        wanted = [await st.submit("c", "x", 0)]
+        for i in range(30):
+            await st.submit("c", "a", i)
+        wanted.append(await st.submit("c", "x", 1))
+        pages, cursor, ids = 0, None, []
+        while True:
+            page, cursor = await st.list("c", agent="x", limit=1, cursor=cursor)
+            assert len(page) <= 1
+            ids += [j.id for j in page]
+            pages += 1
+            if cursor is None:
+                break
+        assert ids == [wanted[1].id, wanted[0].id] and pages >= 3  # 32 ids, 10 per page
+    finally:
+        await st.close()
+
+
 async def test_redis_entries_are_acked_and_deleted(server: RedisServer) -> None:
     """Finished and canceled jobs leave nothing in the stream or the pending list."""
     import redis.asyncio
