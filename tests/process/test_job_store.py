@@ -27,7 +27,7 @@ import pytest
 from aiwfd.jobs import open_job_store
 from aiwfd.jobs.redis_streams import RedisJobStore
 from aiwfd.jobs.sqlite import FILENAME, SQLiteJobStore
-from aiwfd.jobs.store import InvalidCursor, Job, JobFinished, JobStore, StoreError
+from aiwfd.jobs.store import InvalidCursor, JobFinished, JobStore, StoreError
 from aiwfd.testing.processes import free_port, stop_process
 from aiwfd.testing.redisproc import RedisServer
 
