@@ -194,6 +194,40 @@ async def test_a_5xx_is_not_stored(srv: InProcess, fake: FakeOpenAI) -> None:
     assert fake.calls == 2
 
 
+async def test_a_429_is_not_stored(srv: InProcess, fake: FakeOpenAI) -> None:
+    """A 429 says "try again": replaying it for 24 h would refuse the call for good."""
+    key = new_key()
+    fake.script(Status(429, retry_after=1))  # max_attempts 1: the call is refused with 429
+    status, _, doc = await post(srv, "/agent/greeter", {"name": "Ann"}, key)
+    assert status == 429 and doc["error"]["type"] == "rate_limited"
+    status, headers, _ = await post(srv, "/agent/greeter", {"name": "Ann"}, key)
+    assert status == 200 and "Idempotency-Replayed" not in headers
+    assert fake.calls == 2
+
+
+def test_what_is_stored() -> None:
+    from aiohttp import web
+
+    from aiwfd.errors import Conflict, InvalidInput, RateLimited, UpstreamError
+
+    ok = web.Response(status=202, body=b'{"id":"j1"}', headers={"Location": "/jobs/j1", "X-Other": "no"},
+                      content_type="application/json")
+    answer = idempotency.stored(ok)
+    assert answer is not None and answer.status == 202 and answer.body == b'{"id":"j1"}'
+    assert dict(answer.headers) == {"Content-Type": "application/json", "Location": "/jobs/j1"}
+    for status in (408, 409, 429, 500, 502, 503):
+        assert idempotency.stored(web.Response(status=status, body=b"{}")) is None, status
+    err = idempotency.error_answer(InvalidInput("bad webhook"), "rid-1")
+    assert err is not None and err.status == 422
+    assert orjson.loads(err.body) == {"error": {"type": "invalid_input", "message": "bad webhook", "details": []},
+                                      "request_id": "rid-1"}
+    for e in (Conflict(), RateLimited(), UpstreamError()):
+        assert idempotency.error_answer(e, "rid") is None, e
+    replayed = idempotency.replay(answer)
+    assert replayed.status == 202 and replayed.headers["Location"] == "/jobs/j1"
+    assert replayed.headers["Idempotency-Replayed"] == "true"
+
+
 async def test_keys_are_per_client_and_per_route(srv: InProcess, fake: FakeOpenAI) -> None:
     key = new_key()
     body = {"name": "Ann"}
