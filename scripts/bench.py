@@ -5,6 +5,7 @@
     python scripts/bench.py --lean-survey   # which use of the openai SDK is cheapest (picks sdk-lean)
     python scripts/bench.py --profile       # py-spy on aiwfd under load: where its CPU goes
     python scripts/bench.py --stream [--quick]  # /agent/{name}/stream vs a raw SSE forwarder (bench_stream.py)
+    python scripts/bench.py --limits [--quick]  # limits (memory, Redis) and JWT vs no limits (bench_limits.py)
 
 Everything runs on 127.0.0.1: a fake OpenAI-compatible server
 (aiwfd.testing.fakeopenai, uvloop, no records), the reference forwarders
@@ -1209,6 +1210,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--profile-seconds", type=float, default=8.0)
     p.add_argument("--stream", action="store_true",
                    help="benchmark /agent/{name}/stream against the stream-raw forwarder (its own BENCHMARKS.md block)")
+    p.add_argument("--limits", action="store_true",
+                   help="limits in memory and on Redis, and JWT, against aiwfd without them (its own BENCHMARKS.md block)")
+    p.add_argument("--hiredis-path", default=None,
+                   help="--limits: a directory holding hiredis (pip install --target DIR hiredis) for the "
+                        "redis+hiredis variant, when it is not installed")
     p.add_argument("--output", type=Path, default=BENCHMARKS, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -1272,6 +1278,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             if write:
                 write_benchmarks(args.output, text, bench_stream.BEGIN, bench_stream.END)
                 log(f"wrote the stream block of {args.output}")
+            log(f"total {time.monotonic() - began:.1f} s")
+            return 0
+        if args.limits:
+            import bench_limits
+
+            log(f"limits benchmark ({'quick' if args.quick else 'full'}); pinned: {pin}; workdir {workdir}")
+            text = bench_limits.run(procs, args, log, command, machine_info(loader, pin, "--no-pin" if args.no_pin
+                                                                                  else ""), loadavg_before, began)
+            print(text)
+            if write:
+                write_benchmarks(args.output, text, bench_limits.BEGIN, bench_limits.END)
+                log(f"wrote the limits block of {args.output}")
             log(f"total {time.monotonic() - began:.1f} s")
             return 0
         transports = ["aiohttp", "sdk"] if args.aiwfd_transport == "both" else [args.aiwfd_transport]

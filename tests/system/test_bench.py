@@ -202,3 +202,60 @@ def test_stream_answers_are_valid_outputs() -> None:
         assert tokens * 4 <= len(text) < tokens * 4 + 400
         validator = compiled.agents[f"stream_{label}"].output_validator
         assert validator is not None and validator.errors(json.loads(text)) == []
+
+
+# The row of `--limits` whose target is "nothing refused, nothing failed, every call counted": PASS on any machine.
+LIMITS_MUST_PASS = "errors (no limits, memory, redis"
+
+
+def test_limits_quick_run_fills_every_row(tmp_path: Path) -> None:
+    """`bench.py --limits --quick`: every variant has numbers and nothing was refused (no timing asserted)."""
+    before = (REPO / "BENCHMARKS.md").read_bytes() if (REPO / "BENCHMARKS.md").exists() else None
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    cp = subprocess.run([sys.executable, str(SCRIPTS / "bench.py"), "--limits", "--quick", "--no-write"],
+                        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                        env={**os.environ, "TMPDIR": str(tmp)})
+    assert cp.returncode == 0, f"bench.py --limits --quick failed ({cp.returncode}):\n{cp.stderr[-4000:]}"
+    tables = [block for block in cp.stdout.split("\n\n") if block.startswith("| ")]
+    assert len(tables) == 3 and tables[2].startswith("| row |"), cp.stdout[-3000:]
+    probe_head, probe = _table(tables[1])  # the store's client CPU in one process
+    assert probe_head[0].startswith("Redis client CPU") and len(probe) == 5, tables[1]
+    assert all(NUMBER.match(cell) for row in probe for cell in row[1:]), tables[1]
+    head, rows = _table(tables[0])
+    assert head[:4] == ["metric", "**no limits**", "memory", "redis"], head
+    assert "jwt" in head and "redis, default pool" in head, head
+    hiredis_i = head.index("redis+hiredis") if "redis+hiredis" in head else None
+    pool_i = head.index("redis, default pool")
+    redis_cols = [i for i, h in enumerate(head) if h.startswith("redis")]
+    labels = [r[0] for r in rows]
+    for c in (16, 256):
+        for what in ("req/s", "server CPU ms/req", "p50 ms", "p99 ms", "errors", "Redis CPU µs per call"):
+            assert f"{what} c{c}" in labels, labels
+    for row in rows:
+        for i, cell in enumerate(row[1:], 1):
+            if i == pool_i and row[0].endswith("c16"):
+                continue  # the default-pool variant runs at c256 only
+            if row[0].startswith(("Redis CPU", "calls counted in Redis")) and i not in redis_cols:
+                assert cell == "—", (row[0], head[i], cell)
+                continue
+            assert NUMBER.match(cell.rstrip("%")), f"{row[0]!r}: no number for {head[i]}: {cell!r}"
+        if row[0].startswith(("errors c", "answered 429")):  # the default pool's failures are its finding
+            assert all(cell == "0" for i, cell in enumerate(row[1:], 1) if i != pool_i), row
+    assert hiredis_i is None or all(NUMBER.match(r[hiredis_i].rstrip("%")) for r in rows)
+    _, targets = _table(tables[2])
+    target_labels = [r[0] for r in targets]
+    for expected in ("memory ÷ no limits, req/s c16", "memory ÷ no limits, req/s c256",
+                     "redis ÷ no limits, req/s c16", "redis ÷ no limits, req/s c256",
+                     "jwt: RS256 verify, no cache, CPU µs per verify (scripts/bench_jwt.py, cached JWKS)"):
+        assert expected in target_labels, target_labels
+    for row in targets:
+        assert re.fullmatch(r"(PASS|FAIL)?", row[-1]), row
+        if row[-1]:  # a row with a target has a figure
+            assert re.search(r"\d", row[1]), row
+    must = [r for r in targets if r[0].startswith(LIMITS_MUST_PASS)]
+    assert len(must) == 1 and must[0][-1] == "PASS", must
+    assert re.search(r"Targets: \d+/\d+ PASS", cp.stdout)
+    assert sorted(p.name for p in tmp.iterdir()) == [], "bench.py left files in TMPDIR"
+    after = (REPO / "BENCHMARKS.md").read_bytes() if (REPO / "BENCHMARKS.md").exists() else None
+    assert after == before, "--no-write must not touch BENCHMARKS.md"
