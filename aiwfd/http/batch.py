@@ -52,7 +52,7 @@ logger = logging.getLogger("aiwfd")
 async def handler(request: web.Request) -> web.StreamResponse:
     rt = request.app[RUNTIME]
     async with rt.lease() as snap:
-        agent, body = await views.begin(request, rt, snap)
+        agent, body = await views.begin(request, rt, snap, idempotent=True)
         server = snap.compiled.config.server
         inputs = read_inputs(body, server.batch_max)
         total = request[STATS] = CallStats()

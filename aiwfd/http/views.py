@@ -74,13 +74,17 @@ def unknown_agent(name: str, snap: Snapshot) -> NotFound:
     return NotFound(f"unknown agent {name[:64]!r}" + (f"; {hint}" if hint else ""))
 
 
-async def begin(request: web.Request, rt: Runtime, snap: Snapshot) -> tuple[CompiledAgent, dict[str, Any]]:
+async def begin(request: web.Request, rt: Runtime, snap: Snapshot, *,
+                idempotent: bool = False) -> tuple[CompiledAgent, dict[str, Any]]:
     """What every agent endpoint does first, inside its `rt.lease()`: find the
-    client, check the agent, the client's right to it and the media type,
-    invite and read the body."""
+    client, check the agent, the client's right to it and the media type (and,
+    on the routes that take one, the Idempotency-Key's form), invite and read
+    the body."""
     client = request[CLIENT] = await access.authenticate(request, snap)
     agent, coding = prepare(request, snap)
     access.authorize(request, snap, client, agent.name)
+    if idempotent:
+        idempotency.parse_key(request)  # a malformed key is a 400 before the body is invited
     await send_continue(request)
     body = await read_json(request, snap.max_body, rt.settings.body_timeout, coding)
     return agent, body
@@ -89,7 +93,7 @@ async def begin(request: web.Request, rt: Runtime, snap: Snapshot) -> tuple[Comp
 async def call(request: web.Request) -> web.StreamResponse:
     rt = request.app[RUNTIME]
     async with rt.lease() as snap:
-        agent, body = await begin(request, rt, snap)
+        agent, body = await begin(request, rt, snap, idempotent=True)
         check_input(agent, body)
 
         async def run() -> web.Response:

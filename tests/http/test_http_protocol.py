@@ -312,6 +312,10 @@ def expecting(path: str = "/agent/greeter", length: int = len(GOOD), *extra: byt
     ("brotli", expecting("/agent/greeter", 4, b"Content-Encoding: br"), 415, "unsupported_media_type"),
     ("stream-wrong-key", expecting("/agent/greeter/stream", key=b"nope"), 401, "unauthorized"),
     ("batch-too-large", expecting("/agent/greeter/batch", MAX_BODY + 1), 413, "payload_too_large"),
+    ("malformed-idempotency-key", expecting("/agent/greeter", len(GOOD), b'Idempotency-Key: "a b'),
+     400, "invalid_request"),
+    ("batch-two-idempotency-keys", expecting("/agent/greeter/batch", 4, b"Idempotency-Key: a",
+                                             b"Idempotency-Key: b"), 400, "invalid_request"),
 ])
 async def test_no_100_continue_before_a_refusal(srv: InProcess, case: str, head: bytes, status: int,
                                                 type_: str) -> None:
