@@ -16,6 +16,13 @@ Keys (`prefix` = "aiwfd:" by default):
 - `jobs:dead`: a stream of the dead letters' ids (jobs whose runs were lost
   max_attempts times), for an operator to look at.
 - `jobs:reclaim`: where the XAUTOCLAIM scan of the pending entries goes on.
+- `delivery:<id>`: a hash per pending webhook delivery (`id` = the job's):
+  `type`, `attempts`, `first`, `next`, `owner`. Deleted when it is done; the
+  job hash's `wh_status`, `wh_attempts`, `wh_last` keep the result (and
+  `wh_status` = pending from submission marks a job that has a webhook).
+- `deliveries:due`: a sorted set of the pending deliveries by when they may
+  be claimed: `next` while free, the lease's end while leased, so a claim
+  is one ZRANGEBYSCORE up to now whatever the state.
 
 Every operation is one Lua script (one round trip, atomic, timed by Redis
 `TIME` so that the instances' clocks never matter): submit is HSET + ZADD +
@@ -53,10 +60,15 @@ from aiwfd.jobs.store import (
     DEFAULT_MAX_ATTEMPTS,
     Job,
     JobFinished,
+    Delivery,
+    DeliveryOutcome,
     JobStatus,
     StoreError,
+    WebhookStatus,
+    check_delivery_result,
     dead_letter_error,
     decode_cursor,
+    has_webhook,
     encode_cursor,
 )
 # The limits store's script runner (EVALSHA, EVAL after a Redis restart) and log-safe URL.
@@ -84,6 +96,15 @@ local EXPIRED = @EXPIRED@
 local function idle_until_expiry(stream, group, owner, msg, lease)
   redis.call('XCLAIM', stream, group, owner, 0, msg, 'IDLE', EXPIRED - lease, 'JUSTID')
 end
+-- The delivery task of a job that just ended, if it has a webhook; every
+-- script that ends a job calls it in the same script (both, or neither).
+local function end_delivery(prefix, due, id, key)
+  local h = redis.call('HMGET', key, 'wh_status', 'status')
+  if not h[1] or h[1] == '' then return end
+  redis.call('HSET', prefix .. 'delivery:' .. id, 'type', 'job.' .. h[2], 'attempts', 0,
+    'first', ms(now), 'next', ms(now), 'owner', '')
+  redis.call('ZADD', due, now, id)
+end
 local function drop(stream, msg)
   if msg and msg ~= '' then
     redis.call('XACK', stream, ARGV[1], msg)
@@ -92,17 +113,19 @@ local function drop(stream, msg)
 end
 """.replace("@EXPIRED@", str(MAX_LEASE_MS))
 
-# KEYS: stream, seq, job hash, client index. ARGV: group, id, client, agent, body, webhook_url ('' none).
+# KEYS: stream, seq, job hash, client index. ARGV: group, id, client, agent, body, webhook_url ('' none),
+# webhook status ('pending', or '' for a job without a webhook).
 SUBMIT = _PRELUDE + """
 local seq = redis.call('INCR', KEYS[2])
 local msg = redis.call('XADD', KEYS[1], '*', 'job', ARGV[2], 'agent', ARGV[4])
 redis.call('HSET', KEYS[3], 'id', ARGV[2], 'client', ARGV[3], 'agent', ARGV[4], 'status', 'queued',
-  'created', ms(now), 'attempts', 0, 'body', ARGV[5], 'webhook_url', ARGV[6], 'seq', seq, 'msg', msg)
+  'created', ms(now), 'attempts', 0, 'body', ARGV[5], 'webhook_url', ARGV[6], 'seq', seq, 'msg', msg,
+  'wh_status', ARGV[7], 'wh_attempts', 0)
 redis.call('ZADD', KEYS[4], seq, ARGV[2])
 return redis.call('HGETALL', KEYS[3])
 """
 
-# KEYS: stream, dead letters, reclaim cursor, finished. ARGV: group, prefix,
+# KEYS: stream, dead letters, reclaim cursor, finished, due deliveries. ARGV: group, prefix,
 # owner, lease (ms), max attempts, the dead letter's error (JSON, %d = attempts).
 # Returns the claimed job's hash, or nil.
 CLAIM = _PRELUDE + """
@@ -134,6 +157,7 @@ local function consider(msg, fields)
       redis.call('HSET', key, 'status', 'failed', 'error', string.format(ARGV[6], attempts),
         'finished', ms(now), 'owner', '', 'lease_until', '')
       redis.call('ZADD', KEYS[4], now, id)
+      end_delivery(prefix, KEYS[5], id, key)
       redis.call('XADD', KEYS[2], '*', 'job', id, 'attempts', attempts)
       drop(stream, msg)
       return nil
@@ -180,8 +204,8 @@ idle_until_expiry(KEYS[1], ARGV[1], ARGV[2], h[3], tonumber(ARGV[3]))
 return 1
 """
 
-# KEYS: stream, job hash, finished. ARGV: group, owner, status, result, error
-# ('' for none), id. 1: written, 0: not ours (nothing written).
+# KEYS: stream, job hash, finished, due deliveries. ARGV: group, owner, status, result, error
+# ('' for none), id, prefix. 1: written, 0: not ours (nothing written, no delivery).
 FINISH = _PRELUDE + """
 local h = redis.call('HMGET', KEYS[2], 'status', 'owner', 'msg')
 if h[1] ~= 'running' or h[2] ~= ARGV[2] then return 0 end
@@ -190,6 +214,7 @@ if ARGV[4] ~= '' then redis.call('HSET', KEYS[2], 'result', ARGV[4]) end
 if ARGV[5] ~= '' then redis.call('HSET', KEYS[2], 'error', ARGV[5]) end
 drop(KEYS[1], h[3])
 redis.call('ZADD', KEYS[3], now, ARGV[6])
+end_delivery(ARGV[7], KEYS[4], ARGV[6], KEYS[2])
 return 1
 """
 
@@ -204,7 +229,7 @@ redis.call('HSET', KEYS[2], 'status', 'queued', 'owner', '', 'lease_until', '', 
 return 1
 """
 
-# KEYS: stream, job hash, finished. ARGV: group, client, id.
+# KEYS: stream, job hash, finished, due deliveries. ARGV: group, client, id, prefix.
 # {0}: not found; {1, hash}: canceled now; {2, hash}: had finished.
 CANCEL = _PRELUDE + """
 local h = redis.call('HMGET', KEYS[2], 'status', 'client', 'msg')
@@ -213,10 +238,11 @@ if h[1] ~= 'queued' and h[1] ~= 'running' then return {2, redis.call('HGETALL', 
 redis.call('HSET', KEYS[2], 'status', 'canceled', 'finished', ms(now), 'owner', '', 'lease_until', '')
 drop(KEYS[1], h[3])
 redis.call('ZADD', KEYS[3], now, ARGV[3])
+end_delivery(ARGV[4], KEYS[4], ARGV[3], KEYS[2])
 return {1, redis.call('HGETALL', KEYS[2])}
 """
 
-# KEYS: stream, finished. ARGV: group, prefix, agent, error, first entry, count.
+# KEYS: stream, finished, due deliveries. ARGV: group, prefix, agent, error, first entry, count.
 # One batch of the stream: {failed, last entry id seen ('' at the end)}.
 FAIL_AGENT = _PRELUDE + """
 local entries = redis.call('XRANGE', KEYS[1], ARGV[5], '+', 'COUNT', tonumber(ARGV[6]))
@@ -231,6 +257,7 @@ for _, e in ipairs(entries) do
       redis.call('HSET', key, 'status', 'failed', 'error', ARGV[4], 'finished', ms(now))
       drop(KEYS[1], e[1])
       redis.call('ZADD', KEYS[2], now, f[2])
+      end_delivery(ARGV[2], KEYS[3], f[2], key)
       n = n + 1
     end
   end
@@ -274,7 +301,8 @@ end
 return cjson.encode({jobs = found})
 """
 
-# KEYS: finished. ARGV: group (unused), prefix, age (ms), count. One batch: how many deleted.
+# KEYS: finished, due deliveries. ARGV: group (unused), prefix, age (ms), count. One batch: how
+# many deleted. A delivery still pending goes with its job: its event's data is gone.
 PURGE = _PRELUDE + """
 local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. ms(now - tonumber(ARGV[3])),
   'LIMIT', 0, tonumber(ARGV[4]))
@@ -282,8 +310,9 @@ for _, id in ipairs(ids) do
   local key = ARGV[2] .. 'job:' .. id
   local client = redis.call('HGET', key, 'client')
   if client then redis.call('ZREM', ARGV[2] .. 'jobs:client:' .. client, id) end
-  redis.call('DEL', key)
+  redis.call('DEL', key, ARGV[2] .. 'delivery:' .. id)
   redis.call('ZREM', KEYS[1], id)
+  redis.call('ZREM', KEYS[2], id)
 end
 return #ids
 """
@@ -308,9 +337,51 @@ end
 return n
 """
 
-_SUBMIT, _CLAIM, _RENEW, _FINISH, _RELEASE, _CANCEL, _LIST, _FAIL_AGENT, _PURGE, _FORGET_CONSUMERS = (
+# KEYS: due deliveries. ARGV: group (unused), prefix, owner, lease (ms).
+# {delivery hash, job hash, now} of the delivery due first, now leased; nil: none due.
+CLAIM_DELIVERY = _PRELUDE + """
+local prefix = ARGV[2]
+for i = 1, 16 do
+  local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, 1)
+  if #ids == 0 then return nil end
+  local id = ids[1]
+  local dkey, jkey = prefix .. 'delivery:' .. id, prefix .. 'job:' .. id
+  if redis.call('EXISTS', dkey) == 1 and redis.call('EXISTS', jkey) == 1 then
+    redis.call('HSET', dkey, 'owner', ARGV[3])
+    redis.call('ZADD', KEYS[1], now + tonumber(ARGV[4]), id)
+    return {redis.call('HGETALL', dkey), redis.call('HGETALL', jkey), ms(now)}
+  end
+  -- a member without its task or its job (deleted by hand, a partial restore): nothing to deliver
+  redis.call('ZREM', KEYS[1], id)
+  redis.call('DEL', dkey)
+end
+return nil
+"""
+
+# KEYS: due deliveries, delivery hash, job hash. ARGV: group (unused), owner,
+# outcome, HTTP status ('' none), delay (ms), id. 1: recorded, 0: not ours.
+DELIVERY_RESULT = _PRELUDE + """
+local d = redis.call('HMGET', KEYS[2], 'owner', 'attempts')
+if not d[1] or d[1] ~= ARGV[2] then return 0 end
+local attempts = tonumber(d[2]) + 1
+local wh = 'pending'
+if ARGV[3] == 'retry' then
+  local at = now + tonumber(ARGV[5])
+  redis.call('HSET', KEYS[2], 'attempts', attempts, 'next', ms(at), 'owner', '')
+  redis.call('ZADD', KEYS[1], at, ARGV[6])
+else
+  redis.call('DEL', KEYS[2])
+  redis.call('ZREM', KEYS[1], ARGV[6])
+  if ARGV[3] == 'delivered' then wh = 'delivered' else wh = 'failed' end
+end
+redis.call('HSET', KEYS[3], 'wh_status', wh, 'wh_attempts', attempts, 'wh_last', ARGV[4])
+return 1
+"""
+
+(_SUBMIT, _CLAIM, _RENEW, _FINISH, _RELEASE, _CANCEL, _LIST, _FAIL_AGENT, _PURGE, _FORGET_CONSUMERS,
+ _CLAIM_DELIVERY, _DELIVERY_RESULT) = (
     _Script(s) for s in (SUBMIT, CLAIM, RENEW, FINISH, RELEASE, CANCEL, LIST, FAIL_AGENT, PURGE,
-                         FORGET_CONSUMERS))
+                         FORGET_CONSUMERS, CLAIM_DELIVERY, DELIVERY_RESULT))
 
 # A live instance claims (or renews) far more often than this.
 CONSUMER_IDLE = 3600.0
@@ -330,7 +401,7 @@ def _seconds(value: str | None) -> float | None:
 
 def _job(reply: Any) -> Job:
     """A job hash (HGETALL's flat list, or a dict) as a Job."""
-    h: dict[str, str] = reply if isinstance(reply, dict) else dict(zip(reply[::2], reply[1::2], strict=True))
+    h = _hash(reply)
     created = _seconds(h["created"])
     assert created is not None
     return Job(
@@ -340,7 +411,13 @@ def _job(reply: Any) -> Job:
         result=orjson.loads(h["result"]) if h.get("result") else None,
         error=orjson.loads(h["error"]) if h.get("error") else None,
         webhook_url=h.get("webhook_url") or None,
+        webhook=WebhookStatus(h["wh_status"], int(h.get("wh_attempts") or 0),  # type: ignore[arg-type]
+                              int(h["wh_last"]) if h.get("wh_last") else None) if h.get("wh_status") else None,
     )
+
+
+def _hash(reply: Any) -> dict[str, str]:
+    return reply if isinstance(reply, dict) else dict(zip(reply[::2], reply[1::2], strict=True))
 
 
 class RedisJobStore:
@@ -360,6 +437,7 @@ class RedisJobStore:
         self._finished = prefix + "jobs:finished"
         self._reclaim = prefix + "jobs:reclaim"
         self._seq = prefix + "jobs:seq"
+        self.due = prefix + "deliveries:due"
         # The dead letter's error with %d for the attempts (what the script formats).
         self._dead_error = orjson.dumps(dead_letter_error(0)).decode().replace("%", "%%").replace(
             "lost 0 times", "lost %d times")
@@ -406,15 +484,17 @@ class RedisJobStore:
 
     # -- the protocol --------------------------------------------------------
 
-    async def submit(self, client: str, agent: str, body: Any, webhook_url: str | None = None) -> Job:
+    async def submit(self, client: str, agent: str, body: Any, webhook_url: str | None = None,
+                     *, webhook: bool | None = None) -> Job:
         job_id = secrets.token_urlsafe(16)  # 128 random bits: unguessable
         reply = await self._script(_SUBMIT, [self.stream, self._seq, self._key(job_id), self._index(client)],
-                                   [job_id, client, agent, orjson.dumps(body).decode(), webhook_url or ""])
+                                   [job_id, client, agent, orjson.dumps(body).decode(), webhook_url or "",
+                                    "pending" if has_webhook(webhook_url, webhook) else ""])
         return _job(reply)
 
     async def claim(self, owner: str, lease: float) -> Job | None:
         reply = await self._script(
-            _CLAIM, [self.stream, self.dead, self._reclaim, self._finished],
+            _CLAIM, [self.stream, self.dead, self._reclaim, self._finished, self.due],
             [self.prefix, owner, _lease_ms(lease), self.max_attempts, self._dead_error])
         return _job(reply) if reply else None
 
@@ -427,9 +507,9 @@ class RedisJobStore:
         if status not in ("succeeded", "failed", "canceled"):
             raise ValueError(f"finish: {status!r} is not a finished status")
         reply = await self._script(
-            _FINISH, [self.stream, self._key(job_id), self._finished],
+            _FINISH, [self.stream, self._key(job_id), self._finished, self.due],
             [owner, status, orjson.dumps(result).decode() if result is not None else "",
-             orjson.dumps(error).decode() if error is not None else "", job_id])
+             orjson.dumps(error).decode() if error is not None else "", job_id, self.prefix])
         return reply == 1
 
     async def release(self, job_id: str, owner: str) -> None:
@@ -454,7 +534,8 @@ class RedisJobStore:
         return [_job(h) for h in page["jobs"] or ()], encode_cursor(int(nxt)) if nxt is not None else None
 
     async def cancel(self, job_id: str, client: str) -> Job | None:
-        reply = await self._script(_CANCEL, [self.stream, self._key(job_id), self._finished], [client, job_id])
+        reply = await self._script(_CANCEL, [self.stream, self._key(job_id), self._finished, self.due],
+                                   [client, job_id, self.prefix])
         if reply[0] == 0:
             return None
         job = _job(reply[1])
@@ -466,7 +547,7 @@ class RedisJobStore:
         total, start = 0, "-"
         err = orjson.dumps(error).decode()
         while True:
-            n, last = await self._script(_FAIL_AGENT, [self.stream, self._finished],
+            n, last = await self._script(_FAIL_AGENT, [self.stream, self._finished, self.due],
                                          [self.prefix, agent, err, start, _BATCH])
             total += int(n)
             if not last:
@@ -478,12 +559,29 @@ class RedisJobStore:
         `consumer_idle` seconds (with nothing pending)."""
         total = 0
         while True:
-            n = int(await self._script(_PURGE, [self._finished], [self.prefix, round(older_than * 1000), _BATCH]))
+            n = int(await self._script(_PURGE, [self._finished, self.due],
+                                       [self.prefix, round(older_than * 1000), _BATCH]))
             total += n
             if n < _BATCH:
                 break
         await self._script(_FORGET_CONSUMERS, [self.stream], [round(consumer_idle * 1000)])
         return total
+
+    async def claim_delivery(self, owner: str, lease: float) -> Delivery | None:
+        reply = await self._script(_CLAIM_DELIVERY, [self.due], [self.prefix, owner, _lease_ms(lease)])
+        if not reply:
+            return None
+        d, job, now = _hash(reply[0]), _job(reply[1]), int(reply[2]) / 1000
+        return Delivery(id=job.id, type=d["type"], attempts=int(d["attempts"]),  # type: ignore[arg-type]
+                        first_at=int(d["first"]) / 1000, next_at=int(d["next"]) / 1000, claimed_at=now, job=job)
+
+    async def delivery_result(self, delivery_id: str, owner: str, outcome: DeliveryOutcome,
+                              status: int | None = None, delay: float | None = None) -> bool:
+        check_delivery_result(outcome, delay)
+        reply = await self._script(
+            _DELIVERY_RESULT, [self.due, f"{self.prefix}delivery:{delivery_id}", self._key(delivery_id)],
+            [owner, outcome, "" if status is None else int(status), round((delay or 0) * 1000), delivery_id])
+        return reply == 1
 
     async def dead_letters(self) -> builtins.list[str]:  # `list` is the method above, here
         """The ids of the dead letters, oldest first (for an operator, and the tests)."""

@@ -34,10 +34,15 @@ from aiwfd.jobs.store import (
     DEFAULT_MAX_ATTEMPTS,
     Job,
     JobFinished,
+    Delivery,
+    DeliveryOutcome,
     JobStatus,
     StoreError,
+    WebhookStatus,
+    check_delivery_result,
     dead_letter_error,
     decode_cursor,
+    has_webhook,
     encode_cursor,
 )
 
@@ -65,7 +70,11 @@ CREATE TABLE IF NOT EXISTS jobs (
   error BLOB,
   webhook_url TEXT,
   owner TEXT,
-  lease_until REAL
+  lease_until REAL,
+  -- the webhook of SPEC §9.1's document; wh_status NULL: the job has none
+  wh_status TEXT,
+  wh_attempts INTEGER NOT NULL DEFAULT 0,
+  wh_last INTEGER
 );
 -- what claim scans: only the unfinished jobs, oldest first
 CREATE INDEX IF NOT EXISTS jobs_open ON jobs(seq) WHERE state IN ('queued', 'running');
@@ -73,20 +82,46 @@ CREATE INDEX IF NOT EXISTS jobs_open ON jobs(seq) WHERE state IN ('queued', 'run
 CREATE INDEX IF NOT EXISTS jobs_leases ON jobs(lease_until) WHERE state = 'running';
 CREATE INDEX IF NOT EXISTS jobs_client ON jobs(client, seq);
 CREATE INDEX IF NOT EXISTS jobs_finished ON jobs(finished) WHERE finished IS NOT NULL;
+-- Pending webhook deliveries, one per job end (job_id: at most one per job).
+-- `due`: when it may be claimed, next_at while free, the lease's end while
+-- leased, so a claim is one index look-up whatever the state.
+CREATE TABLE IF NOT EXISTS deliveries (
+  job_id TEXT PRIMARY KEY,
+  type TEXT NOT NULL,
+  attempts INTEGER NOT NULL DEFAULT 0,
+  first_at REAL NOT NULL,
+  next_at REAL NOT NULL,
+  due REAL NOT NULL,
+  owner TEXT
+);
+CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries(due);
 """
 
-COLUMNS = "id, client, agent, state, created, started, finished, attempts, body, result, error, webhook_url"
+COLUMNS = ("id, client, agent, state, created, started, finished, attempts, body, result, error, webhook_url, "
+           "wh_status, wh_attempts, wh_last")
 
 
 def _job(row: tuple[Any, ...]) -> Job:
-    jid, client, agent, state, created, started, finished, attempts, body, result, error, webhook_url = row
+    (jid, client, agent, state, created, started, finished, attempts, body, result, error, webhook_url,
+     wh_status, wh_attempts, wh_last) = row
     return Job(
         id=jid, client=client, agent=agent, status=state, created_at=created, started_at=started,
         finished_at=finished, attempts=attempts, body=orjson.loads(body),
         result=orjson.loads(result) if result is not None else None,
         error=orjson.loads(error) if error is not None else None,
         webhook_url=webhook_url,
+        webhook=WebhookStatus(wh_status, wh_attempts, wh_last) if wh_status is not None else None,
     )
+
+
+def _end_delivery(conn: sqlite3.Connection, job_id: str, now: float) -> None:
+    """The delivery task of a job that just ended, if it has a webhook. Called
+    inside the transaction that ended it: both, or neither. (The PRIMARY KEY
+    would refuse a second one; the callers' state checks mean none is tried.)"""
+    conn.execute(
+        "INSERT INTO deliveries (job_id, type, first_at, next_at, due) "
+        "SELECT id, 'job.' || state, ?, ?, ? FROM jobs WHERE id = ? AND wh_status IS NOT NULL",
+        (now, now, now, job_id))
 
 
 def _json(value: Any) -> bytes | None:
@@ -146,18 +181,21 @@ class SQLiteJobStore:
 
     # -- the protocol --------------------------------------------------------
 
-    async def submit(self, client: str, agent: str, body: Any, webhook_url: str | None = None) -> Job:
+    async def submit(self, client: str, agent: str, body: Any, webhook_url: str | None = None,
+                     *, webhook: bool | None = None) -> Job:
         job_id = secrets.token_urlsafe(16)  # 128 random bits: unguessable
         data = orjson.dumps(body)
+        hook = WebhookStatus("pending", 0, None) if has_webhook(webhook_url, webhook) else None
 
         def run(conn: sqlite3.Connection) -> Job:
             now = time.time()
             with _transaction(conn):
                 conn.execute(
-                    "INSERT INTO jobs (id, client, agent, state, created, body, webhook_url) "
-                    "VALUES (?, ?, ?, 'queued', ?, ?, ?)", (job_id, client, agent, now, data, webhook_url))
+                    "INSERT INTO jobs (id, client, agent, state, created, body, webhook_url, wh_status) "
+                    "VALUES (?, ?, ?, 'queued', ?, ?, ?, ?)",
+                    (job_id, client, agent, now, data, webhook_url, hook.status if hook else None))
             return Job(job_id, client, agent, "queued", now, None, None, 0, orjson.loads(data), None, None,
-                       webhook_url)
+                       webhook_url, hook)
 
         return await self._run(run)
 
@@ -173,6 +211,7 @@ class SQLiteJobStore:
                     conn.execute(
                         "UPDATE jobs SET state = 'failed', finished = ?, error = ?, owner = NULL, "
                         "lease_until = NULL WHERE id = ?", (now, _json(dead_letter_error(attempts)), jid))
+                    _end_delivery(conn, jid, now)
                 row = conn.execute(
                     "UPDATE jobs SET state = 'running', owner = ?, lease_until = ?, attempts = attempts + 1, "
                     "started = ? WHERE seq = (SELECT seq FROM jobs WHERE state IN ('queued', 'running') "
@@ -199,12 +238,16 @@ class SQLiteJobStore:
         res, err = _json(result), _json(error)
 
         def run(conn: sqlite3.Connection) -> bool:
+            now = time.time()
             with _transaction(conn):
                 cur = conn.execute(
                     "UPDATE jobs SET state = ?, result = ?, error = ?, finished = ?, owner = NULL, "
                     "lease_until = NULL WHERE id = ? AND state = 'running' AND owner = ?",
-                    (status, res, err, time.time(), job_id, owner))
-            return cur.rowcount == 1
+                    (status, res, err, now, job_id, owner))
+                ended = cur.rowcount == 1
+                if ended:  # a stale owner's finish ended nothing: no delivery
+                    _end_delivery(conn, job_id, now)
+            return ended
 
         return await self._run(run)
 
@@ -252,12 +295,14 @@ class SQLiteJobStore:
 
     async def cancel(self, job_id: str, client: str) -> Job | None:
         def run(conn: sqlite3.Connection) -> tuple[Job | None, bool]:
+            now = time.time()
             with _transaction(conn):
                 row = conn.execute(
                     "UPDATE jobs SET state = 'canceled', finished = ?, owner = NULL, lease_until = NULL "
                     "WHERE id = ? AND client = ? AND state IN ('queued', 'running') "
-                    f"RETURNING {COLUMNS}", (time.time(), job_id, client)).fetchone()
+                    f"RETURNING {COLUMNS}", (now, job_id, client)).fetchone()
                 if row is not None:
+                    _end_delivery(conn, job_id, now)
                     return _job(row), False
                 row = conn.execute(f"SELECT {COLUMNS} FROM jobs WHERE id = ? AND client = ?",
                                    (job_id, client)).fetchone()
@@ -273,23 +318,75 @@ class SQLiteJobStore:
         err = _json(error)
 
         def run(conn: sqlite3.Connection) -> int:
+            now = time.time()
             with _transaction(conn):
-                cur = conn.execute(
+                ids = conn.execute(
                     "UPDATE jobs SET state = 'failed', error = ?, finished = ? "
                     # the IN term lets SQLite scan the open jobs' index only
-                    "WHERE state IN ('queued', 'running') AND state = 'queued' AND agent = ?",
-                    (err, time.time(), agent))
-            return cur.rowcount
+                    "WHERE state IN ('queued', 'running') AND state = 'queued' AND agent = ? RETURNING id",
+                    (err, now, agent)).fetchall()
+                for (jid,) in ids:
+                    _end_delivery(conn, jid, now)
+            return len(ids)
 
         return await self._run(run)
 
     async def purge(self, older_than: float) -> int:
         def run(conn: sqlite3.Connection) -> int:
             with _transaction(conn):
-                cur = conn.execute(
+                ids = conn.execute(
                     "DELETE FROM jobs WHERE finished IS NOT NULL AND finished < ? "
-                    "AND state IN ('succeeded', 'failed', 'canceled')", (time.time() - older_than,))
-            return cur.rowcount
+                    "AND state IN ('succeeded', 'failed', 'canceled') RETURNING id",
+                    (time.time() - older_than,)).fetchall()
+                # A delivery still pending goes with its job: its event's data is gone.
+                conn.executemany("DELETE FROM deliveries WHERE job_id = ?", ids)
+            return len(ids)
+
+        return await self._run(run)
+
+    async def claim_delivery(self, owner: str, lease: float) -> Delivery | None:
+        if not lease > 0:
+            raise ValueError(f"lease {lease!r} s: more than 0")
+
+        def run(conn: sqlite3.Connection) -> Delivery | None:
+            now = time.time()
+            with _transaction(conn):
+                row = conn.execute(
+                    "UPDATE deliveries SET owner = ?, due = ? WHERE job_id = "
+                    "(SELECT job_id FROM deliveries WHERE due <= ? ORDER BY due LIMIT 1) "
+                    "RETURNING job_id, type, attempts, first_at, next_at", (owner, now + lease, now)).fetchone()
+                if row is None:
+                    return None
+                job = conn.execute(f"SELECT {COLUMNS} FROM jobs WHERE id = ?", (row[0],)).fetchone()
+            # purge deletes a job's delivery with it, so the job is there
+            return Delivery(row[0], row[1], row[2], row[3], row[4], now, _job(job))
+
+        return await self._run(run)
+
+    async def delivery_result(self, delivery_id: str, owner: str, outcome: DeliveryOutcome,
+                              status: int | None = None, delay: float | None = None) -> bool:
+        check_delivery_result(outcome, delay)
+
+        def run(conn: sqlite3.Connection) -> bool:
+            now = time.time()
+            with _transaction(conn):
+                if outcome == "retry":
+                    assert delay is not None
+                    row = conn.execute(
+                        "UPDATE deliveries SET attempts = attempts + 1, next_at = ?, due = ?, owner = NULL "
+                        "WHERE job_id = ? AND owner = ? RETURNING attempts",
+                        (now + delay, now + delay, delivery_id, owner)).fetchone()
+                    final = "pending"
+                else:
+                    row = conn.execute(
+                        "DELETE FROM deliveries WHERE job_id = ? AND owner = ? RETURNING attempts + 1",
+                        (delivery_id, owner)).fetchone()
+                    final = "delivered" if outcome == "delivered" else "failed"
+                if row is None:
+                    return False
+                conn.execute("UPDATE jobs SET wh_status = ?, wh_attempts = ?, wh_last = ? WHERE id = ?",
+                             (final, row[0], status, delivery_id))
+            return True
 
         return await self._run(run)
 

@@ -9,6 +9,22 @@ A job's life::
                 └──── release ────┘ (SIGTERM after the shutdown timeout)
     cancel: queued or running → canceled; finished → JobFinished
 
+A job submitted with a webhook (its own `Webhook-URL`, or the configured
+one: `submit(..., webhook=True)`) gets a delivery task when it ends, in the
+same transaction (script) that ends it — finish, cancel, fail_agent, or a
+dead letter inside claim — so a job end and its delivery are never one
+without the other, and a job ends once, so there is one delivery per job
+(its id is the job's). Deliveries are leased like jobs::
+
+    pending ──claim_delivery──→ leased ──delivery_result──→ delivered | failed (gone: failed)
+       ↑                          │ retry: attempts + 1, due again after `delay`
+       └──────────────────────────┘ lease ran out (kill -9): claimable again
+
+A delivery is a task of its own (SPEC §9.3): a failing receiver never
+re-runs the agent, and a pending delivery is in the store, so it survives
+restarts. The job document's `webhook` ({"status", "attempts",
+"last_status"}) follows the delivery's results.
+
 A claim is a lease: the owner renews it while the job runs. When it runs out
 any owner may claim the job again, so a job is never lost, and since a
 claim, a renew and a finish each check the lease in one atomic step, a job
@@ -34,6 +50,10 @@ from aiwfd.store.base import StoreError
 
 __all__ = [
     "DEFAULT_MAX_ATTEMPTS",
+    "DELIVERY_OUTCOMES",
+    "Delivery",
+    "DeliveryOutcome",
+    "EventType",
     "FINISHED",
     "InvalidCursor",
     "Job",
@@ -41,7 +61,11 @@ __all__ = [
     "JobStatus",
     "JobStore",
     "StoreError",
+    "WebhookStatus",
+    "check_delivery_result",
     "dead_letter_error",
+    "has_webhook",
+    "msg_id",
     "decode_cursor",
     "encode_cursor",
     "rfc3339",
@@ -49,6 +73,10 @@ __all__ = [
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "canceled"]
 FINISHED: frozenset[str] = frozenset({"succeeded", "failed", "canceled"})
+EventType = Literal["job.succeeded", "job.failed", "job.canceled"]
+# What one attempt came to, as delivery_result records it (webhooks.Outcome.kind).
+DeliveryOutcome = Literal["delivered", "gone", "failed", "retry"]
+DELIVERY_OUTCOMES: frozenset[str] = frozenset({"delivered", "gone", "failed", "retry"})
 
 # A job whose runs were lost this many times (each claim counts) fails as a
 # dead letter: a job that crashes its instance must not crash the fleet in turn.
@@ -70,6 +98,43 @@ def dead_letter_error(attempts: int) -> dict[str, Any]:
             "details": []}
 
 
+def check_delivery_result(outcome: str, delay: float | None) -> None:
+    """delivery_result's arguments, checked alike by both backends: a retry
+    needs its delay, a final outcome has none (a caller's bug either way)."""
+    if outcome not in DELIVERY_OUTCOMES:
+        raise ValueError(f"delivery_result: {outcome!r} is not one of {sorted(DELIVERY_OUTCOMES)}")
+    if (outcome == "retry") != (delay is not None):
+        raise ValueError("delivery_result: a delay with retry, and only then")
+    if delay is not None and not 0 <= delay < 10 * 24 * 3600:
+        raise ValueError(f"delivery_result: delay {delay!r} s is not in [0, 10 days)")
+
+
+def has_webhook(webhook_url: str | None, webhook: bool | None) -> bool:
+    """submit's rule, alike in both backends: `webhook` when given, else
+    whether the job names its own URL."""
+    return webhook_url is not None if webhook is None else webhook
+
+
+def msg_id(job_id: str) -> str:
+    """The `webhook-id` of a job's delivery: derived from the job, so it is
+    the same on every retry and on every instance (receivers deduplicate by it)."""
+    return "msg_" + job_id
+
+
+@dataclass(frozen=True)
+class WebhookStatus:
+    """The `webhook` of SPEC §9.1's job document. `pending` from submission
+    until the delivery is done; `failed` also for a 410 (the receiver said
+    stop) and for a delivery given up after retry_for."""
+
+    status: Literal["pending", "delivered", "failed"]
+    attempts: int  # attempts made (requests sent, or refused targets)
+    last_status: int | None  # the HTTP status of the latest answer; None: none yet, or no answer
+
+    def to_document(self) -> dict[str, Any]:
+        return {"status": self.status, "attempts": self.attempts, "last_status": self.last_status}
+
+
 @dataclass(frozen=True)
 class Job:
     """One job as stored. Times are epoch seconds (the store's clock: Redis
@@ -88,14 +153,15 @@ class Job:
     result: dict[str, Any] | None  # {"data", "trace"} once succeeded
     error: dict[str, Any] | None  # the §3.1 error once failed or canceled (None for a plain cancel)
     webhook_url: str | None  # the per-job webhook (`Webhook-URL`), None: the configured one
+    webhook: WebhookStatus | None = None  # None: the job has no webhook
 
     @property
     def finished(self) -> bool:
         return self.status in FINISHED
 
     def to_document(self) -> dict[str, Any]:
-        """SPEC §9.1's job document, without `webhook` (the webhook
-        deliveries' own store adds it) and without the body or the client."""
+        """SPEC §9.1's job document (`webhook`: null for a job without one),
+        without the body, the client or the webhook's URL (it may hold a token)."""
         return {
             "id": self.id,
             "agent": self.agent,
@@ -106,7 +172,39 @@ class Job:
             "attempts": self.attempts,
             "result": self.result,
             "error": self.error,
+            "webhook": self.webhook.to_document() if self.webhook is not None else None,
         }
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """A claimed delivery task: the webhook of one job end, leased to the
+    claimer. Times are the store's clock (epoch seconds): `claimed_at` is
+    the store's now at the claim, so the caller measures `retry_for` against
+    `first_at` on that clock, not its own."""
+
+    id: str  # the job's id: one delivery per job
+    type: EventType
+    attempts: int  # attempts recorded so far (0 for the first)
+    first_at: float  # when the job ended: retry_for counts from here
+    next_at: float  # when it was due
+    claimed_at: float
+    job: Job  # as it is now (its document is the event's data)
+
+    @property
+    def msg_id(self) -> str:
+        return msg_id(self.id)
+
+    @property
+    def webhook_url(self) -> str | None:
+        """The job's own target; None: the configured one."""
+        return self.job.webhook_url
+
+    def event(self) -> dict[str, Any]:
+        """The body of SPEC §9.3. `timestamp` is the job's end, not the
+        attempt's, so every retry sends the same event."""
+        return {"type": self.type, "timestamp": rfc3339(self.job.finished_at or self.first_at),
+                "data": self.job.to_document()}
 
 
 class JobFinished(Exception):
@@ -147,8 +245,12 @@ class JobStore(Protocol):
     description: str  # for the start-up log line ("sqlite:/var/lib/aiwfd/jobs.sqlite3", "redis://…"; no password)
     shared: bool  # True when other hosts' instances see the same jobs (Redis)
 
-    async def submit(self, client: str, agent: str, body: Any, webhook_url: str | None = None) -> Job:
-        """Store a queued job; durable before it returns (the 202's promise)."""
+    async def submit(self, client: str, agent: str, body: Any, webhook_url: str | None = None,
+                     *, webhook: bool | None = None) -> Job:
+        """Store a queued job; durable before it returns (the 202's promise).
+        `webhook`: whether its end is delivered to a webhook (default: when
+        it names its own `webhook_url`; True without one: the configured URL,
+        which the delivery loop reads when it delivers)."""
         ...
 
     async def claim(self, owner: str, lease: float) -> Job | None:
@@ -200,7 +302,24 @@ class JobStore(Protocol):
 
     async def purge(self, older_than: float) -> int:
         """Delete jobs that finished more than `older_than` seconds ago
-        (retention); how many."""
+        (retention), with their delivery if it is still pending (retention
+        bounds what is stored: keep it ≥ jobs.webhook.retry_for); how many."""
+        ...
+
+    async def claim_delivery(self, owner: str, lease: float) -> Delivery | None:
+        """The delivery due first (pending, due now, not leased by another
+        owner, or its lease ran out), now leased to `owner` for `lease`
+        seconds; None when none is due. The lease is the caller's time for
+        one attempt: let it exceed the attempt's timeout."""
+        ...
+
+    async def delivery_result(self, delivery_id: str, owner: str, outcome: DeliveryOutcome,
+                              status: int | None = None, delay: float | None = None) -> bool:
+        """Record one attempt (attempts + 1, `last_status` = status). retry:
+        due again `delay` seconds from the store's now, lease released;
+        delivered: done; gone, failed: done, the webhook `failed`. False
+        (nothing written) when the delivery is not `owner`'s any more (its
+        lease ran out and another owner claimed it) or is done."""
         ...
 
     async def ping(self) -> None:

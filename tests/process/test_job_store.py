@@ -27,7 +27,7 @@ import pytest
 from aiwfd.jobs import open_job_store
 from aiwfd.jobs.redis_streams import RedisJobStore
 from aiwfd.jobs.sqlite import FILENAME, SQLiteJobStore
-from aiwfd.jobs.store import InvalidCursor, JobFinished, JobStore, StoreError
+from aiwfd.jobs.store import Delivery, InvalidCursor, JobFinished, JobStore, StoreError, WebhookStatus
 from aiwfd.testing.processes import free_port, stop_process
 from aiwfd.testing.redisproc import RedisServer
 
@@ -91,11 +91,18 @@ async def test_submit_get_and_the_document(stores: Factory) -> None:
     assert await st.get("nope", "alice") is None
     doc = job.to_document()
     assert set(doc) == {"id", "agent", "status", "created_at", "started_at", "finished_at", "attempts",
-                        "result", "error"}
+                        "result", "error", "webhook"}
+    # Its own Webhook-URL: a webhook, pending from the start (SPEC §9.1's shape).
+    assert doc["webhook"] == {"status": "pending", "attempts": 0, "last_status": None}
     assert RFC3339.match(doc["created_at"]) and doc["started_at"] is None and doc["finished_at"] is None
     # Unguessable ids: 128 random bits, URL-safe.
     other = await st.submit("alice", "summarize", None)
     assert other.id != job.id and re.fullmatch(r"[A-Za-z0-9_-]{22,}", other.id) and other.webhook_url is None
+    assert other.webhook is None and other.to_document()["webhook"] is None  # no webhook at all
+    configured = await st.submit("alice", "summarize", None, webhook=True)  # the configured URL's
+    assert configured.webhook_url is None and configured.webhook == WebhookStatus("pending", 0, None)
+    assert await st.get(configured.id, "alice") == configured
+    assert (await st.submit("alice", "s", None, "https://h.example/y", webhook=False)).webhook is None
 
 
 async def test_claim_renew_finish_once(stores: Factory) -> None:
@@ -323,6 +330,157 @@ async def test_ping_and_description(stores: Factory, server: RedisServer, tmp_pa
         assert st.description == server.url and st.shared
     else:
         assert st.description == f"sqlite:{tmp_path / FILENAME}" and not st.shared
+
+
+# -- webhook deliveries (SPEC §9.3), both backends ---------------------------
+
+
+async def drain(st: JobStore, owner: str = "d") -> list[Delivery]:
+    """Every delivery due now, claimed (and left leased) by `owner`."""
+    got = []
+    while (d := await st.claim_delivery(owner, LONG)) is not None:
+        got.append(d)
+    return got
+
+
+async def test_one_delivery_per_job_end(stores: Factory) -> None:
+    """Every way a job with a webhook ends makes one delivery task of the
+    right event, in the transaction that ends it; a job without one, none."""
+    st = stores()
+    ok = await st.submit("c", "a", 0, webhook=True)  # the configured webhook
+    bad = await st.submit("c", "a", 1, "https://h.example/x")  # its own
+    plain = await st.submit("c", "a", 2)  # none
+    for job in (ok, bad, plain):
+        assert (await st.claim("w", LONG)).id == job.id  # type: ignore[union-attr]
+    assert await drain(st) == []  # nothing ended yet
+    assert await st.finish(ok.id, "w", "succeeded", {"data": 1})
+    assert await st.finish(bad.id, "w", "failed", error={"type": "upstream_error"})
+    assert await st.finish(plain.id, "w", "succeeded", {"data": 2})
+    running = await st.submit("c", "a", 4, webhook=True)
+    assert (await st.claim("w", LONG)).id == running.id  # type: ignore[union-attr]
+    queued = await st.submit("c", "a", 3, webhook=True)
+    await st.cancel(queued.id, "c")
+    await st.cancel(running.id, "c")
+    with pytest.raises(JobFinished):  # a second cancel ends nothing
+        await st.cancel(running.id, "c")
+    removed = [await st.submit("c", "gone", i, webhook=True) for i in range(2)]
+    assert await st.fail_agent("gone", {"type": "not_found"}) == 2
+    assert await st.fail_agent("gone", {"type": "not_found"}) == 0
+    got = {d.id: d for d in await drain(st)}
+    assert {i: d.type for i, d in got.items()} == {
+        ok.id: "job.succeeded", bad.id: "job.failed", queued.id: "job.canceled", running.id: "job.canceled",
+        removed[0].id: "job.failed", removed[1].id: "job.failed"}
+    d = got[bad.id]
+    assert d.msg_id == "msg_" + bad.id and d.attempts == 0 and d.webhook_url == "https://h.example/x"
+    assert d.job.status == "failed" and d.first_at == d.job.finished_at and d.next_at == d.first_at
+    assert d.first_at <= d.claimed_at <= time.time() + 1
+    event = got[ok.id].event()
+    assert event["type"] == "job.succeeded" and event["data"] == got[ok.id].job.to_document()
+    assert event["data"]["result"] == {"data": 1} and event["timestamp"] == event["data"]["finished_at"]
+
+
+async def test_a_stale_finish_and_a_dead_letter(stores: Factory) -> None:
+    """A dead letter (inside claim) makes a job.failed delivery; the stale
+    owner's finish then answers False and makes none."""
+    st = stores(max_attempts=1)
+    job = await st.submit("c", "a", {}, webhook=True)
+    assert await st.claim("crashed", LEASE)
+    await asyncio.sleep(WAIT)
+    assert await st.claim("w", LONG) is None  # the claim that dead-letters it
+    assert not await st.finish(job.id, "crashed", "succeeded", {"data": "late"})
+    got = await drain(st)
+    assert [(d.id, d.type) for d in got] == [(job.id, "job.failed")]
+    assert got[0].job.error["type"] == "internal_error"  # type: ignore[index]
+
+
+async def test_claim_delivery_is_exclusive_and_leased(stores: Factory) -> None:
+    a, b = stores(), stores()
+    jobs = [await a.submit("c", "a", i, webhook=True) for i in range(6)]
+    for job in jobs:
+        await a.cancel(job.id, "c")
+    owners = [(f"o{i}{k}", st) for i in range(6) for k, st in enumerate((a, b))]
+    claims = await asyncio.gather(*(st.claim_delivery(o, LONG) for o, st in owners))
+    got = [d.id for d in claims if d is not None]
+    assert sorted(got) == sorted(j.id for j in jobs)  # each once; six claims found none
+    assert await a.claim_delivery("x", LONG) is None and await b.claim_delivery("x", LONG) is None
+    for (o, st), d in zip(owners, claims):
+        if d is not None:
+            assert await st.delivery_result(d.id, o, "retry", 500, delay=0)  # all due again now
+    # One claimer dies: once its lease runs out another owner takes the
+    # delivery, and the dead one's late result changes nothing.
+    lost = await a.claim_delivery("dead", LEASE)
+    assert lost is not None and lost.attempts == 1
+    await drain(a)  # the other five, leased for long
+    await asyncio.sleep(WAIT)
+    again = await b.claim_delivery("heir", LONG)
+    assert again is not None and again.id == lost.id and again.attempts == 1
+    assert await b.claim_delivery("x", LONG) is None
+    assert not await a.delivery_result(lost.id, "dead", "delivered", 200)
+    assert await b.delivery_result(again.id, "heir", "delivered", 200)
+    assert not await b.delivery_result(again.id, "heir", "delivered", 200)  # recorded once
+    done = await a.get(lost.id, "c")
+    assert done is not None and done.webhook == WebhookStatus("delivered", 2, 200)
+
+
+async def test_retries_follow_their_schedule_then_end(stores: Factory) -> None:
+    st = stores()
+    job = await st.submit("c", "a", 1, webhook=True)
+    assert await st.claim("w", LONG)
+    assert await st.finish(job.id, "w", "succeeded", {"data": 1})
+    d = await st.claim_delivery("d", LONG)
+    assert d is not None and d.attempts == 0
+    assert await st.delivery_result(d.id, "d", "retry", 503, delay=30)  # due in 30 s: not now
+    assert await st.claim_delivery("d", LONG) is None
+    assert not await st.delivery_result(d.id, "d", "delivered", 200)  # the retry released the lease
+    got = await st.get(job.id, "c")
+    assert got is not None and got.status == "succeeded" and got.attempts == 1  # the agent never re-ran
+    assert got.to_document()["webhook"] == {"status": "pending", "attempts": 1, "last_status": 503}
+    # Due again at once (delay 0 stands for "the wait is over"): claimable, attempts kept.
+    other = await st.submit("c", "a", 2, webhook=True)
+    await st.cancel(other.id, "c")
+    second = await st.claim_delivery("d", LONG)
+    assert second is not None and second.id == other.id  # the 30 s one is not due yet
+    assert await st.delivery_result(other.id, "d", "retry", None, delay=0)  # a network error: no status
+    third = await st.claim_delivery("d", LONG)
+    assert third is not None and third.id == other.id and third.attempts == 1 and third.next_at >= second.claimed_at
+    assert third.msg_id == second.msg_id  # the same webhook-id on every retry
+    assert await st.delivery_result(other.id, "d", "gone", 410)
+    gone = await st.get(other.id, "c")
+    assert gone is not None and gone.webhook == WebhookStatus("failed", 2, 410)
+    assert await st.claim_delivery("d", LONG) is None
+    for bad in ({"outcome": "retry"}, {"outcome": "delivered", "delay": 1.0}, {"outcome": "nope"}):
+        with pytest.raises(ValueError):
+            await st.delivery_result(d.id, "d", **bad)  # type: ignore[arg-type]
+
+
+async def test_a_pending_delivery_survives_a_restart(stores: Factory) -> None:
+    """A new store object on the same file / Redis (= the daemon restarted)
+    finds the pending delivery, and a leased one once its lease ran out."""
+    first = stores()
+    job = await first.submit("c", "a", 1, webhook=True)
+    assert await first.claim("w", LONG)
+    assert await first.finish(job.id, "w", "succeeded", {"data": 1})
+    held = await first.submit("c", "a", 2, webhook=True)
+    await first.cancel(held.id, "c")
+    assert await first.claim_delivery("killed", LEASE)  # the oldest: job's, leased by an instance that dies
+    await first.close()
+    await asyncio.sleep(WAIT)
+    again = stores()
+    got = {d.id: d for d in await drain(again, "new")}
+    assert set(got) == {job.id, held.id}
+    assert got[job.id].msg_id == "msg_" + job.id and got[job.id].job.result == {"data": 1}
+    assert await again.delivery_result(job.id, "new", "failed", None)  # given up (retry_for)
+    done = await again.get(job.id, "c")
+    assert done is not None and done.webhook == WebhookStatus("failed", 1, None)
+
+
+async def test_purge_takes_a_pending_delivery_with_its_job(stores: Factory) -> None:
+    st = stores()
+    job = await st.submit("c", "a", 1, webhook=True)
+    await st.cancel(job.id, "c")
+    await asyncio.sleep(0.02)
+    assert await st.purge(0.01) == 1
+    assert await st.claim_delivery("d", LONG) is None
 
 
 # -- SQLite only ------------------------------------------------------------
