@@ -24,8 +24,7 @@ import asyncio
 import logging
 import math
 import time
-from contextlib import asynccontextmanager
-from typing import AsyncIterator, Sequence
+from typing import Sequence
 
 from aiohttp import web
 
@@ -44,23 +43,41 @@ LEASE_MARGIN = 30.0
 LOG_EVERY = 60.0
 
 
-def limits_for(snap: Snapshot, client: Client, agent: CompiledAgent) -> tuple[Limit, ...]:
-    """The limits of a call by `client` to `agent` (computed once per snapshot, client and agent)."""
-    key = (client.name, client.limits, agent.name)
+class Plan:
+    """The limits of calls by one client to one agent, with what their answers
+    need that does not change from call to call (built once per snapshot)."""
+
+    __slots__ = ("limits", "policy", "narrowest")
+
+    def __init__(self, limits: tuple[Limit, ...]) -> None:
+        self.limits = limits
+        requests = [lim for lim in limits if lim.kind == "requests"]
+        self.policy = ", ".join(f'"{lim.scope}";q={lim.quota};w={_whole(lim.window)}' for lim in requests)
+        self.narrowest = min((lim.quota for lim in limits if lim.kind == "concurrency"), default=1 << 30)
+
+
+def plan_for(snap: Snapshot, client: Client, agent: CompiledAgent) -> Plan:
+    """The plan of a call by `client` to `agent` (computed once per snapshot, client and agent)."""
+    # id(): the LimitSet objects live as long as the snapshot (config or auth.jwt's),
+    # and hashing the frozen dataclass on every call cost a few µs.
+    key = (client.name, id(client.limits), agent.name)
     cached = snap.limit_cache.get(key)
     if cached is not None:
         return cached
     own = client.limits if client.limits is not None else snap.compiled.config.limits.default
-    out = _limits(own, "client", client.name) + _limits(agent.assistant.limits, "agent", agent.name)
+    plan = Plan(_limits(own, "client", client.name) + _limits(agent.assistant.limits, "agent", agent.name))
     if len(snap.limit_cache) < 10_000:  # JWT clients are unbounded in number: so is not the cache
-        snap.limit_cache[key] = out
-    return out
+        snap.limit_cache[key] = plan
+    return plan
+
+
+def limits_for(snap: Snapshot, client: Client, agent: CompiledAgent) -> tuple[Limit, ...]:
+    return plan_for(snap, client, agent).limits
 
 
 def narrowest(snap: Snapshot, client: Client, agent: CompiledAgent) -> int:
     """The smallest concurrency limit of such a call (a large number when none)."""
-    return min((lim.quota for lim in limits_for(snap, client, agent) if lim.kind == "concurrency"),
-               default=1 << 30)
+    return plan_for(snap, client, agent).narrowest
 
 
 def _limits(limits: LimitSet | None, scope: Scope, name: str) -> tuple[Limit, ...]:
@@ -76,34 +93,52 @@ def _limits(limits: LimitSet | None, scope: Scope, name: str) -> tuple[Limit, ..
     return tuple(out)
 
 
-@asynccontextmanager
-async def admitted(request: web.Request, rt: Runtime, snap: Snapshot, client: Client, agent: CompiledAgent,
-                   cost: int = 1, slots: int = 1) -> AsyncIterator[None]:
-    limits = limits_for(snap, client, agent)
-    store = rt.store
-    if not limits or store is None or cost <= 0:
-        yield
-        return
-    try:
-        admission = await store.admit(limits, cost, slots, rt.settings.deadline + LEASE_MARGIN)
-    except StoreError as e:
-        deny = snap.compiled.config.limits.on_store_error == "deny"
-        store_failed(rt, "deny" if deny else "allow", e)
-        if deny:
-            raise Unavailable("the limits store does not answer; try again shortly",
-                              headers={"Retry-After": "1"}) from None
-        yield
-        return
-    request[RATE_HEADERS] = rate_headers(limits, admission)
-    if not admission.allowed:
-        raise refusal(admission, request[RATE_HEADERS])
-    try:
-        yield
-    finally:
-        stats = request.get(STATS)
+class admitted:  # noqa: N801 - used as `async with quota.admitted(...)`, like a function
+    """`async with admitted(request, rt, snap, client, agent, cost, slots):` the call,
+    counted; 429 or 503 raised on entry. A class rather than @asynccontextmanager:
+    it runs on every agent call, and the generator machinery cost ~10 µs."""
+
+    __slots__ = ("request", "rt", "plan", "cost", "slots", "admission", "deny")
+
+    def __init__(self, request: web.Request, rt: Runtime, snap: Snapshot, client: Client, agent: CompiledAgent,
+                 cost: int = 1, slots: int = 1) -> None:
+        self.request, self.rt, self.cost, self.slots = request, rt, cost, slots
+        self.plan = plan_for(snap, client, agent)
+        self.deny = snap.compiled.config.limits.on_store_error == "deny"  # the request's config, not the newest
+        self.admission: Admission | None = None
+
+    async def __aenter__(self) -> None:
+        rt, limits = self.rt, self.plan.limits
+        store = rt.store
+        if not limits or store is None or self.cost <= 0:
+            return
+        try:
+            admission = await store.admit(limits, self.cost, self.slots, rt.settings.deadline + LEASE_MARGIN)
+        except StoreError as e:
+            store_failed(rt, "deny" if self.deny else "allow", e)
+            if self.deny:
+                raise Unavailable("the limits store does not answer; try again shortly",
+                                  headers={"Retry-After": "1"}) from None
+            return
+        headers = self.request[RATE_HEADERS] = rate_headers(self.plan, admission)
+        if not admission.allowed:
+            raise refusal(admission, headers)
+        self.admission = admission
+
+    async def __aexit__(self, *exc: object) -> None:
+        admission = self.admission
+        if admission is None:
+            return
+        self.admission = None
+        stats = self.request.get(STATS)
         tokens = stats.total_tokens if stats is not None else 0
-        # Shielded: a cancelled call (client gone, shutdown) still gives its slots back.
-        await asyncio.shield(_finish(rt, admission.lease, limits, tokens, slots))
+        rt = self.rt
+        if rt.store is not None and rt.store.shared:
+            # Shielded: a cancelled call (client gone, shutdown) still gives its slots back.
+            await asyncio.shield(_finish(rt, admission.lease, self.plan.limits, tokens, self.slots))
+        else:
+            # The memory store's finish never suspends: nothing can cancel it half-way.
+            await _finish(rt, admission.lease, self.plan.limits, tokens, self.slots)
 
 
 async def _finish(rt: Runtime, lease: str, limits: Sequence[Limit], tokens: int, slots: int) -> None:
@@ -142,17 +177,15 @@ def refusal(admission: Admission, headers: dict[str, str]) -> RateLimited:
     )
 
 
-def rate_headers(limits: Sequence[Limit], admission: Admission) -> dict[str, str]:
+def rate_headers(plan: Plan, admission: Admission) -> dict[str, str]:
     """`RateLimit-Policy` and `RateLimit` for the requests limits (Structured Fields lists)."""
     if not admission.standings:
         return {}
-    policy = ", ".join(f'"{s.limit.scope}";q={s.limit.quota};w={_whole(s.limit.window)}'
-                       for s in admission.standings)
     # The store counts the partly expired oldest bucket whole: its reset can pass the window by one bucket.
     state = ", ".join(f'"{s.limit.scope}";r={max(0, s.remaining)};'
                       f't={min(_whole(s.limit.window), max(0, math.ceil(s.reset)))}'
                       for s in admission.standings)
-    return {"RateLimit-Policy": policy, "RateLimit": state}
+    return {"RateLimit-Policy": plan.policy, "RateLimit": state}
 
 
 def _seconds(window: float) -> int | float:
