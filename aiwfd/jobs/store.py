@@ -201,10 +201,13 @@ class Delivery:
         return self.job.webhook_url
 
     def event(self) -> dict[str, Any]:
-        """The body of SPEC §9.3. `timestamp` is the job's end, not the
-        attempt's, so every retry sends the same event."""
-        return {"type": self.type, "timestamp": rfc3339(self.job.finished_at or self.first_at),
-                "data": self.job.to_document()}
+        """The body of SPEC §9.3, the same on every attempt (one webhook-id,
+        one body): `timestamp` is the job's end, not the attempt's, and the
+        data is the job document without its `webhook`, which changes with
+        every attempt and says nothing to the receiver (always "pending")."""
+        data = self.job.to_document()
+        del data["webhook"]
+        return {"type": self.type, "timestamp": rfc3339(self.job.finished_at or self.first_at), "data": data}
 
 
 class JobFinished(Exception):

@@ -12,6 +12,7 @@ stream, and each backend's failure as StoreError.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import re
 import signal
@@ -20,16 +21,19 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import AsyncIterator, Callable, Iterator
+from typing import Any, AsyncIterator, Callable, Iterator
 
 import pytest
 
 from aiwfd.jobs import open_job_store
+from aiwfd.jobs.delivery import run_deliveries
 from aiwfd.jobs.redis_streams import RedisJobStore
 from aiwfd.jobs.sqlite import FILENAME, SQLiteJobStore
+from aiwfd.jobs.webhooks import open_session
 from aiwfd.jobs.store import Delivery, InvalidCursor, JobFinished, JobStore, StoreError, WebhookStatus
 from aiwfd.testing.processes import free_port, stop_process
 from aiwfd.testing.redisproc import RedisServer
+from aiwfd.testing.webhook_receiver import Answer, Hang, WebhookReceiver
 
 REPO = Path(__file__).resolve().parents[2]
 RFC3339 = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
@@ -375,7 +379,8 @@ async def test_one_delivery_per_job_end(stores: Factory) -> None:
     assert d.job.status == "failed" and d.first_at == d.job.finished_at and d.next_at == d.first_at
     assert d.first_at <= d.claimed_at <= time.time() + 1
     event = got[ok.id].event()
-    assert event["type"] == "job.succeeded" and event["data"] == got[ok.id].job.to_document()
+    assert event["type"] == "job.succeeded"
+    assert event["data"] == {k: v for k, v in got[ok.id].job.to_document().items() if k != "webhook"}
     assert event["data"]["result"] == {"data": 1} and event["timestamp"] == event["data"]["finished_at"]
 
 
@@ -403,7 +408,7 @@ async def test_claim_delivery_is_exclusive_and_leased(stores: Factory) -> None:
     got = [d.id for d in claims if d is not None]
     assert sorted(got) == sorted(j.id for j in jobs)  # each once; six claims found none
     assert await a.claim_delivery("x", LONG) is None and await b.claim_delivery("x", LONG) is None
-    for (o, st), d in zip(owners, claims):
+    for (o, st), d in zip(owners, claims, strict=True):
         if d is not None:
             assert await st.delivery_result(d.id, o, "retry", 500, delay=0)  # all due again now
     # One claimer dies: once its lease runs out another owner takes the
@@ -481,6 +486,125 @@ async def test_purge_takes_a_pending_delivery_with_its_job(stores: Factory) -> N
     await asyncio.sleep(0.02)
     assert await st.purge(0.01) == 1
     assert await st.claim_delivery("d", LONG) is None
+
+
+# -- the delivery loop (aiwfd/jobs/delivery.py), both backends ---------------
+
+SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+
+
+async def finished_job(st: JobStore, **submit: Any) -> str:
+    job = await st.submit("c", "a", {"q": 1}, **submit)
+    assert await st.claim("w", LONG)
+    assert await st.finish(job.id, "w", "succeeded", {"data": {"a": 42}, "trace": {}})
+    return job.id
+
+
+@contextlib.asynccontextmanager
+async def delivering(st: JobStore, **kw: Any) -> AsyncIterator[asyncio.Event]:
+    """run_deliveries on `st` for the block; the loop's `wake` event."""
+    stop, wake = asyncio.Event(), asyncio.Event()
+    async with open_session(True) as session:
+        task = asyncio.create_task(run_deliveries(st, session, [SECRET], owner="loop", allow_private=True,
+                                                  stop=stop, wake=wake, idle=0.05, **kw))
+        try:
+            yield wake
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 5)
+
+
+async def webhook_done(st: JobStore, job_id: str) -> WebhookStatus:
+    """The job's webhook status once it is no longer pending."""
+    for _ in range(200):
+        job = await st.get(job_id, "c")
+        assert job is not None and job.webhook is not None
+        if job.webhook.status != "pending":
+            return job.webhook
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"still pending: {job.webhook}")
+
+
+async def test_loop_retries_with_one_webhook_id_after_a_restart(stores: Factory) -> None:
+    """The job ends on one store object, which goes away (a restart); the
+    loop on another delivers it: 503 three times (Retry-After: 0, honoured),
+    then 200 → delivered, attempts 4, one webhook-id, every request signed;
+    the agent ran once."""
+    before = stores()
+    job_id = await finished_job(before, webhook=True)
+    await before.close()
+    st = stores()
+    async with WebhookReceiver([SECRET]) as rx:
+        rx.script(Answer(503, retry_after="0", times=3), Answer(200))
+        async with delivering(st, default_url=rx.url):
+            got = await rx.wait_for(4)
+            assert await webhook_done(st, job_id) == WebhookStatus("delivered", 4, 200)
+        assert len(rx.deliveries) == 4 and {d.msg_id for d in got} == {"msg_" + job_id}
+        assert all(d.verified for d in got) and [d.answered for d in got] == [503, 503, 503, 200]
+        event = got[-1].json()
+        assert event["type"] == "job.succeeded" and event["data"]["id"] == job_id
+        assert event["data"]["result"] == {"data": {"a": 42}, "trace": {}}
+        assert len({d.body for d in got}) == 1  # the same event on every attempt
+    job = await st.get(job_id, "c")
+    assert job is not None and job.attempts == 1 and job.status == "succeeded"
+    assert await st.claim_delivery("x", LONG) is None
+
+
+async def test_loop_410_stops_and_retry_for_gives_up(stores: Factory) -> None:
+    st = stores()
+    async with WebhookReceiver([SECRET]) as rx:
+        rx.script(Answer(410))
+        gone = await finished_job(st, webhook_url=rx.url + "?k=1")  # the job's own URL
+        async with delivering(st, default_url=None):
+            await rx.wait_for(1)
+            assert await webhook_done(st, gone) == WebhookStatus("failed", 1, 410)
+            await asyncio.sleep(0.1)  # no second request: 410 stops, whatever retry_for says
+            assert len(rx.deliveries) == 1
+        async with delivering(st, default_url=None, retry_for=0) as wake:
+            # retry_for ran out (0 here): the first failure is the last
+            rx.script(Answer(500, retry_after="0"))
+            late = await finished_job(st, webhook_url=rx.url)
+            wake.set()
+            await rx.wait_for(2)
+            assert await webhook_done(st, late) == WebhookStatus("failed", 1, 500)
+            # a job for the configured webhook when none is configured any more: failed, no request
+            orphan = await finished_job(st, webhook=True)
+            wake.set()
+            assert await webhook_done(st, orphan) == WebhookStatus("failed", 1, None)
+        assert len(rx.deliveries) == 2
+    assert await st.claim_delivery("x", LONG) is None
+
+
+async def test_two_loops_deliver_each_job_once(stores: Factory) -> None:
+    a, b = stores(), stores()
+    ids = [await finished_job(a, webhook=True) for _ in range(10)]
+    async with WebhookReceiver([SECRET]) as rx:
+        async with delivering(a, default_url=rx.url), delivering(b, default_url=rx.url):
+            await rx.wait_for(10)
+            for job_id in ids:
+                assert await webhook_done(a, job_id) == WebhookStatus("delivered", 1, 200)
+        assert sorted(d.msg_id or "" for d in rx.deliveries) == sorted("msg_" + i for i in ids)
+
+
+async def test_a_loop_killed_mid_attempt_leaves_it_to_another(stores: Factory) -> None:
+    """The instance dies during an attempt (its loop is cancelled: nothing is
+    recorded); once the lease runs out another instance's loop makes it
+    again, with the same webhook-id."""
+    a, b = stores(), stores()
+    job_id = await finished_job(a, webhook=True)
+    async with WebhookReceiver([SECRET]) as rx, open_session(True) as session:
+        rx.script(Hang())
+        task = asyncio.create_task(run_deliveries(a, session, [SECRET], owner="dies", allow_private=True,
+                                                  stop=asyncio.Event(), default_url=rx.url, timeout=LEASE - 0.05,
+                                                  lease=LEASE, idle=0.05))
+        await rx.wait_for(1)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        async with delivering(b, default_url=rx.url):
+            got = await rx.wait_for(2)
+            assert await webhook_done(b, job_id) == WebhookStatus("delivered", 1, 200)
+        assert [d.msg_id for d in got] == ["msg_" + job_id] * 2 and len(rx.deliveries) == 2
 
 
 # -- SQLite only ------------------------------------------------------------
