@@ -95,8 +95,8 @@ class RequestLog:
         else:
             line = (f"{_clock.now()} {method} {escape(path)} - {go_duration(seconds)} "
                     f"status={status} request_id={request_id}")
-            if client is not None:
-                line += f" client={client}"
+            if client is not None:  # a token's claim: anything the issuer let the user choose
+                line += f" client={escape(client)}"
             if attempts is not None:
                 line += f" attempts={attempts} tokens={tokens}"
             if error:

@@ -25,6 +25,14 @@ class Client:
     limits: LimitSet | None = None        # its own; None: `limits.default`
     scopes: frozenset[str] | None = None  # a JWT's scopes
 
+    @property
+    def identity(self) -> str:
+        """What the store keys its counters and idempotency keys by. A token's
+        client claim is the caller's to choose: "jwt:" keeps a token naming
+        itself `frontend` from being the key client `frontend` (a configured
+        name has no ':')."""
+        return "jwt:" + self.name if self.label == "jwt" else self.name
+
     def may_call(self, agent: str) -> bool:
         return self.agents is None or agent in self.agents
 

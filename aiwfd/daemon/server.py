@@ -43,6 +43,9 @@ from aiwfd.store.limits import open_store
 
 logger = logging.getLogger("aiwfd")
 
+# How long a reload that changed auth.jwt waits for the new issuer's keys before it swaps.
+VERIFIER_GRACE = 2.0
+
 EPHEMERAL_PREFIX = "aiwfd-"
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
@@ -281,9 +284,14 @@ class Server:
             return False
         self.settings = settings
         rt.settings = settings
-        old = rt.swap(snapshot)
-        if snapshot.verifier is not None and snapshot.verifier is not old.verifier:
-            await snapshot.verifier.start()
+        fresh = snapshot.verifier if snapshot.verifier is not rt.snapshot.verifier else None
+        if fresh is not None:
+            # auth.jwt changed: give the new verifier a moment to load its keys
+            # before it answers, so token calls are not 503 just after a reload.
+            await fresh.start()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(fresh.wait_ready(), VERIFIER_GRACE)
+        rt.swap(snapshot)
         for w in compiled.warnings:
             logger.warning("%s", w)
         live_ms = (asyncio.get_running_loop().time() - started) * 1000

@@ -125,10 +125,11 @@ def scope(request: web.Request, client_name: str, agent: str, key: str) -> str:
 
 
 def lease_for(rt: Runtime, agent: CompiledAgent) -> float:
-    """How long a first request may hold its key: what the engine allows a call
-    (an agent's own timeout above the deadline raises it: engine.call_agent)."""
+    """How long a first request may hold its key: past what the engine allows a
+    call (an agent's own timeout above the deadline raises it, and a batch's
+    last input may start just before the deadline: engine.call_agent)."""
     own = agent.assistant.timeout or agent.provider.timeout or 0
-    return max(rt.settings.deadline, own) + LEASE_MARGIN
+    return rt.settings.deadline + own + LEASE_MARGIN
 
 
 def stored(resp: web.StreamResponse) -> Answer | None:
@@ -169,7 +170,7 @@ async def guarded(request: web.Request, rt: Runtime, agent: CompiledAgent, body:
     if key is None or store is None:
         return await run()
     client = request[CLIENT]
-    skey = scope(request, client.name, agent.name, key)
+    skey = scope(request, client.identity, agent.name, key)
     fp = fingerprint(body) if not extra else hashlib.sha256(
         (fingerprint(body) + "\n" + extra).encode()).hexdigest()
     claim = await _claim(rt, store, skey, fp, lease if lease is not None else lease_for(rt, agent))

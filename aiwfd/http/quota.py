@@ -47,10 +47,13 @@ class Plan:
     """The limits of calls by one client to one agent, with what their answers
     need that does not change from call to call (built once per snapshot)."""
 
-    __slots__ = ("limits", "policy", "narrowest")
+    __slots__ = ("limits", "policy", "narrowest", "own_timeout")
 
-    def __init__(self, limits: tuple[Limit, ...]) -> None:
+    def __init__(self, limits: tuple[Limit, ...], agent: CompiledAgent) -> None:
         self.limits = limits
+        # A call may outlive the deadline by the agent's own timeout (engine.call_agent;
+        # a batch's last input), and its slots must not expire while it runs.
+        self.own_timeout = agent.assistant.timeout or agent.provider.timeout or 0.0
         requests = [lim for lim in limits if lim.kind == "requests"]
         self.policy = ", ".join(f'"{lim.scope}";q={lim.quota};w={_whole(lim.window)}' for lim in requests)
         self.narrowest = min((lim.quota for lim in limits if lim.kind == "concurrency"), default=1 << 30)
@@ -65,7 +68,8 @@ def plan_for(snap: Snapshot, client: Client, agent: CompiledAgent) -> Plan:
     if cached is not None:
         return cached
     own = client.limits if client.limits is not None else snap.compiled.config.limits.default
-    plan = Plan(_limits(own, "client", client.name) + _limits(agent.assistant.limits, "agent", agent.name))
+    plan = Plan(_limits(own, "client", client.identity) + _limits(agent.assistant.limits, "agent", agent.name),
+                agent)
     if len(snap.limit_cache) < 10_000:  # JWT clients are unbounded in number: so is not the cache
         snap.limit_cache[key] = plan
     return plan
@@ -113,7 +117,8 @@ class admitted:  # noqa: N801 - used as `async with quota.admitted(...)`, like a
         if not limits or store is None or self.cost <= 0:
             return
         try:
-            admission = await store.admit(limits, self.cost, self.slots, rt.settings.deadline + LEASE_MARGIN)
+            ttl = rt.settings.deadline + self.plan.own_timeout + LEASE_MARGIN
+            admission = await store.admit(limits, self.cost, self.slots, ttl)
         except StoreError as e:
             store_failed(rt, "deny" if self.deny else "allow", e)
             if self.deny:

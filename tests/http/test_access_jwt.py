@@ -50,8 +50,9 @@ async def issuer() -> AsyncIterator[Issuer]:
 
 @pytest.fixture(scope="module")
 async def srv(issuer: Issuer, fake: FakeOpenAI, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[InProcess]:
-    path = write_config(tmp_path_factory.mktemp("jwt"), CONFIG.format(issuer=issuer.issuer))
-    async with serve(path, env=fake_env(fake, API_KEY=KEY)) as s:
+    directory = tmp_path_factory.mktemp("jwt")
+    path = write_config(directory, CONFIG.format(issuer=issuer.issuer))
+    async with serve(path, env=fake_env(fake, API_KEY=KEY), state_dir=str(directory / "state")) as s:
         verifier = s.server.runtime.snapshot.verifier
         assert verifier is not None
         await verifier.wait_ready()
@@ -163,3 +164,44 @@ async def test_an_issuer_down_at_start_up(fake: FakeOpenAI, tmp_path: Path) -> N
             assert (await call(s, iss.mint()))[0] == 200
             async with s.session.get(s.url("/health/ready")) as r:
                 assert r.status == 200 and (await r.json())["status"] == "ready"
+
+
+async def test_a_token_naming_a_key_client_is_not_that_client(srv: InProcess, issuer: Issuer, fake: FakeOpenAI) -> None:
+    """A token's client claim is the caller's to choose: one that says `api-key-1` gets
+    neither that key client's idempotent answers nor its counters."""
+    fake.reset()
+    headers = {"X-API-Key": KEY, "Idempotency-Key": "shared-key-1"}
+    async with srv.session.post(srv.url("/agent/greeter"), json=BODY, headers=headers) as r:
+        assert r.status == 200
+    token = issuer.mint(azp="api-key-1")
+    headers = {"Authorization": f"Bearer {token}", "Idempotency-Key": "shared-key-1"}
+    async with srv.session.post(srv.url("/agent/greeter"), json=BODY, headers=headers) as r:
+        assert r.status == 200 and "Idempotency-Replayed" not in r.headers
+    assert fake.calls == 2  # both ran
+    assert " client=api-key-1 " in srv.log_lines()[-1]  # the log still shows the claim
+
+
+async def test_a_client_claim_cannot_forge_log_lines(srv: InProcess, issuer: Issuer) -> None:
+    evil = 'evil status=200 request_id=forged\n2026-01-01T00:00:00Z POST /agent/x - 1ms status=200'
+    status, _, _ = await call(srv, issuer.mint(azp=evil))
+    assert status == 200
+    last = srv.log_lines()[-1]
+    assert "client=evil\\x20status=200\\x20request_id=forged\\x0a2026" in last
+    assert not any(line.startswith("2026-01-01T00:00:00Z") for line in srv.log_lines())
+
+
+async def test_a_reload_of_the_limits_keeps_the_issuers_keys(fake: FakeOpenAI, tmp_path: Path) -> None:
+    """Only what verifies a token makes a new verifier: a reload that changes
+    auth.jwt.limits keeps the loaded keys, so tokens pass with the issuer down."""
+    async with Issuer() as iss:
+        path = write_config(tmp_path, CONFIG.format(issuer=iss.issuer))
+        async with serve(path, env=fake_env(fake, API_KEY=KEY)) as s:
+            verifier = s.server.runtime.snapshot.verifier
+            assert verifier is not None
+            await verifier.wait_ready()
+            await iss.down()
+            path.write_text(CONFIG.format(issuer=iss.issuer).replace("1000/min", "2000/min"), encoding="utf-8")
+            assert await s.server.reload()
+            assert s.server.runtime.snapshot.verifier is verifier
+            status, headers, _ = await call(s, iss.mint())
+            assert status == 200 and headers["RateLimit-Policy"] == '"client";q=2000;w=60'
