@@ -2,7 +2,9 @@
 the job document) and its two backends, SQLite in the state directory for
 one host (aiwfd/jobs/sqlite.py) and Redis Streams for the fleet
 (aiwfd/jobs/redis_streams.py). `open_job_store` picks one as `open_store`
-does for the limits; neither backend is imported before it is asked for."""
+does for the limits; neither backend is imported before it is asked for.
+Webhooks: one attempt in aiwfd/jobs/webhooks.py, the loop that sends the
+store's delivery tasks in aiwfd/jobs/delivery.py."""
 
 from __future__ import annotations
 

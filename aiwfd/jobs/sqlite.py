@@ -350,6 +350,11 @@ class SQLiteJobStore:
 
         def run(conn: sqlite3.Connection) -> Delivery | None:
             now = time.time()
+            # An idle delivery loop polls several times a second on every
+            # instance: a read (WAL: no lock, never waits) answers most polls
+            # without taking the write lock the instances' job claims need.
+            if conn.execute("SELECT 1 FROM deliveries WHERE due <= ? LIMIT 1", (now,)).fetchone() is None:
+                return None
             with _transaction(conn):
                 row = conn.execute(
                     "UPDATE deliveries SET owner = ?, due = ? WHERE job_id = "
