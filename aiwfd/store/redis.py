@@ -3,19 +3,31 @@
 Imported only when REDIS_URL is set (aiwfd.store.limits.open_store), so an
 install without the `redis` package runs the memory store.
 
-Each `admit` is one EVALSHA of ADMIT below, for all the limits of a call, and
-each `finish` one of FINISH: Redis runs a script atomically, so the check and
-the count cannot interleave with another instance's, and the decision is all
-or nothing. The scripts read the time with Redis `TIME`, so instances whose
-clocks disagree still count in the same buckets.
+One round trip per call (§8.2): each `admit` is one EVALSHA of ADMIT below,
+for all the limits of a call. `finish` sends nothing itself: it records what
+it must do (the ZREM of the lease's slots, the HINCRBY of the tokens, summed
+per key) in a pending batch, and the next `admit` of this store object carries
+that batch in its own script, applied before the admission check, so a slot
+released here is free for this instance's next call. When no admit comes
+along, a background flusher sends the batch FLUSH_DELAY later (the same
+script with no limits to check), so the other instances see the slots freed
+within milliseconds; `close` sends what is still pending. A deferred finish
+that fails cannot raise into its request any more: it goes to
+`on_finish_error` (see `_failed` for what is kept for the next attempt).
+
+Redis runs a script atomically, so the check and the count cannot interleave
+with another instance's, and the decision is all or nothing. The script reads
+the time with Redis `TIME`, so instances whose clocks disagree still count in
+the same buckets (a deferred finish's tokens land in the bucket of the moment
+they are sent, at most FLUSH_DELAY or one admit later).
 
 Keys (`prefix` + Limit.key): requests and tokens windows are HASHes, field =
 bucket index (now // width), value = the count, expiring ~2 windows after the
 last write; a concurrency limit is a ZSET of `lease:slot` members scored by
 their expiry (now + lease_ttl), so the slots of an instance killed with -9
-free themselves after lease_ttl. The keys of one call are not in one hash
-slot: Redis Cluster would need hash tags (one Redis, or Sentinel, is what
-SPEC §8 asks for).
+(its pending finishes lost with it) free themselves after lease_ttl. The keys
+of one call are not in one hash slot: Redis Cluster would need hash tags (one
+Redis, or Sentinel, is what SPEC §8 asks for).
 
 Every failure of Redis or redis-py becomes StoreError in one place
 (`_mapped`), within about `timeout`.
@@ -26,8 +38,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import logging
 import secrets
-from typing import AsyncIterator, Sequence
+from typing import AsyncIterator, Callable, Sequence
 from urllib.parse import urlsplit
 
 import redis.asyncio
@@ -38,28 +51,70 @@ from redis.backoff import NoBackoff
 from aiwfd.compat import timeout as deadline
 from aiwfd.store.base import BUCKETS, SPAN, Admission, Limit, Standing, StoreError
 
-__all__ = ["ADMIT", "FINISH", "RedisStore", "redacted"]
+__all__ = ["ADMIT", "FLUSH_DELAY", "MAX_CONNECTIONS", "RedisStore", "redacted"]
 
-# KEYS: one per limit. ARGV: cost, slots, lease_ttl (µs), lease, then per limit
-# kind ("r", "t" or "c"), quota, bucket width (µs). Times are µs from Redis
-# TIME (exact in Lua's doubles until year 2255).
+logger = logging.getLogger(__name__)
+
+# How long a finish waits for an admit to carry it before the flusher sends it
+# alone: short enough that another instance sees a freed slot at once (a
+# request lasts far longer), long enough that a busy instance never sends one.
+FLUSH_DELAY = 0.005
+# The flusher's pause after a failed send, doubling between these bounds: a
+# Redis that is down is asked about once a second, not in a tight loop.
+RETRY_MIN, RETRY_MAX = 0.1, 1.0
+# redis-py 8's asyncio ConnectionPool allows 100 connections by default and
+# raises ("Too many connections") beyond them instead of waiting: at 256
+# concurrent calls most failed as StoreError. One connection per call in
+# flight is what an instance needs; `?max_connections=` in REDIS_URL still
+# wins (redis-py lets the URL's options override the keyword arguments).
+MAX_CONNECTIONS = 4096
+
+# KEYS: the pending finishes' keys (nf of them), then one per limit.
+# ARGV: nf, cost, slots, lease_ttl (µs), lease, then per limit kind ("r", "t"
+# or "c"), quota, bucket width (µs), then per finish key either "c", m and the
+# m lease members to remove, or "t", bucket width (µs) and the tokens to add.
+# Times are µs from Redis TIME (exact in Lua's doubles until year 2255).
+# The finishes are applied first, so a slot they free counts as free.
 # Returns: allowed (0/1), the 1-based index of the first limit that refused
 # (0), retry_after (µs), then remaining and reset (µs) per requests limit.
+# With no limits (a flush alone): {1, 0, 0}.
 ADMIT = f"""
 -- Redis 3.2-4 refuse writes after TIME unless the script replicates its effects (the default since 5).
 if redis.replicate_commands then redis.replicate_commands() end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local cost = tonumber(ARGV[1])
-local slots = tonumber(ARGV[2])
-local ttl = tonumber(ARGV[3])
-local lease = ARGV[4]
-local n = #KEYS
+local nf = tonumber(ARGV[1])
+local cost = tonumber(ARGV[2])
+local slots = tonumber(ARGV[3])
+local ttl = tonumber(ARGV[4])
+local lease = ARGV[5]
+local n = #KEYS - nf
+local p = 6 + 3 * n
+for i = 1, nf do
+  local key = KEYS[i]
+  if ARGV[p] == 'c' then
+    local last = p + 1 + tonumber(ARGV[p + 1])
+    local s = p + 2
+    -- unpack in chunks: Lua's C stack holds ~8000 values
+    while s <= last do
+      local e = math.min(s + 999, last)
+      redis.call('ZREM', key, unpack(ARGV, s, e))
+      s = e + 1
+    end
+    p = last + 1
+  else
+    local width = tonumber(ARGV[p + 1])
+    redis.call('HINCRBY', key, math.floor(now / width), ARGV[p + 2])
+    redis.call('PEXPIRE', key, math.ceil(2 * {SPAN} * width / 1000))
+    p = p + 3
+  end
+end
+if n == 0 then return {{1, 0, 0}} end
 local refused = 0
 local retry = 0
 local totals, oldest, curs = {{}}, {{}}, {{}}
 for i = 1, n do
-  local key, b = KEYS[i], 4 + 3 * (i - 1)
+  local key, b = KEYS[nf + i], 5 + 3 * (i - 1)
   local kind, quota, width = ARGV[b + 1], tonumber(ARGV[b + 2]), tonumber(ARGV[b + 3])
   if kind == 'c' then
     redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
@@ -101,7 +156,7 @@ for i = 1, n do
 end
 local out = {{refused == 0 and 1 or 0, refused, retry}}
 for i = 1, n do
-  local key, b = KEYS[i], 4 + 3 * (i - 1)
+  local key, b = KEYS[nf + i], 5 + 3 * (i - 1)
   local kind, quota, width = ARGV[b + 1], tonumber(ARGV[b + 2]), tonumber(ARGV[b + 3])
   if refused == 0 then
     if kind == 'c' then
@@ -123,26 +178,6 @@ for i = 1, n do
 end
 return out
 """
-
-# KEYS: the concurrency and tokens limits of a call. ARGV: lease, slots,
-# tokens, then per key kind ("c" or "t") and bucket width (µs).
-FINISH = """
--- Redis 3.2-4 refuse writes after TIME unless the script replicates its effects (the default since 5).
-if redis.replicate_commands then redis.replicate_commands() end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local lease, slots, tokens = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
-for i = 1, #KEYS do
-  local kind, width = ARGV[2 + 2 * i], tonumber(ARGV[3 + 2 * i])
-  if kind == 'c' then
-    for s = 1, slots do redis.call('ZREM', KEYS[i], lease .. ':' .. s) end
-  elseif tokens > 0 then
-    redis.call('HINCRBY', KEYS[i], math.floor(now / width), tokens)
-    redis.call('PEXPIRE', KEYS[i], math.ceil(2 * %d * width / 1000))
-  end
-end
-return 0
-""" % SPAN
 
 _KIND = {"requests": "r", "tokens": "t", "concurrency": "c"}
 
@@ -173,7 +208,24 @@ class _Script:
 
 
 _ADMIT = _Script(ADMIT)
-_FINISH = _Script(FINISH)
+
+# What finishes leave to send: the lease members to ZREM, by key; the tokens
+# to HINCRBY, by (key, bucket width), summed.
+_Releases = dict[str, list[str]]
+_Tokens = dict[tuple[str, int], int]
+
+
+def _encoded(releases: _Releases, tokens: _Tokens) -> tuple[list[str], list[str | int]]:
+    """The finishes' part of ADMIT's KEYS and ARGV."""
+    keys: list[str] = []
+    args: list[str | int] = []
+    for key, members in releases.items():
+        keys.append(key)
+        args += ("c", len(members), *members)
+    for (key, width), n in tokens.items():
+        keys.append(key)
+        args += ("t", width, n)
+    return keys, args
 
 
 class RedisStore:
@@ -185,6 +237,10 @@ class RedisStore:
         self.description = redacted(url)
         self.timeout = timeout
         self.prefix = prefix
+        # Called with the error each time deferred finishes could not be sent
+        # by the flusher, `ping` or `close`, or were dropped (see `_failed`):
+        # `finish` itself no longer talks to Redis, so it cannot raise it.
+        self.on_finish_error: Callable[[StoreError], None] | None = None
         # One retry, at once, on a connection error only: a pooled connection
         # that a Redis restart closed is replaced without the caller seeing it,
         # but a Redis that is down fails within `timeout` (redis-py's default
@@ -196,7 +252,13 @@ class RedisStore:
             socket_connect_timeout=timeout,
             retry=Retry(NoBackoff(), 1, supported_errors=(redis.exceptions.ConnectionError,)),
             health_check_interval=0,
+            max_connections=MAX_CONNECTIONS,
         )
+        self._releases: _Releases = {}
+        self._tokens: _Tokens = {}
+        self._flusher: asyncio.Task[None] | None = None
+        self._napping = False  # the flusher is in its sleep (safe to cancel: it holds no batch)
+        self._closed = False
 
     @contextlib.asynccontextmanager
     async def _mapped(self) -> AsyncIterator[None]:
@@ -219,7 +281,7 @@ class RedisStore:
         if not limits:
             return Admission(True, None, 0.0, (), "")
         keys: list[str] = []
-        args: list[str | int] = [cost, slots, round(lease_ttl * 1_000_000), ""]
+        args: list[str | int] = [0, cost, slots, round(lease_ttl * 1_000_000), ""]
         concurrency = False
         for limit in limits:
             keys.append(self.prefix + limit.key)
@@ -228,9 +290,15 @@ class RedisStore:
             args += (kind, limit.quota, limit.width_us)
         # The lease's members are `lease:slot`: a random id, so two instances never share one.
         lease = secrets.token_hex(8) if concurrency else ""
-        args[3] = lease
-        async with self._mapped():
-            reply = await _ADMIT(self._client, keys, args)
+        args[4] = lease
+        # The pending finishes ride along, first in KEYS and last in ARGV.
+        releases, tokens = self._take()
+        if releases or tokens:
+            fkeys, fargs = _encoded(releases, tokens)
+            args[0] = len(fkeys)
+            keys = fkeys + keys
+            args += fargs
+        reply = await self._send(keys, args, releases, tokens, carried=True)
         try:
             assert isinstance(reply, list)
             values = [int(v) for v in reply]
@@ -252,22 +320,131 @@ class RedisStore:
         )
 
     async def finish(self, lease: str, limits: Sequence[Limit], tokens: int, slots: int = 1) -> None:
-        keys: list[str] = []
-        args: list[str | int] = [lease, slots, tokens]
+        """Record the release and the tokens; the next admit or the flusher sends them (no round trip here)."""
+        pending = False
         for limit in limits:
-            if (limit.kind == "concurrency" and lease) or (limit.kind == "tokens" and tokens > 0):
-                keys.append(self.prefix + limit.key)
-                args += (_KIND[limit.kind], limit.width_us)
-        if not keys:
-            return  # nothing held, nothing to add: no round trip
-        async with self._mapped():
-            await _FINISH(self._client, keys, args)
+            if limit.kind == "concurrency" and lease:
+                members = self._releases.setdefault(self.prefix + limit.key, [])
+                members += (f"{lease}:{s}" for s in range(1, slots + 1))
+                pending = True
+            elif limit.kind == "tokens" and tokens > 0:
+                at = (self.prefix + limit.key, limit.width_us)
+                self._tokens[at] = self._tokens.get(at, 0) + tokens
+                pending = True
+        if pending and self._flusher is None and not self._closed:
+            self._flusher = asyncio.get_running_loop().create_task(self._flush_soon())
+
+    async def flush(self) -> None:
+        """Send the pending finishes now (one round trip; none when nothing is
+        pending). StoreError when Redis does not answer, after `_failed`."""
+        releases, tokens = self._take()
+        if not releases and not tokens:
+            return
+        keys, fargs = _encoded(releases, tokens)
+        await self._send(keys, [len(keys), 0, 0, 0, "", *fargs], releases, tokens, carried=False)
+
+    def _take(self) -> tuple[_Releases, _Tokens]:
+        """The pending batch, now the caller's: fresh dicts take its place
+        (even when it is empty: the caller's batch must never be the live one,
+        which other calls add to while it is in flight)."""
+        releases, tokens = self._releases, self._tokens
+        self._releases, self._tokens = {}, {}
+        return releases, tokens
+
+    async def _send(self, keys: list[str], args: list[str | int], releases: _Releases, tokens: _Tokens,
+                    carried: bool) -> object:
+        try:
+            async with self._mapped():
+                return await _ADMIT(self._client, keys, args)
+        except StoreError as exc:
+            if releases or tokens:
+                self._failed(releases, tokens, exc, carried)
+            raise
+        except asyncio.CancelledError:
+            # The caller went away mid-call (a client that disconnected): as
+            # ambiguous as a timeout.
+            if releases or tokens:
+                self._failed(releases, tokens, None, carried)
+            raise
+
+    def _failed(self, releases: _Releases, tokens: _Tokens, exc: StoreError | None, carried: bool) -> None:
+        """Finishes that did not reach Redis, or may not have: what to keep for the next attempt.
+
+        A connection error (refused, reset: Redis down or restarting): all of
+        it is kept. A timeout or a cancel is ambiguous, the script may have
+        run: the slot releases are kept (ZREM twice is harmless) but the tokens
+        are dropped, since a HINCRBY sent twice would count them twice and
+        under-counting a few calls' tokens is the lesser error. An error reply
+        (or one we cannot read): the script ran, or never will; nothing kept.
+        Nothing here grows without bound: while Redis is down no admit
+        succeeds, so no new lease is taken, and the tokens are summed per key.
+        """
+        cause = exc.__cause__ if exc is not None else None
+        if exc is None or isinstance(cause, (asyncio.TimeoutError, redis.exceptions.TimeoutError)):
+            keep_releases, keep_tokens = True, False  # (TimeoutError is an OSError: tested first)
+        elif isinstance(cause, (redis.exceptions.ConnectionError, OSError)):
+            keep_releases, keep_tokens = True, True
+        else:
+            keep_releases, keep_tokens = False, False
+        if keep_releases:
+            for key, members in releases.items():
+                self._releases.setdefault(key, []).extend(members)
+        if keep_tokens:
+            for at, n in tokens.items():
+                self._tokens[at] = self._tokens.get(at, 0) + n
+        dropped = (releases and not keep_releases) or (tokens and not keep_tokens)
+        if self._releases or self._tokens:
+            if self._flusher is None and not self._closed:
+                self._flusher = asyncio.get_running_loop().create_task(self._flush_soon())
+        # An admit that carried the batch raised its own StoreError to its
+        # caller: report it again only when something was lost.
+        if not carried or dropped:
+            self._report(exc or StoreError(f"redis ({self.description}): cancelled while sending finishes"))
+
+    def _report(self, exc: StoreError) -> None:
+        if self.on_finish_error is not None:
+            try:
+                self.on_finish_error(exc)
+            except Exception:  # a faulty callback must not stop the flusher
+                logger.exception("on_finish_error failed")
+
+    async def _flush_soon(self) -> None:
+        """The flusher: sends what no admit carried, FLUSH_DELAY after it was
+        recorded; after a failure it tries again, less and less often."""
+        delay = FLUSH_DELAY
+        try:
+            while (self._releases or self._tokens) and not self._closed:
+                self._napping = True
+                try:
+                    await asyncio.sleep(delay)
+                finally:
+                    self._napping = False
+                try:
+                    await self.flush()
+                    delay = FLUSH_DELAY
+                except StoreError:
+                    delay = min(max(2 * delay, RETRY_MIN), RETRY_MAX)  # reported by _failed
+        finally:
+            self._flusher = None
 
     async def ping(self) -> None:
+        # Pending finishes make a round trip anyway: they are the ping.
+        if self._releases or self._tokens:
+            await self.flush()
+            return
         async with self._mapped():
             await self._client.ping()
 
     async def close(self) -> None:
+        """Send the pending finishes (nothing is lost on a clean shutdown), then close the pool."""
+        self._closed = True
+        task = self._flusher
+        if task is not None:
+            if self._napping:
+                task.cancel()  # asleep: it holds no batch
+            await asyncio.wait([task])  # sending: let it finish (within `timeout`)
+        with contextlib.suppress(StoreError):  # reported through on_finish_error
+            await self.flush()
         # Closing a pool whose Redis is gone must not fail a shutdown.
         with contextlib.suppress(Exception):
             await self._client.aclose()

@@ -33,7 +33,7 @@ from redis.backoff import NoBackoff
 from aiwfd.compat import timeout as deadline
 from aiwfd.store.base import StoreError
 from aiwfd.store.idempotency import Answer, Claim, new_token
-from aiwfd.store.redis import _Script, redacted
+from aiwfd.store.redis import MAX_CONNECTIONS, _Script, redacted
 
 __all__ = ["CLAIM", "COMPLETE", "RELEASE", "RedisIdempotency"]
 
@@ -89,6 +89,9 @@ class RedisIdempotency:
             socket_connect_timeout=timeout,
             retry=Retry(NoBackoff(), 1, supported_errors=(redis.exceptions.ConnectionError,)),
             health_check_interval=0,
+            # redis-py 8's default pool caps at 100 connections and raises beyond
+            # (see aiwfd/store/redis.py); `?max_connections=` in the URL still wins.
+            max_connections=MAX_CONNECTIONS,
         )
         # fingerprint + token of the records this instance holds, by key: what
         # COMPLETE and RELEASE compare with (the caller has only the token).

@@ -1,8 +1,11 @@
 """The rate-limit store (SPEC §8.2) against a real redis-server, and the same
 behaviour from the memory store: each behavioural test runs on both backends.
 Then what only Redis has: several Store objects (= instances) sharing exact
-counts, leases of a dead instance expiring, and StoreError when Redis is
-killed, hangs or answers an error, with recovery once it is back.
+counts, finishes sent with the next admit or by the flusher (seen by the other
+instances within milliseconds, sent on close, reported and kept when Redis is
+gone), more concurrent calls than redis-py's default pool allows, leases of a
+dead instance expiring, and StoreError when Redis is killed, hangs or answers
+an error, with recovery once it is back.
 
 Sliding-window tests use a 2 s window and real time (Redis reads its own
 clock); their bounds are loose on purpose. tests/unit/test_store_memory.py
@@ -14,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from typing import AsyncIterator, Iterator
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterator
 
 import pytest
 import redis.asyncio
@@ -30,6 +33,21 @@ _names = itertools.count()
 def name() -> str:
     """A fresh client/agent name per use: the tests share one Redis, never a counter."""
     return f"n{next(_names)}-{time.monotonic_ns()}"
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], within: float = 2.0) -> float:
+    """Poll `check` until it holds (no blind sleep); the seconds it took."""
+    started = time.monotonic()
+    while not await check():
+        assert time.monotonic() - started < within, "not within the deadline"
+        await asyncio.sleep(0.002)
+    return time.monotonic() - started
+
+
+def redis_store(url: str, **kwargs: Any) -> RedisStore:
+    store = open_store(url, **kwargs)
+    assert isinstance(store, RedisStore)
+    return store
 
 
 def req(quota: int, who: str, scope: str = "client", window: float = 60.0) -> Limit:
@@ -210,13 +228,121 @@ async def test_instances_share_counts_exactly(server: RedisServer) -> None:
         # The agent limit counted the 100 admitted calls only.
         check = await stores[1].admit([limits[1]])
         assert check.standings[0].remaining == 1000 - 100 - 1
-        # Slots released by one instance are free for another.
+        # Slots released by one instance are free for another, once its flusher has sent them.
         await asyncio.gather(*(stores[0].finish(r.lease, limits, 0) for r in allowed[:10]))
-        later = await stores[2].admit([conc(100, who)])
-        assert later.allowed
+        raw = redis.asyncio.Redis.from_url(server.url)
+        try:
+            await eventually(lambda: _zcard(raw, f"aiwfd:concurrency:0:client:{who}", 90))
+        finally:
+            await raw.aclose()
+        later = await asyncio.gather(*(stores[2].admit([conc(100, who)]) for _ in range(11)))
+        assert sum(a.allowed for a in later) == 10
     finally:
         for st in stores:
             await st.close()
+
+
+async def _zcard(raw: "redis.asyncio.Redis", key: str, n: int) -> bool:
+    return bool(await raw.zcard(key) == n)
+
+
+async def test_finish_rides_with_the_next_admit(server: RedisServer) -> None:
+    """A finish costs no round trip of its own: the next admit carries it,
+    applied before the check (the slot it frees is free for that admit)."""
+    store = redis_store(server.url)
+    raw = redis.asyncio.Redis.from_url(server.url)
+    try:
+        who = name()
+        limits = [conc(1, who), tok(100, who)]
+        before = int((await raw.info("commandstats")).get("cmdstat_evalsha", {}).get("calls", 0))
+        for _ in range(20):
+            adm = await store.admit(limits)
+            assert adm.allowed
+            await store.finish(adm.lease, limits, 4)
+        calls = int((await raw.info("commandstats"))["cmdstat_evalsha"]["calls"]) - before
+        assert 20 <= calls < 25  # 20 admits; the flusher may have found a finish or two alone
+        await store.flush()
+        assert await raw.zcard(f"aiwfd:concurrency:0:client:{who}") == 0
+        assert sum(int(v) for v in (await raw.hgetall(f"aiwfd:tokens:60000:client:{who}")).values()) == 80
+    finally:
+        await raw.aclose()
+        await store.close()
+
+
+async def test_release_and_tokens_seen_by_another_instance(server: RedisServer) -> None:
+    """With no admit to carry them, the flusher sends the finishes within milliseconds."""
+    mine, other = redis_store(server.url), redis_store(server.url)
+    raw = redis.asyncio.Redis.from_url(server.url)
+    try:
+        who = name()
+        limits = [conc(1, who), tok(100, who)]
+        held = await mine.admit(limits)
+        assert held.allowed and not (await other.admit(limits)).allowed
+        await mine.finish(held.lease, limits, 100)
+        took = await eventually(lambda: _zcard(raw, f"aiwfd:concurrency:0:client:{who}", 0))
+        assert took < 0.5
+        # The 100 tokens went with the release: the window is full for everyone.
+        refused = await other.admit(limits)
+        assert not refused.allowed and refused.refused == limits[1]
+    finally:
+        await raw.aclose()
+        await mine.close()
+        await other.close()
+
+
+async def test_close_sends_pending_finishes(server: RedisServer) -> None:
+    store = redis_store(server.url)
+    raw = redis.asyncio.Redis.from_url(server.url)
+    try:
+        who = name()
+        limits = [conc(5, who), tok(100, who)]
+        leases = [(await store.admit(limits, slots=2)).lease for _ in range(2)]
+        assert await raw.zcard(f"aiwfd:concurrency:0:client:{who}") == 4
+        for lease in leases:
+            await store.finish(lease, limits, 7, slots=2)
+        # Nothing sent yet (finish does not wait for Redis, the flusher has not run): close sends it.
+        assert await raw.zcard(f"aiwfd:concurrency:0:client:{who}") == 4
+        await store.close()
+        assert await raw.zcard(f"aiwfd:concurrency:0:client:{who}") == 0
+        assert sum(int(v) for v in (await raw.hgetall(f"aiwfd:tokens:60000:client:{who}")).values()) == 14
+    finally:
+        await raw.aclose()
+        await store.close()
+
+
+async def test_more_callers_than_the_default_pool(server: RedisServer) -> None:
+    """redis-py 8's default pool refuses a 101st connection; 300 calls at once
+    on one store all answer, and every one is counted."""
+    store = redis_store(server.url)
+    raw = redis.asyncio.Redis.from_url(server.url)
+    try:
+        who = name()
+        limits = [req(10**6, who), conc(1000, who), tok(10**9, who)]
+        gate = asyncio.Event()
+
+        async def call() -> None:
+            await gate.wait()
+            adm = await store.admit(limits)
+            assert adm.allowed
+            await asyncio.sleep(0.01)  # all 300 in flight at once
+            await store.finish(adm.lease, limits, 3)
+
+        tasks = [asyncio.create_task(call()) for _ in range(300)]
+        await asyncio.sleep(0)
+        gate.set()
+        await asyncio.gather(*tasks)  # a StoreError would raise here
+        await store.flush()
+        assert await raw.zcard(f"aiwfd:concurrency:0:client:{who}") == 0
+        assert sum(int(v) for v in (await raw.hgetall(f"aiwfd:tokens:60000:client:{who}")).values()) == 900
+        assert (await store.admit([limits[0]])).standings[0].remaining == 10**6 - 301
+    finally:
+        await raw.aclose()
+        await store.close()
+
+
+def test_url_max_connections_wins() -> None:
+    assert RedisStore("redis://127.0.0.1:1/0")._client.connection_pool.max_connections == 4096
+    assert RedisStore("redis://127.0.0.1:1/0?max_connections=7")._client.connection_pool.max_connections == 7
 
 
 async def test_dead_instance_lease_expires(server: RedisServer) -> None:
@@ -240,6 +366,8 @@ async def test_keys_expire_and_name_no_quota(server: RedisServer) -> None:
         who = name()
         await store.admit([req(7, who, window=2.0), tok(9, who, window=2.0), conc(3, who)])
         await store.finish("", [tok(9, who, window=2.0)], 5)
+        assert isinstance(store, RedisStore)
+        await store.flush()
         keys = sorted(k.decode() for k in await raw.keys("aiwfd-keys:*"))
         assert keys == sorted([f"aiwfd-keys:requests:2000:client:{who}", f"aiwfd-keys:tokens:2000:client:{who}",
                                f"aiwfd-keys:concurrency:0:client:{who}"])
@@ -314,7 +442,9 @@ async def test_killed_redis_then_back() -> None:
     """SIGKILL: StoreError at once, on pooled connections too; the same port
     back: the next call works, nothing restarted on our side."""
     with RedisServer() as srv:
-        store = open_store(srv.url, timeout=0.5)
+        store = redis_store(srv.url, timeout=0.5)
+        errors: list[StoreError] = []
+        store.on_finish_error = errors.append
         try:
             limits = [req(100, name()), tok(100, name()), conc(100, name())]
             # Several connections in the pool, all of which the kill breaks.
@@ -324,12 +454,30 @@ async def test_killed_redis_then_back() -> None:
             started = time.monotonic()
             with pytest.raises(StoreError):
                 await store.admit(limits)
+            await store.finish(held[0].lease, limits, 10)  # recorded, never raises
+            # Admits that carry it and fail put it back once each, not once per admit in flight.
+            failed = await asyncio.gather(*(store.admit(limits) for _ in range(20)), return_exceptions=True)
+            assert all(isinstance(f, StoreError) for f in failed)
+            assert store._releases == {f"aiwfd:{limits[2].key}": [f"{held[0].lease}:1"]}
             with pytest.raises(StoreError):
-                await store.finish(held[0].lease, limits, 10)
-            with pytest.raises(StoreError):
-                await store.ping()
+                await store.ping()  # it sends the pending finish: reported too
+
+            async def reported() -> bool:
+                return bool(errors)
+
+            await eventually(reported)
+            assert all("redis://127.0.0.1" in str(e) for e in errors)
             assert time.monotonic() - started < 1.5
             await asyncio.to_thread(srv.start)
+            # A connection error kept the finish: the flusher sends it once Redis is back.
+            raw = redis.asyncio.Redis.from_url(srv.url)
+            try:
+                async def tokens_back() -> bool:
+                    return bool(await raw.exists(f"aiwfd:{limits[1].key}"))
+
+                await eventually(tokens_back, within=3.0)
+            finally:
+                await raw.aclose()
             again = await asyncio.gather(*(store.admit(limits) for _ in range(5)))
             # Redis came back empty (nothing persisted): the counts start over.
             assert all(a.allowed for a in again) and again[-1].standings[0].remaining >= 95
