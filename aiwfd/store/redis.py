@@ -70,52 +70,57 @@ RETRY_MIN, RETRY_MAX = 0.1, 1.0
 MAX_CONNECTIONS = 4096
 
 # KEYS: the pending finishes' keys (nf of them), then one per limit.
-# ARGV: nf, cost, slots, lease_ttl (µs), lease, then per limit kind ("r", "t"
+# ARGV: one string of space-separated fields (no field holds a space):
+# nf, cost, slots, lease_ttl (µs), lease, then per limit kind ("r", "t"
 # or "c"), quota, bucket width (µs), then per finish key either "c", m and the
 # m lease members to remove, or "t", bucket width (µs) and the tokens to add.
 # Times are µs from Redis TIME (exact in Lua's doubles until year 2255).
 # The finishes are applied first, so a slot they free counts as free.
-# Returns: allowed (0/1), the 1-based index of the first limit that refused
-# (0), retry_after (µs), then remaining and reset (µs) per requests limit.
-# With no limits (a flush alone): {1, 0, 0}.
+# Returns, as one space-separated string: allowed (0/1), the 1-based index of
+# the first limit that refused (0), retry_after (µs), then remaining and reset
+# (µs) per requests limit. With no limits (a flush alone): "1 0 0".
 ADMIT = f"""
 -- Redis 3.2-4 refuse writes after TIME unless the script replicates its effects (the default since 5).
 if redis.replicate_commands then redis.replicate_commands() end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local nf = tonumber(ARGV[1])
-local cost = tonumber(ARGV[2])
-local slots = tonumber(ARGV[3])
-local ttl = tonumber(ARGV[4])
-local lease = ARGV[5]
+-- a[1] holds all the arguments, space-separated: one string for redis-py
+-- to encode instead of dozens (its per-argument cost is most of a call's CPU).
+local a = {{}}
+for w in string.gmatch(ARGV[1], '%S+') do a[#a + 1] = w end
+local nf = tonumber(a[1])
+local cost = tonumber(a[2])
+local slots = tonumber(a[3])
+local ttl = tonumber(a[4])
+local lease = a[5]
 local n = #KEYS - nf
 local p = 6 + 3 * n
 for i = 1, nf do
   local key = KEYS[i]
-  if ARGV[p] == 'c' then
-    local last = p + 1 + tonumber(ARGV[p + 1])
+  if a[p] == 'c' then
+    local last = p + 1 + tonumber(a[p + 1])
     local s = p + 2
     -- unpack in chunks: Lua's C stack holds ~8000 values
     while s <= last do
       local e = math.min(s + 999, last)
-      redis.call('ZREM', key, unpack(ARGV, s, e))
+      redis.call('ZREM', key, unpack(a, s, e))
       s = e + 1
     end
     p = last + 1
   else
-    local width = tonumber(ARGV[p + 1])
-    redis.call('HINCRBY', key, math.floor(now / width), ARGV[p + 2])
+    local width = tonumber(a[p + 1])
+    redis.call('HINCRBY', key, math.floor(now / width), a[p + 2])
     redis.call('PEXPIRE', key, math.ceil(2 * {SPAN} * width / 1000))
     p = p + 3
   end
 end
-if n == 0 then return {{1, 0, 0}} end
+if n == 0 then return '1 0 0' end
 local refused = 0
 local retry = 0
 local totals, oldest, curs = {{}}, {{}}, {{}}
 for i = 1, n do
   local key, b = KEYS[nf + i], 5 + 3 * (i - 1)
-  local kind, quota, width = ARGV[b + 1], tonumber(ARGV[b + 2]), tonumber(ARGV[b + 3])
+  local kind, quota, width = a[b + 1], tonumber(a[b + 2]), tonumber(a[b + 3])
   if kind == 'c' then
     redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
     if refused == 0 and redis.call('ZCARD', key) + slots > quota then
@@ -154,10 +159,10 @@ for i = 1, n do
     end
   end
 end
-local out = {{refused == 0 and 1 or 0, refused, retry}}
+local out = {{refused == 0 and 1 or 0, refused, string.format('%d', retry)}}
 for i = 1, n do
   local key, b = KEYS[nf + i], 5 + 3 * (i - 1)
-  local kind, quota, width = ARGV[b + 1], tonumber(ARGV[b + 2]), tonumber(ARGV[b + 3])
+  local kind, quota, width = a[b + 1], tonumber(a[b + 2]), tonumber(a[b + 3])
   if refused == 0 then
     if kind == 'c' then
       for s = 1, slots do redis.call('ZADD', key, now + ttl, lease .. ':' .. s) end
@@ -172,11 +177,13 @@ for i = 1, n do
   if kind == 'r' then
     local reset = 0
     if oldest[i] <= curs[i] then reset = (oldest[i] + {SPAN}) * width - now end
-    out[#out + 1] = math.max(quota - totals[i], 0)
-    out[#out + 1] = reset
+    -- %d: tostring would print a large count as 1e+15
+    out[#out + 1] = string.format('%d', math.max(quota - totals[i], 0))
+    out[#out + 1] = string.format('%d', reset)
   end
 end
-return out
+-- one string, one line for redis-py to parse rather than one per value
+return table.concat(out, ' ')
 """
 
 _KIND = {"requests": "r", "tokens": "t", "concurrency": "c"}
@@ -215,17 +222,17 @@ _Releases = dict[str, list[str]]
 _Tokens = dict[tuple[str, int], int]
 
 
-def _encoded(releases: _Releases, tokens: _Tokens) -> tuple[list[str], list[str | int]]:
-    """The finishes' part of ADMIT's KEYS and ARGV."""
+def _encoded(releases: _Releases, tokens: _Tokens) -> tuple[list[str], str]:
+    """The finishes' part of ADMIT's KEYS and of its one ARGV (with a leading space)."""
     keys: list[str] = []
-    args: list[str | int] = []
+    parts: list[str] = []
     for key, members in releases.items():
         keys.append(key)
-        args += ("c", len(members), *members)
+        parts.append(f" c {len(members)} {' '.join(members)}")
     for (key, width), n in tokens.items():
         keys.append(key)
-        args += ("t", width, n)
-    return keys, args
+        parts.append(f" t {width} {n}")
+    return keys, "".join(parts)
 
 
 class RedisStore:
@@ -281,27 +288,28 @@ class RedisStore:
         if not limits:
             return Admission(True, None, 0.0, (), "")
         keys: list[str] = []
-        args: list[str | int] = [0, cost, slots, round(lease_ttl * 1_000_000), ""]
+        parts: list[str] = []
         concurrency = False
         for limit in limits:
             keys.append(self.prefix + limit.key)
             kind = _KIND[limit.kind]
             concurrency = concurrency or kind == "c"
-            args += (kind, limit.quota, limit.width_us)
+            parts.append(f" {kind} {limit.quota} {limit.width_us}")
         # The lease's members are `lease:slot`: a random id, so two instances never share one.
         lease = secrets.token_hex(8) if concurrency else ""
-        args[4] = lease
         # The pending finishes ride along, first in KEYS and last in ARGV.
         releases, tokens = self._take()
+        nf, fargs = 0, ""
         if releases or tokens:
             fkeys, fargs = _encoded(releases, tokens)
-            args[0] = len(fkeys)
-            keys = fkeys + keys
-            args += fargs
-        reply = await self._send(keys, args, releases, tokens, carried=True)
+            nf, keys = len(fkeys), fkeys + keys
+        # An empty lease is "-": split on spaces, an empty field would vanish.
+        arg = f"{nf} {cost} {slots} {round(lease_ttl * 1_000_000)} {lease or '-'}{''.join(parts)}{fargs}"
+        reply = await self._send(keys, arg, releases, tokens, carried=True)
         try:
-            assert isinstance(reply, list)
-            values = [int(v) for v in reply]
+            assert isinstance(reply, bytes)
+            values = [int(v) for v in reply.split()]
+            assert len(values) >= 3
         except (AssertionError, TypeError, ValueError) as exc:
             raise StoreError(f"redis ({self.description}): unexpected reply {reply!r}") from exc
         allowed, refused_at, retry_us = values[0] == 1, values[1], values[2]
@@ -341,7 +349,7 @@ class RedisStore:
         if not releases and not tokens:
             return
         keys, fargs = _encoded(releases, tokens)
-        await self._send(keys, [len(keys), 0, 0, 0, "", *fargs], releases, tokens, carried=False)
+        await self._send(keys, f"{len(keys)} 0 0 0 -{fargs}", releases, tokens, carried=False)
 
     def _take(self) -> tuple[_Releases, _Tokens]:
         """The pending batch, now the caller's: fresh dicts take its place
@@ -351,11 +359,11 @@ class RedisStore:
         self._releases, self._tokens = {}, {}
         return releases, tokens
 
-    async def _send(self, keys: list[str], args: list[str | int], releases: _Releases, tokens: _Tokens,
+    async def _send(self, keys: list[str], arg: str, releases: _Releases, tokens: _Tokens,
                     carried: bool) -> object:
         try:
             async with self._mapped():
-                return await _ADMIT(self._client, keys, args)
+                return await _ADMIT(self._client, keys, [arg])
         except StoreError as exc:
             if releases or tokens:
                 self._failed(releases, tokens, exc, carried)
