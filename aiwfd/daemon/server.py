@@ -27,6 +27,7 @@ import aiohttp
 from aiohttp import web
 
 from aiwfd import __version__
+from aiwfd.http import quota
 from aiwfd.http.app import create_app
 from aiwfd.spec.compiler import Compiled, Memo, load_and_compile
 from aiwfd.errors import ConfigError, RetryableStartupError, StartupError
@@ -131,6 +132,12 @@ class Server:
                                # SPEC §8: the same store as the limits (Redis), else SQLite in the
                                # state directory, created at the first request with a key.
                                idempotency=open_idempotency(s.redis_url, s.state_path))
+        rt = self.runtime
+        shared: Any = rt.store  # the Redis store; the memory one has no deferred work
+        if hasattr(shared, "on_finish_error"):
+            # Redis sends finishes in batches after the call answered: their failures
+            # are counted and logged as a failed finish was (quota.store_failed).
+            shared.on_finish_error = lambda e: quota.store_failed(rt, "finish", e)
         await self._check_store(compiled)
         if snapshot.verifier is not None:
             await snapshot.verifier.start()

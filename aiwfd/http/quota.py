@@ -20,7 +20,6 @@ on_prepare hook writes them on the answer, streamed or not, refused or not.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 import time
@@ -137,13 +136,9 @@ class admitted:  # noqa: N801 - used as `async with quota.admitted(...)`, like a
         self.admission = None
         stats = self.request.get(STATS)
         tokens = stats.total_tokens if stats is not None else 0
-        rt = self.rt
-        if rt.store is not None and rt.store.shared:
-            # Shielded: a cancelled call (client gone, shutdown) still gives its slots back.
-            await asyncio.shield(_finish(rt, admission.lease, self.plan.limits, tokens, self.slots))
-        else:
-            # The memory store's finish never suspends: nothing can cancel it half-way.
-            await _finish(rt, admission.lease, self.plan.limits, tokens, self.slots)
+        # No shield needed: a store's finish only records (Store.finish), it never
+        # suspends, so a cancelled call cannot be interrupted before its slots are given back.
+        await _finish(self.rt, admission.lease, self.plan.limits, tokens, self.slots)
 
 
 async def _finish(rt: Runtime, lease: str, limits: Sequence[Limit], tokens: int, slots: int) -> None:

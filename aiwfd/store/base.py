@@ -110,8 +110,9 @@ class Store(Protocol):
 
     async def finish(self, lease: str, limits: Sequence[Limit], tokens: int, slots: int = 1) -> None:
         """The call is over: release its concurrency slots (`lease` from
-        `admit`, "" for none) and add its `tokens` to the tokens limits. One
-        round trip (none when there is nothing to do)."""
+        `admit`, "" for none) and add its `tokens` to the tokens limits.
+        Records only and never suspends (Redis sends it with the next admit, or
+        a flusher a few ms later), so a cancelled caller cannot lose it half-way."""
         ...
 
     async def ping(self) -> None:
