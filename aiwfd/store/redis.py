@@ -68,6 +68,9 @@ RETRY_MIN, RETRY_MAX = 0.1, 1.0
 # flight is what an instance needs; `?max_connections=` in REDIS_URL still
 # wins (redis-py lets the URL's options override the keyword arguments).
 MAX_CONNECTIONS = 4096
+# Slots of timed-out admits queued for release, per key, at most (a stalled Redis
+# under load would otherwise grow one send without bound).
+MAX_ORPHANS = 1000
 
 # KEYS: the pending finishes' keys (nf of them), then one per limit.
 # ARGV: one string of space-separated fields (no field holds a space):
@@ -305,7 +308,17 @@ class RedisStore:
             nf, keys = len(fkeys), fkeys + keys
         # An empty lease is "-": split on spaces, an empty field would vanish.
         arg = f"{nf} {cost} {slots} {round(lease_ttl * 1_000_000)} {lease or '-'}{''.join(parts)}{fargs}"
-        reply = await self._send(keys, arg, releases, tokens, carried=True)
+        try:
+            reply = await self._send(keys, arg, releases, tokens, carried=True)
+        except StoreError as exc:
+            if lease and isinstance(exc.__cause__, (asyncio.TimeoutError, redis.exceptions.TimeoutError)):
+                # A timeout is ambiguous: the script may still run and take slots
+                # nobody will finish. Release them with the next send, or they
+                # would lock the limit until their lease_ttl (ZREM of members that
+                # were never added does nothing). Not on a refused connection:
+                # the script never ran, and an outage must not grow the batch.
+                self.finish_nowhere(lease, limits, slots)
+            raise
         try:
             assert isinstance(reply, bytes)
             values = [int(v) for v in reply.split()]
@@ -341,6 +354,15 @@ class RedisStore:
                 pending = True
         if pending and self._flusher is None and not self._closed:
             self._flusher = asyncio.get_running_loop().create_task(self._flush_soon())
+
+    def finish_nowhere(self, lease: str, limits: Sequence[Limit], slots: int) -> None:
+        """Queue the release of `lease`'s slots without a flusher's urgency:
+        the next admit or flush sends it."""
+        for limit in limits:
+            if limit.kind == "concurrency":
+                members = self._releases.setdefault(self.prefix + limit.key, [])
+                if len(members) < MAX_ORPHANS:  # past that, lease_ttl frees them
+                    members += (f"{lease}:{s}" for s in range(1, slots + 1))
 
     async def flush(self) -> None:
         """Send the pending finishes now (one round trip; none when nothing is

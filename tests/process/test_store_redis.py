@@ -539,3 +539,37 @@ async def test_hung_redis_times_out() -> None:
             assert adm.allowed and adm.standings[0].remaining in (2, 3)
         finally:
             await store.close()
+
+
+async def test_slots_of_an_admit_that_timed_out_are_given_back() -> None:
+    """A stalled Redis runs the timed-out admit when it wakes: its slot, which no finish
+    will release, goes with the next send instead of locking the limit for lease_ttl."""
+    with RedisServer() as srv:
+        store = redis_store(srv.url, timeout=0.3)
+        other = redis_store(srv.url, timeout=0.3)  # another instance: sees only what Redis holds
+        try:
+            limits = [conc(1, name())]
+            key = store.prefix + limits[0].key
+            srv.pause()
+            with pytest.raises(StoreError):
+                await store.admit(limits, lease_ttl=600)
+            srv.resume()
+            probe = redis.asyncio.Redis.from_url(srv.url)
+            try:
+                # Whether Redis ran the script on waking depends on when it saw the
+                # client hang up: take the slot as that late run would have.
+                [member] = store._releases[key]
+                await probe.zadd(key, {member: time.time() * 1e6 + 600e6})
+                # The next send of the store that lost the answer carries the release.
+                assert (await store.admit([req(100, name())])).allowed
+                await eventually(lambda: _zcard(probe, key, 0))
+            finally:
+                await probe.aclose()
+            assert (await other.admit(limits)).allowed
+        finally:
+            await store.close()
+            await other.close()
+
+
+async def _zcard(client: Any, key: str, n: int) -> bool:
+    return bool(await client.zcard(key) == n)
