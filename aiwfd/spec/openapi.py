@@ -325,6 +325,7 @@ def _ok(schema: dict[str, Any], description: str, config: Config, agent: Compile
 
 
 IDEMPOTENCY_PARAMETER = "#/components/parameters/Idempotency-Key"
+IDEMPOTENCY_KEY_PATTERN = r'^(?:"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\["\\]){1,255}"|[\x21\x23-\x7e]{1,255})$'
 
 
 def _idempotency_parameter() -> dict[str, Any]:
@@ -335,7 +336,9 @@ def _idempotency_parameter() -> dict[str, Any]:
                         "repeat with the same body gets its stored answer (`Idempotency-Replayed: true`), "
                         "409 while it runs, 422 `idempotency_key_reused` with another body. Per client and "
                         "route, kept 24 h; 5xx answers are not kept."),
-        "schema": {"type": "string", "minLength": 1, "maxLength": 512},  # 255 characters, quoted and escaped
+        # Exactly what aiwfd.http.idempotency.parse_key takes: an sf-string of 1-255
+        # characters (`\"` and `\\` escaped), or a bare value without spaces or quotes.
+        "schema": {"type": "string", "pattern": IDEMPOTENCY_KEY_PATTERN},
     }
 
 

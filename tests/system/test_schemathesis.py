@@ -31,6 +31,7 @@ import re
 import subprocess
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator
 
 import pytest
@@ -41,6 +42,7 @@ from tests.conftest import CONFIGS
 pytest.importorskip("schemathesis", reason="schemathesis is in the [test] extra")
 
 API_MOCK = CONFIGS / "api_mock.yaml"
+HERE = Path(__file__).resolve().parent  # schemathesis_hooks.py
 KEYS = ("st-key-one", "st-key-two")
 _seed = os.environ.get("AIWFD_ST_SEED", "20261126")
 SEED = str(random.randrange(2**31)) if _seed == "random" else _seed
@@ -78,7 +80,8 @@ def st(url: str, *args: str, examples: int, phases: str = "examples,coverage,fuz
            "--max-examples", str(examples), "--seed", SEED, "--max-failures", "10",
            "--request-timeout", "10", "--suppress-health-check", "too_slow,filter_too_much",
            *args]
-    env = dict(os.environ, NO_COLOR="1", COLUMNS="160")
+    env = dict(os.environ, NO_COLOR="1", COLUMNS="160", SCHEMATHESIS_HOOKS="schemathesis_hooks",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")])))
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             stdin=subprocess.DEVNULL, env=env)
 
@@ -90,8 +93,10 @@ def agent_statuses(server: AiwfdProcess) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def runs() -> Iterator[dict[str, Run]]:
-    args = ["serve", "-f", str(API_MOCK), "--mock", "-p", "0"]
+def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Run]]:
+    # The idempotency keys schemathesis sends are kept in a directory of the test's, not ./.aiwfd.
+    state = tmp_path_factory.mktemp("st-state")
+    args = ["serve", "-f", str(API_MOCK), "--mock", "-p", "0", "--state-dir", str(state)]
     servers = {  # started together, then waited for
         "keyed": AiwfdProcess(args, env={"API_KEY": ",".join(KEYS)}, wait_ready=False),
         "keyed-bearer": AiwfdProcess(args, env={"API_KEY": ",".join(KEYS)}, wait_ready=False),
