@@ -22,5 +22,7 @@ def test_ruff_is_clean() -> None:
 
 def test_mypy_is_clean() -> None:
     # setup.cfg [mypy] names the files and the settings.
-    out = run("mypy", "--no-incremental", "--cache-dir", "/dev/null")
+    # Incremental, in .mypy_cache: a warm run of the inner loop takes ~1 s instead
+    # of ~10 s; a clean checkout (CI) checks everything cold.
+    out = run("mypy")
     assert out.returncode == 0, out.stdout + out.stderr
