@@ -43,11 +43,10 @@ for). Durable only as far as Redis is: `appendonly yes`, `noeviction`
 
 from __future__ import annotations
 
-import asyncio
 import builtins
 import contextlib
 import secrets
-from typing import Any, AsyncIterator, Sequence
+from typing import Any, Sequence
 
 import orjson
 import redis.asyncio
@@ -55,7 +54,6 @@ import redis.exceptions
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from aiwfd.compat import timeout as deadline
 from aiwfd.jobs.store import (
     DEFAULT_MAX_ATTEMPTS,
     Job,
@@ -63,7 +61,6 @@ from aiwfd.jobs.store import (
     Delivery,
     DeliveryOutcome,
     JobStatus,
-    StoreError,
     WebhookStatus,
     check_delivery_result,
     dead_letter_error,
@@ -72,7 +69,7 @@ from aiwfd.jobs.store import (
     encode_cursor,
 )
 # The limits store's script runner (EVALSHA, EVAL after a Redis restart) and log-safe URL.
-from aiwfd.store.redis import _Script, redacted
+from aiwfd.store.redis import _Script, mapped, redacted
 
 __all__ = ["GROUP", "RedisJobStore"]
 
@@ -466,17 +463,8 @@ class RedisJobStore:
     def _index(self, client: str) -> str:
         return f"{self.prefix}jobs:client:{client}"
 
-    @contextlib.asynccontextmanager
-    async def _mapped(self) -> AsyncIterator[None]:
-        """Every way a call to Redis fails, as StoreError (the one place that
-        knows redis-py's exceptions), within `timeout`."""
-        try:
-            async with deadline(self.timeout):
-                yield
-        except StoreError:
-            raise
-        except (redis.exceptions.RedisError, OSError, asyncio.TimeoutError) as exc:
-            raise StoreError(f"redis ({self.description}): {type(exc).__name__}: {exc}".rstrip(": ")) from exc
+    def _mapped(self) -> contextlib.AbstractAsyncContextManager[None]:
+        return mapped(self.description, self.timeout)
 
     async def _script(self, script: _Script, keys: list[str], args: Sequence[str | int]) -> Any:
         async with self._mapped():

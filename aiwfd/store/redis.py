@@ -40,7 +40,7 @@ import contextlib
 import hashlib
 import logging
 import secrets
-from typing import AsyncIterator, Callable, Sequence
+from typing import Any, AsyncIterator, Callable, Sequence
 from urllib.parse import urlsplit
 
 import redis.asyncio
@@ -51,7 +51,7 @@ from redis.backoff import NoBackoff
 from aiwfd.compat import timeout as deadline
 from aiwfd.store.base import BUCKETS, SPAN, Admission, Limit, Standing, StoreError
 
-__all__ = ["ADMIT", "FLUSH_DELAY", "MAX_CONNECTIONS", "RedisStore", "redacted"]
+__all__ = ["ADMIT", "FLUSH_DELAY", "MAX_CONNECTIONS", "RedisStore", "client_for", "mapped", "redacted"]
 
 logger = logging.getLogger(__name__)
 
@@ -201,6 +201,42 @@ def redacted(url: str) -> str:
     return f"{parts.scheme}://{netloc}{path}"
 
 
+def client_for(url: str, timeout: float, **options: Any) -> redis.asyncio.Redis:
+    """The redis-py client every Redis store of aiwfd uses (limits, idempotency keys, jobs).
+
+    One retry, at once, on a connection error only: a pooled connection that a
+    Redis restart closed is replaced without the caller seeing it, but a Redis
+    that is down fails within `timeout` (redis-py's default retries with
+    back-off for seconds). Not on a timeout: the script may have run, and
+    running it twice would count it twice. `max_connections` is large because
+    redis-py 8's default pool raises past 100; `?max_connections=` in the URL
+    still wins. `options` go to from_url as they are.
+    """
+    kwargs: dict[str, Any] = {
+        "socket_timeout": timeout,
+        "socket_connect_timeout": timeout,
+        "retry": Retry(NoBackoff(), 1, supported_errors=(redis.exceptions.ConnectionError,)),
+        "health_check_interval": 0,
+        "max_connections": MAX_CONNECTIONS,
+        **options,
+    }
+    return redis.asyncio.Redis.from_url(url, **kwargs)
+
+
+@contextlib.asynccontextmanager
+async def mapped(description: str, timeout: float) -> AsyncIterator[None]:
+    """Every way a call to Redis fails, as StoreError: the one place that knows
+    redis-py's exceptions. The deadline bounds the whole call, the retry
+    included (the socket timeouts bound each read and connect)."""
+    try:
+        async with deadline(timeout):
+            yield
+    except StoreError:
+        raise
+    except (redis.exceptions.RedisError, OSError, asyncio.TimeoutError) as exc:
+        raise StoreError(f"redis ({description}): {type(exc).__name__}: {exc}".rstrip(": ")) from exc
+
+
 class _Script:
     """A Lua script run by its SHA1 (EVALSHA), sent whole (EVAL, which also
     caches it in Redis) when Redis does not know it: after a restart or a
@@ -251,37 +287,15 @@ class RedisStore:
         # by the flusher, `ping` or `close`, or were dropped (see `_failed`):
         # `finish` itself no longer talks to Redis, so it cannot raise it.
         self.on_finish_error: Callable[[StoreError], None] | None = None
-        # One retry, at once, on a connection error only: a pooled connection
-        # that a Redis restart closed is replaced without the caller seeing it,
-        # but a Redis that is down fails within `timeout` (redis-py's default
-        # retries with back-off for seconds). Not on a timeout: the script may
-        # have run, and running it twice would count the call twice.
-        self._client = redis.asyncio.Redis.from_url(
-            url,
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-            retry=Retry(NoBackoff(), 1, supported_errors=(redis.exceptions.ConnectionError,)),
-            health_check_interval=0,
-            max_connections=MAX_CONNECTIONS,
-        )
+        self._client = client_for(url, timeout)
         self._releases: _Releases = {}
         self._tokens: _Tokens = {}
         self._flusher: asyncio.Task[None] | None = None
         self._napping = False  # the flusher is in its sleep (safe to cancel: it holds no batch)
         self._closed = False
 
-    @contextlib.asynccontextmanager
-    async def _mapped(self) -> AsyncIterator[None]:
-        """Every way a call to Redis fails, as StoreError: the one place that
-        knows redis-py's exceptions. The deadline bounds the whole call, the
-        retry included (the socket timeouts bound each read and connect)."""
-        try:
-            async with deadline(self.timeout):
-                yield
-        except StoreError:
-            raise
-        except (redis.exceptions.RedisError, OSError, asyncio.TimeoutError) as exc:
-            raise StoreError(f"redis ({self.description}): {type(exc).__name__}: {exc}".rstrip(": ")) from exc
+    def _mapped(self) -> contextlib.AbstractAsyncContextManager[None]:
+        return mapped(self.description, self.timeout)
 
     def _key(self, limit: Limit) -> str:
         return self.prefix + limit.key

@@ -21,19 +21,13 @@ and frees itself when the lease ends.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-from typing import Any, AsyncIterator
+from typing import Any
 
-import redis.asyncio
-import redis.exceptions
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 
-from aiwfd.compat import timeout as deadline
 from aiwfd.store.base import StoreError
 from aiwfd.store.idempotency import Answer, Claim, new_token
-from aiwfd.store.redis import MAX_CONNECTIONS, _Script, redacted
+from aiwfd.store.redis import _Script, client_for, mapped, redacted
 
 __all__ = ["CLAIM", "COMPLETE", "RELEASE", "RedisIdempotency"]
 
@@ -81,31 +75,13 @@ class RedisIdempotency:
         self.description = redacted(url)
         self.timeout = timeout
         self.prefix = prefix + "idem:"
-        # As the limits store (aiwfd/store/redis.py): one immediate retry on a
-        # connection error only, never on a timeout (the script may have run).
-        self._client = redis.asyncio.Redis.from_url(
-            url,
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-            retry=Retry(NoBackoff(), 1, supported_errors=(redis.exceptions.ConnectionError,)),
-            health_check_interval=0,
-            # redis-py 8's default pool caps at 100 connections and raises beyond
-            # (see aiwfd/store/redis.py); `?max_connections=` in the URL still wins.
-            max_connections=MAX_CONNECTIONS,
-        )
+        self._client = client_for(url, timeout)
         # fingerprint + token of the records this instance holds, by key: what
         # COMPLETE and RELEASE compare with (the caller has only the token).
         self._running: dict[tuple[str, str], bytes] = {}
 
-    @contextlib.asynccontextmanager
-    async def _mapped(self) -> AsyncIterator[None]:
-        try:
-            async with deadline(self.timeout):
-                yield
-        except StoreError:
-            raise
-        except (redis.exceptions.RedisError, OSError, asyncio.TimeoutError) as exc:
-            raise StoreError(f"redis ({self.description}): {type(exc).__name__}: {exc}".rstrip(": ")) from exc
+    def _mapped(self) -> contextlib.AbstractAsyncContextManager[None]:
+        return mapped(self.description, self.timeout)
 
     async def claim(self, key: str, fingerprint: str, lease: float) -> Claim:
         if len(fingerprint) != FP:
