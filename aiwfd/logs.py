@@ -46,6 +46,24 @@ def escape(text: str) -> str:
     return _UNSAFE.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
+class Throttle:
+    """Lets a line through at most once per `every` seconds: an outage that fails
+    every call is one log line a minute, not one per call (a counter counts them all)."""
+
+    __slots__ = ("every", "_last")
+
+    def __init__(self, every: float = 60.0) -> None:
+        self.every = every
+        self._last = float("-inf")
+
+    def ready(self) -> bool:
+        now = time.monotonic()
+        if now - self._last < self.every:
+            return False
+        self._last = now
+        return True
+
+
 class _Clock:
     """The UTC timestamp of the current second, formatted once per second."""
 

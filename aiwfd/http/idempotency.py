@@ -42,7 +42,6 @@ import hashlib
 import json
 import logging
 import re
-import time
 from typing import Any, Awaitable, Callable
 
 import orjson
@@ -75,7 +74,6 @@ MAX_KEY = 255
 KEPT_HEADERS = ("Content-Type", "Location")
 # "Try again" answers: not stored, like 5xx.
 NOT_STORED = frozenset({408, 409, 425, 429})
-LOG_EVERY = 60.0
 
 # sf-string (RFC 8941 §3.3.3): printable ASCII, `"` and `\` escaped.
 _SF_STRING = re.compile(r'"((?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\["\\])*)"')
@@ -83,8 +81,6 @@ _ESCAPE = re.compile(r'\\(["\\])')
 # A bare key: visible ASCII without quotes or spaces. Wider than an sf-token
 # on purpose: clients send bare UUIDs, and a UUID may start with a digit.
 _BARE = re.compile(r'[\x21\x23-\x7e]+')
-
-_last_logged = float("-inf")
 
 Run = Callable[[], Awaitable[web.StreamResponse]]
 
@@ -205,7 +201,7 @@ async def _claim(rt: Runtime, store: IdempotencyStore, key: str, fp: str, lease:
     try:
         return await asyncio.shield(task)
     except StoreError as e:
-        _failed(store, "a request with an Idempotency-Key is refused with 503", e)
+        _failed(rt, store, "a request with an Idempotency-Key is refused with 503", e)
         raise Unavailable("the idempotency key store does not answer; try again shortly",
                           headers={"Retry-After": "1"}) from None
     except asyncio.CancelledError:
@@ -230,13 +226,10 @@ async def _settle(rt: Runtime, store: IdempotencyStore, key: str, token: str, an
             logger.warning("an answer was not stored for its Idempotency-Key: the request outlived its "
                            "lease (%.0f s past the deadline) and another took the key over", LEASE_MARGIN)
     except StoreError as e:
-        _failed(store, "an answer was not stored (a retry runs again once the lease ends)", e)
+        _failed(rt, store, "an answer was not stored (a retry runs again once the lease ends)", e)
 
 
-def _failed(store: IdempotencyStore, what: str, error: StoreError) -> None:
-    global _last_logged
-    now = time.monotonic()
-    if now - _last_logged >= LOG_EVERY:
-        _last_logged = now
+def _failed(rt: Runtime, store: IdempotencyStore, what: str, error: StoreError) -> None:
+    if rt.idempotency_log.ready():
         logger.error("the idempotency key store (%s) does not answer: %s; %s (logged at most once a minute)",
                      store.description, error, what)

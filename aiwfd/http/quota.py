@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from typing import Sequence
 
 from aiohttp import web
@@ -39,7 +38,6 @@ logger = logging.getLogger("aiwfd")
 
 # How long a crashed instance's concurrency slots outlive it (Redis): past any call's deadline.
 LEASE_MARGIN = 30.0
-LOG_EVERY = 60.0
 
 
 class Plan:
@@ -151,9 +149,7 @@ async def _finish(rt: Runtime, lease: str, limits: Sequence[Limit], tokens: int,
 
 def store_failed(rt: Runtime, decision: str, error: StoreError) -> None:
     rt.metrics.store_errors.inc((decision,))
-    now = time.monotonic()
-    if now - rt.store_error_logged >= LOG_EVERY:
-        rt.store_error_logged = now
+    if rt.store_log.ready():
         what = {"allow": "calls pass uncounted (on_store_error: allow)",
                 "deny": "calls are refused with 503 (on_store_error: deny)",
                 "finish": "a call's tokens and slots could not be recorded"}[decision]

@@ -27,7 +27,7 @@ from aiwfd.errors import StartupError, Unavailable
 from aiwfd.providers.base import ModelClient, Transport
 from aiwfd.providers.endpoints import signature
 from aiwfd.providers.openai_compatible import OpenAICompatible
-from aiwfd.logs import RequestLog
+from aiwfd.logs import RequestLog, Throttle
 from aiwfd.http.metrics import Metrics
 from aiwfd.providers.mock import MockClient
 from aiwfd.spec.openapi import Auth, agent_schema_doc, build_openapi
@@ -289,7 +289,9 @@ class Runtime:
     metrics: Metrics = field(default_factory=Metrics)
     # The limits' counters (SPEC §8.2): the process's for its life, so they survive reloads.
     store: Store | None = None
-    store_error_logged: float = float("-inf")  # monotonic time of the last "store does not answer" line
+    # "The store does not answer" lines, each store's at most once a minute.
+    store_log: Throttle = field(default_factory=Throttle)
+    idempotency_log: Throttle = field(default_factory=Throttle)
     # Idempotency keys (SPEC §9.4): SQLite in the state directory, or Redis with REDIS_URL.
     idempotency: IdempotencyStore | None = None
     phase: Phase = Phase.SERVING
