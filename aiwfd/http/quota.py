@@ -72,10 +72,6 @@ def plan_for(snap: Snapshot, client: Client, agent: CompiledAgent) -> Plan:
     return plan
 
 
-def limits_for(snap: Snapshot, client: Client, agent: CompiledAgent) -> tuple[Limit, ...]:
-    return plan_for(snap, client, agent).limits
-
-
 def narrowest(snap: Snapshot, client: Client, agent: CompiledAgent) -> int:
     """The smallest concurrency limit of such a call (a large number when none)."""
     return plan_for(snap, client, agent).narrowest
