@@ -177,15 +177,16 @@ def build_snapshot(compiled: Compiled, settings: Settings, session: aiohttp.Clie
     keys = key_table(auth, settings.api_keys, settings.env)
     verifier = None
     if auth.jwt is not None:
-        if previous is not None and previous.verifier is not None and previous.jwt is not None \
-                and _verifying(previous.jwt) == _verifying(auth.jwt):
-            verifier = previous.verifier  # its cached keys stay (a reload of the limits alone keeps them)
-        elif session is not None:
-            from aiwfd.auth.jwt import JWTSettings, Verifier
+        from aiwfd.auth.jwt import JWTSettings, Verifier  # PyJWT: only with auth.jwt
 
-            j = auth.jwt
-            verifier = Verifier(JWTSettings(j.issuer, j.audience, j.algorithms, j.jwks_url, j.client_claim,
-                                            j.scope_prefix), session)
+        j = auth.jwt
+        # What verifies a token: auth.jwt less its limits. A reload that leaves
+        # these alone keeps the verifier, and with it the loaded keys.
+        wanted = JWTSettings(j.issuer, j.audience, j.algorithms, j.jwks_url, j.client_claim, j.scope_prefix)
+        if previous is not None and previous.verifier is not None and previous.verifier.settings == wanted:
+            verifier = previous.verifier
+        elif session is not None:
+            verifier = Verifier(wanted, session)
     snapshot = Snapshot(
         compiled=compiled,
         clients=clients,
@@ -204,11 +205,6 @@ def build_snapshot(compiled: Compiled, settings: Settings, session: aiohttp.Clie
         if built is not None:
             snapshot.__dict__["openapi"] = built
     return snapshot
-
-
-def _verifying(j: JWTConfig) -> tuple[object, ...]:
-    """What a verifier depends on: auth.jwt less its limits."""
-    return (j.issuer, j.audience, j.jwks_url, j.algorithms, j.client_claim, j.scope_prefix)
 
 
 def agents_listing(compiled: Compiled, mock: bool) -> list[dict[str, Any]]:
