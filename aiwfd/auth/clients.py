@@ -58,6 +58,10 @@ class KeyTable:
             return None
         return found[1]
 
+    def named(self, name: str) -> Client | None:
+        """The client of that name (a job's submitter, found again when it runs)."""
+        return next((c for _, c in self._by_digest.values() if c.name == name), None)
+
     @property
     def names(self) -> tuple[str, ...]:
         return tuple(c.name for _, c in self._by_digest.values())

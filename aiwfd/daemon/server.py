@@ -16,6 +16,7 @@ import gc
 import ipaddress
 import logging
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -39,6 +40,9 @@ from aiwfd.daemon.notify import Notifier, watchdog_interval
 from aiwfd.http.protocol import ConnectionFactory
 from aiwfd.http.runtime import Phase, Runtime, Snapshot, build_snapshot
 from aiwfd.settings import Settings
+from aiwfd.http.job_runner import JobRunner
+from aiwfd.jobs import open_job_store
+from aiwfd.jobs.store import StoreError
 from aiwfd.store.idempotency import open_idempotency
 from aiwfd.store.limits import open_store
 
@@ -139,6 +143,8 @@ class Server:
             # are counted and logged as a failed finish was (quota.store_failed).
             shared.on_finish_error = lambda e: quota.store_failed(rt, "finish", e)
         await self._check_store(compiled)
+        rt.jobs = open_job_store(s.redis_url, s.state_path, max_attempts=compiled.config.jobs.max_attempts)
+        await self._check_jobs()
         if snapshot.verifier is not None:
             await snapshot.verifier.start()
         app = create_app(self.runtime)
@@ -161,6 +167,11 @@ class Server:
         self.port = _bound_port(site)
         if self.install_signals:
             self._install_signal_handlers()
+        # Unique per process: a restarted instance must not take over the
+        # leases of the one it replaced (they run out; then anyone claims them).
+        owner = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+        rt.job_runner = JobRunner(rt, rt.jobs, owner)
+        rt.job_runner.start()
         try:
             await writing
         except OSError as e:
@@ -199,6 +210,22 @@ class Server:
         problem = await rt.store_problem()
         if problem is not None:
             logger.error("%s; starting unready (/health/ready answers 503) until it does", problem)
+
+    async def _check_jobs(self) -> None:
+        """The embedded job store must open: a state directory that cannot be
+        written is the operator's to fix before a 202 can be a promise (exit 3,
+        as for the artifacts directory). Redis is checked like the limits': an
+        instance starts unready rather than restart in a loop."""
+        rt = self.runtime
+        assert rt is not None and rt.jobs is not None
+        try:
+            await rt.jobs.ping()
+        except StoreError as e:
+            if not rt.jobs.shared:
+                await self._close_resources()
+                raise RetryableStartupError(f"cannot open the job store in {self.settings.state_path} ({e}); "
+                                            "check --state-dir (AIWF_STATE_DIR) and its permissions") from None
+            logger.error("the job store (%s) does not answer: %s; starting unready", rt.jobs.description, e)
 
     def _report_rejected(self, status: int, request_id: str, error_type: str) -> None:
         """A request the protocol refused before the app saw it: log and count it like any other."""
@@ -298,7 +325,12 @@ class Server:
             await fresh.start()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(fresh.wait_ready(), VERIFIER_GRACE)
-        rt.swap(snapshot)
+        old = rt.swap(snapshot)
+        if rt.job_runner is not None:
+            rt.job_runner.configure(snapshot)
+            removed = set(old.compiled.agents) - set(snapshot.compiled.agents)
+            if removed:
+                await rt.job_runner.agents_removed(removed)
         for w in compiled.warnings:
             logger.warning("%s", w)
         live_ms = (asyncio.get_running_loop().time() - started) * 1000
@@ -354,6 +386,8 @@ class Server:
         deadline = asyncio.get_running_loop().time() + timeout
         if rt.inflight_tasks:
             logger.info("waiting up to %gs for %d in-flight requests", timeout, len(rt.inflight_tasks))
+        # Running jobs get the same deadline, then go back to the queue (SPEC §9.2).
+        jobs = asyncio.ensure_future(rt.job_runner.drain(deadline)) if rt.job_runner is not None else None
         await self._wait_inflight(deadline)
         # Nothing runs now, but connections a proxy still has pooled stay open
         # until cleanup: an agent call arriving on one is answered 503 before
@@ -362,6 +396,8 @@ class Server:
         # started between the wait above and this line gets the rest of the budget.
         rt.enter(Phase.CLOSING)
         await self._wait_inflight(deadline)
+        if jobs is not None:
+            await jobs
 
     async def _wait_inflight(self, deadline: float) -> None:
         """Wait for in-flight requests until `deadline`, then answer 503 to what is left."""
@@ -388,6 +424,9 @@ class Server:
             self._watchdog.cancel()
         if self._reload_task is not None:
             self._reload_task.cancel()
+        if self.runtime is not None and self.runtime.job_runner is not None:
+            # Already drained on a stop (then this returns at once); on a failed start, stopped now.
+            await self.runtime.job_runner.drain(asyncio.get_running_loop().time())
         if self.runner is not None:
             await self.runner.cleanup()
         if self.runtime is not None:

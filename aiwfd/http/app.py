@@ -7,7 +7,7 @@ from typing import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
 
-from aiwfd.http import access, batch, docs, metrics, middlewares, stream, views
+from aiwfd.http import access, batch, docs, jobs, metrics, middlewares, stream, views
 from aiwfd.http.keys import NO_ROUTE, RUNTIME
 from aiwfd.http.runtime import Runtime
 
@@ -35,6 +35,10 @@ ROUTES = (
     Route("POST", "/agent/{name}", views.call, agent_call=True, own_continue=True),
     Route("POST", "/agent/{name}/stream", stream.handler, agent_call=True, own_continue=True),
     Route("POST", "/agent/{name}/batch", batch.handler, own_continue=True),
+    Route("POST", "/agent/{name}/jobs", jobs.submit, own_continue=True),
+    Route("GET", "/jobs", jobs.listing),
+    Route("GET", "/jobs/{id}", jobs.get),
+    Route("DELETE", "/jobs/{id}", jobs.cancel),
     Route("GET", "/agent/{name}/schema", views.agent_schema),
     Route("GET", "/openapi.json", views.openapi),
     Route("GET", "/metrics", metrics.handler),

@@ -125,10 +125,14 @@ class Metrics:
         self.store_errors = LoopCounter(
             "aiwfd_store_errors", "Calls the limits store did not answer for, by what was done: allow "
             "(passed uncounted), deny (503), finish (tokens and slots not recorded)", ("decision",))
+        self.jobs = LoopCounter(
+            "aiwfd_jobs", "Job runs this instance ended, by agent and how: succeeded, failed, canceled, "
+            "released (back to the queue at shutdown) or lost (its lease went to another instance)",
+            ("agent", "outcome"))
         r = self.registry = CollectorRegistry(auto_describe=True)
         r.register(_LoopCollector([self.http_requests, self.http_duration, self.agent_calls,
                                    self.agent_attempts, self.tokens, self.upstream_duration,
-                                   self.store_errors]))
+                                   self.store_errors, self.jobs]))
         self.inflight = Gauge("aiwfd_inflight_requests", "HTTP requests being answered (this scrape included)",
                               registry=r)
         self.config_reloads = Counter(

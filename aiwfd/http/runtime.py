@@ -36,8 +36,12 @@ from aiwfd.settings import Settings
 from aiwfd.store.base import Store, StoreError
 from aiwfd.store.idempotency import IdempotencyStore
 
+from aiwfd.jobs.settings import WebhookSettings, webhook_settings
+from aiwfd.jobs.store import JobStore
+
 if TYPE_CHECKING:
     from aiwfd.auth.jwt import Verifier
+    from aiwfd.http.job_runner import JobRunner
 
 logger = logging.getLogger("aiwfd")
 
@@ -79,6 +83,8 @@ class Snapshot:
     # Verifies the bearer tokens of auth.jwt; kept across reloads that leave auth.jwt alone.
     verifier: Verifier | None = None
     usage: Usage = field(default_factory=Usage)
+    # The webhooks' secrets and URL (jobs:, read from the environment at load); None: no job has one.
+    webhooks: WebhookSettings | None = None
     # (client name, its limits, agent) -> the Limits of such a call (aiwfd.http.quota).
     limit_cache: dict[Any, Any] = field(default_factory=dict)
     _agent_schemas: dict[str, bytes] = field(default_factory=dict)
@@ -187,8 +193,10 @@ def build_snapshot(compiled: Compiled, settings: Settings, session: aiohttp.Clie
             verifier = previous.verifier
         elif session is not None:
             verifier = Verifier(wanted, session)
+    webhooks = webhook_settings(compiled.config.jobs, settings.env)
     snapshot = Snapshot(
         compiled=compiled,
+        webhooks=webhooks,
         clients=clients,
         keys=keys,
         max_body=settings.effective_max_body(compiled.config),
@@ -252,14 +260,15 @@ class Lease:
     request starts, held until it has answered (a swapped-out snapshot closes
     its clients once its last lease ends)."""
 
-    __slots__ = ("_runtime", "_snapshot")
+    __slots__ = ("_runtime", "_snapshot", "_background")
 
-    def __init__(self, runtime: "Runtime") -> None:
+    def __init__(self, runtime: "Runtime", background: bool = False) -> None:
         self._runtime = runtime
+        self._background = background
 
     async def __aenter__(self) -> Snapshot:
         runtime = self._runtime
-        if runtime.phase >= Phase.CLOSING:
+        if runtime.phase >= Phase.CLOSING and not self._background:
             # The drain is over: a model call started now could not finish.
             raise Unavailable("the server is shutting down; retry on another instance")
         snap = self._snapshot = runtime.snapshot
@@ -290,6 +299,11 @@ class Runtime:
     idempotency_log: Throttle = field(default_factory=Throttle)
     # Idempotency keys (SPEC §9.4): SQLite in the state directory, or Redis with REDIS_URL.
     idempotency: IdempotencyStore | None = None
+    # Jobs (SPEC §9): the store (SQLite in the state directory, or Redis) and
+    # this instance's runner of them (which also sends the webhooks).
+    jobs: JobStore | None = None
+    job_runner: JobRunner | None = None
+    jobs_log: Throttle = field(default_factory=Throttle)
     phase: Phase = Phase.SERVING
     inflight_tasks: set[asyncio.Task[Any]] = field(default_factory=set)
     idle: asyncio.Event = field(default_factory=asyncio.Event)
@@ -299,8 +313,10 @@ class Runtime:
         """Move on to `phase`; a later phase already reached stays (ABORTING before CLOSING)."""
         self.phase = max(self.phase, phase)
 
-    def lease(self) -> Lease:
-        return Lease(self)
+    def lease(self, background: bool = False) -> Lease:
+        """`background`: for a job, which the drain waits for on its own
+        (aiwfd.http.job_runner), so it is not refused once requests are."""
+        return Lease(self, background)
 
     async def store_problem(self) -> str | None:
         """Why the store does not answer (for /health/ready); None when it does."""
@@ -310,6 +326,16 @@ class Runtime:
             await self.store.ping()
         except StoreError as e:
             return f"the store ({self.store.description}) does not answer: {e}"
+        return None
+
+    async def jobs_problem(self) -> str | None:
+        """Why the job store does not answer (for /health/ready); None when it does."""
+        if self.jobs is None:
+            return None
+        try:
+            await self.jobs.ping()
+        except StoreError as e:
+            return f"the job store ({self.jobs.description}) does not answer: {e}"
         return None
 
     def swap(self, new: Snapshot) -> Snapshot:
@@ -342,3 +368,5 @@ class Runtime:
             await self.store.close()
         if self.idempotency is not None:
             await self.idempotency.close()
+        if self.jobs is not None:
+            await self.jobs.close()

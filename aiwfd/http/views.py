@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from aiohttp import web
 
@@ -41,7 +41,7 @@ async def ready(request: web.Request) -> web.Response:
     elif snap.verifier is not None and not snap.verifier.ready:
         reason = snap.verifier.reason or "the token issuer's keys are not loaded yet"
     else:
-        reason = await rt.store_problem()
+        reason = await rt.store_problem() or await rt.jobs_problem()
     if reason is not None:
         return json_response({"status": "unready", "reason": reason}, status=503)
     return json_response({"status": "ready", "store": rt.store.description if rt.store else "memory"})
@@ -74,17 +74,19 @@ def unknown_agent(name: str, snap: Snapshot) -> NotFound:
     return NotFound(f"unknown agent {name[:64]!r}" + (f"; {hint}" if hint else ""))
 
 
-async def begin(request: web.Request, rt: Runtime, snap: Snapshot, *,
-                idempotent: bool = False) -> tuple[CompiledAgent, dict[str, Any]]:
+async def begin(request: web.Request, rt: Runtime, snap: Snapshot, *, idempotent: bool = False,
+                check: Callable[[], None] | None = None) -> tuple[CompiledAgent, dict[str, Any]]:
     """What every agent endpoint does first, inside its `rt.lease()`: find the
     client, check the agent, the client's right to it and the media type (and,
     on the routes that take one, the Idempotency-Key's form), invite and read
-    the body."""
+    the body. `check`: the route's own header checks, made with these."""
     client = request[CLIENT] = await access.authenticate(request, snap)
     agent, coding = prepare(request, snap)
     access.authorize(request, snap, client, agent.name)
     if idempotent:
         idempotency.parse_key(request)  # a malformed key is a 400 before the body is invited
+    if check is not None:
+        check()
     await send_continue(request)
     body = await read_json(request, snap.max_body, rt.settings.body_timeout, coding)
     return agent, body

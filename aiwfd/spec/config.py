@@ -24,6 +24,7 @@ from aiwfd.spec import yamlsrc
 from aiwfd.spec.access import (
     AuthConfig, LimitSet, LimitsConfig, check_allowlists, load_auth, load_limit_set, load_limits,
 )
+from aiwfd.spec.jobs import JobsConfig, load_jobs
 from aiwfd.errors import ConfigError, Problem
 from aiwfd.spec.typedsl import Node, TypeSyntaxError
 
@@ -33,7 +34,7 @@ PROVIDER_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
 ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 VERSIONS = ("0.3", "0.3-proposal")
 
-TOP_KEYS = ("version", "imports", "types", "assistants", "providers", "server", "auth", "limits")
+TOP_KEYS = ("version", "imports", "types", "assistants", "providers", "server", "auth", "limits", "jobs")
 ASSISTANT_KEYS = (
     "use", "model", "system_prompt", "input_type", "output_type", "max_tokens",
     "temperature", "max_attempts", "timeout", "description", "limits",
@@ -116,6 +117,7 @@ class Config:
     warnings: tuple[Problem, ...] = field(default=())
     auth: AuthConfig = field(default_factory=AuthConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    jobs: JobsConfig = field(default_factory=JobsConfig)
     # Every file read (the agents file and its imports) with the text read.
     sources: tuple[tuple[str, str], ...] = field(default=(), repr=False)
 
@@ -361,6 +363,7 @@ def load(path: str | os.PathLike[str], parses: typedsl.Parses | None = None) -> 
     auth = load_auth(ld, src, data.get("auth"))
     check_allowlists(ld, src, auth, assistants)
     limits = load_limits(ld, src, data.get("limits"))
+    jobs = load_jobs(ld, src, data.get("jobs"))
     if ld.problems:
         raise ConfigError(_in_file_order(ld.problems))
     return Config(
@@ -373,6 +376,7 @@ def load(path: str | os.PathLike[str], parses: typedsl.Parses | None = None) -> 
         warnings=tuple(_in_file_order(ld.warnings)),
         auth=auth,
         limits=limits,
+        jobs=jobs,
         sources=tuple(ld.sources),
     )
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncIterator, Mapping
@@ -67,12 +69,22 @@ async def serve(config: str | os.PathLike[str], env: Mapping[str, str] | None = 
                 **settings: Any) -> AsyncIterator[InProcess]:
     """aiwfd's real Server (real socket, real middleware) inside the test's loop."""
     log = io.StringIO()
+    own_state = None
+    if "state_dir" not in settings:  # isolated, like aiwfd.testing.processes.AiwfdProcess
+        own_state = settings["state_dir"] = tempfile.mkdtemp(prefix="aiwfd-test-state-")
     s = Settings(file=str(config), host="127.0.0.1", port=0, env=dict(env or {}), **settings)
     server = Server(s, install_signals=False, request_log=RequestLog(s.log_format, log))
-    await server.start()
+    try:
+        await server.start()
+    except BaseException:
+        if own_state is not None:
+            shutil.rmtree(own_state, ignore_errors=True)
+        raise
     session = aiohttp.ClientSession()
     try:
         yield InProcess(server, session, log)
     finally:
         await session.close()
         await server.stop()
+        if own_state is not None:
+            shutil.rmtree(own_state, ignore_errors=True)

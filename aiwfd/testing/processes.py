@@ -16,8 +16,10 @@ import os
 import re
 import signal
 import socket
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -113,6 +115,11 @@ class AiwfdProcess:
             full_env.pop(k, None)
         full_env.update(env or {})
         full_env.setdefault("PYTHONUNBUFFERED", "1")
+        # A state directory of its own unless the test names one: jobs left
+        # queued by one test's process must never be run by another's.
+        self._state_dir: str | None = None
+        if "--state-dir" not in args and "AIWF_STATE_DIR" not in full_env and "STATE_DIRECTORY" not in full_env:
+            self._state_dir = full_env["AIWF_STATE_DIR"] = tempfile.mkdtemp(prefix="aiwfd-test-state-")
         self.args = args
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "aiwfd", *args], env=full_env, cwd=cwd,
@@ -157,6 +164,9 @@ class AiwfdProcess:
         rc = self.proc.wait(timeout)
         self._stderr.join(5)
         self._out_reader.join(5)
+        if self._state_dir is not None:
+            shutil.rmtree(self._state_dir, ignore_errors=True)
+            self._state_dir = None
         return rc
 
     @property

@@ -1,0 +1,168 @@
+"""The job routes of SPEC §9.1.
+
+    POST   /agent/{name}/jobs   202 + Location: the job, stored before the answer
+    GET    /jobs/{id}           the job document (another client's: 404)
+    GET    /jobs                the client's jobs, newest first, paged by cursor
+    DELETE /jobs/{id}           queued or running → canceled; finished: 409
+
+A submission goes through what `POST /agent/{name}` does before the model
+call (auth, the agent, the body, the input schema, the Idempotency-Key, the
+limits), so what would fail there fails here, synchronously, with its
+status. The call itself is the runner's (aiwfd.http.job_runner).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, get_args
+
+from aiohttp import web
+
+from aiwfd.errors import Conflict, InvalidInput, InvalidRequest, NotFound, Unavailable
+from aiwfd.http import access, idempotency, quota, views
+from aiwfd.http.keys import CLIENT, RUNTIME
+from aiwfd.http.middlewares import json_response
+from aiwfd.http.runtime import Runtime, Snapshot
+from aiwfd.jobs.store import InvalidCursor, JobFinished, JobStatus, JobStore, StoreError
+
+WEBHOOK_HEADER = "Webhook-URL"
+# A submission holds its Idempotency-Key only until the job is stored (one store write).
+SUBMIT_LEASE = 30.0
+DEFAULT_PAGE, MAX_PAGE = 20, 100
+STATUSES = get_args(JobStatus)
+_MAX_URL = 2048
+
+
+def _store(rt: Runtime) -> JobStore:
+    if rt.jobs is None:
+        raise Unavailable("jobs are not available in this server")
+    return rt.jobs
+
+
+logger = logging.getLogger("aiwfd")
+
+
+def _store_down(rt: Runtime, e: StoreError) -> Unavailable:
+    if rt.jobs_log.ready():
+        rt_store = rt.jobs
+        logger.error("the job store (%s) does not answer: %s; job requests get 503 (logged at most once "
+                     "a minute)", rt_store.description if rt_store else "?", e)
+    return Unavailable("the job store does not answer; try again shortly", headers={"Retry-After": "1"})
+
+
+def webhook_url(request: web.Request, snap: Snapshot) -> str | None:
+    """The job's own webhook (`Webhook-URL`), checked against
+    jobs.allow_request_webhooks; None when the request names none."""
+    values = request.headers.getall(WEBHOOK_HEADER, ())
+    if not values:
+        return None
+    if len(values) > 1:
+        raise InvalidRequest(f"send one {WEBHOOK_HEADER} header, not {len(values)}")
+    url = values[0].strip()
+    jobs = snap.compiled.config.jobs
+    if not jobs.allow_request_webhooks:
+        raise InvalidInput(f"{WEBHOOK_HEADER} is not allowed here: jobs.allow_request_webhooks names no prefix")
+    if len(url) > _MAX_URL or not jobs.allows_webhook(url):
+        # The URL is not quoted back: it may carry a token.
+        raise InvalidInput(f"{WEBHOOK_HEADER} is not under a prefix of jobs.allow_request_webhooks")
+    return url
+
+
+async def submit(request: web.Request) -> web.StreamResponse:
+    """`POST /agent/{name}/jobs`."""
+    rt = request.app[RUNTIME]
+    store = _store(rt)
+    async with rt.lease() as snap:
+        target: list[str | None] = [None]
+
+        def check_headers() -> None:
+            target[0] = webhook_url(request, snap)
+
+        agent, body = await views.begin(request, rt, snap, idempotent=True, check=check_headers)
+        views.check_input(agent, body)
+        url = target[0]
+        configured = snap.webhooks is not None and snap.webhooks.url is not None
+
+        async def run() -> web.Response:
+            client = request[CLIENT]
+            # The request counts now; its tokens when it runs (job_runner), no slot is held meanwhile.
+            async with quota.admitted(request, rt, snap, client, agent, cost=1, slots=0):
+                try:
+                    job = await store.submit(client.identity, agent.name, body, url,
+                                             webhook=url is not None or configured)
+                except StoreError as e:
+                    raise _store_down(rt, e) from None
+            if rt.job_runner is not None:
+                rt.job_runner.wake()
+            return json_response(job.to_document(), 202, {"Location": f"/jobs/{job.id}"})
+
+        return await idempotency.guarded(request, rt, agent, body, run, extra=url or "", lease=SUBMIT_LEASE)
+
+
+async def get(request: web.Request) -> web.Response:
+    """`GET /jobs/{id}`."""
+    rt = request.app[RUNTIME]
+    store = _store(rt)
+    client = request[CLIENT] = await access.authenticate(request, rt.snapshot)
+    try:
+        job = await store.get(request.match_info["id"], client.identity)
+    except StoreError as e:
+        raise _store_down(rt, e) from None
+    if job is None:
+        raise _no_job()
+    return json_response(job.to_document())
+
+
+async def listing(request: web.Request) -> web.Response:
+    """`GET /jobs?status=&agent=&limit=&cursor=`."""
+    rt = request.app[RUNTIME]
+    store = _store(rt)
+    client = request[CLIENT] = await access.authenticate(request, rt.snapshot)
+    q = request.query
+    unknown = sorted(set(q) - {"status", "agent", "limit", "cursor"})
+    if unknown:
+        raise InvalidRequest(f"unknown query parameter {unknown[0][:40]!r}; use status, agent, limit or cursor")
+    status = q.get("status") or None
+    if status is not None and status not in STATUSES:
+        raise InvalidRequest(f"status must be one of {', '.join(STATUSES)}")
+    limit = _limit(q.get("limit"))
+    try:
+        jobs, cursor = await store.list(client.identity, status, q.get("agent") or None, limit,
+                                        q.get("cursor") or None)
+    except InvalidCursor:
+        raise InvalidRequest("invalid cursor: pass the next_cursor of a previous page") from None
+    except StoreError as e:
+        raise _store_down(rt, e) from None
+    body: dict[str, Any] = {"jobs": [j.to_document() for j in jobs], "next_cursor": cursor}
+    return json_response(body)
+
+
+async def cancel(request: web.Request) -> web.Response:
+    """`DELETE /jobs/{id}`."""
+    rt = request.app[RUNTIME]
+    store = _store(rt)
+    client = request[CLIENT] = await access.authenticate(request, rt.snapshot)
+    job_id = request.match_info["id"]
+    try:
+        job = await store.cancel(job_id, client.identity)
+    except JobFinished as e:
+        raise Conflict(f"the job already {e.job.status}; only a queued or running job can be canceled") from None
+    except StoreError as e:
+        raise _store_down(rt, e) from None
+    if job is None:
+        raise _no_job()
+    if rt.job_runner is not None:
+        rt.job_runner.cancel_local(job.id)
+    return json_response(job.to_document())
+
+
+def _no_job() -> NotFound:
+    return NotFound("no such job (or it is another client's, or it finished longer ago than jobs.retention)")
+
+
+def _limit(raw: str | None) -> int:
+    if raw is None or raw == "":
+        return DEFAULT_PAGE
+    if not raw.isdigit() or not 1 <= int(raw) <= MAX_PAGE:
+        raise InvalidRequest(f"limit must be a whole number from 1 to {MAX_PAGE}")
+    return int(raw)
