@@ -43,6 +43,7 @@ import yaml
 
 from aiwfd.spec import access
 from aiwfd.spec import config as cfg
+from aiwfd.spec import jobs as jobs_spec
 from aiwfd import errors, settings
 from aiwfd import providers as llm
 from aiwfd.cli import build_parser
@@ -135,6 +136,8 @@ AGENTS_FILE_KEYS = {
     # SPEC §8: aiwfd/spec/access.py's sections
     "auth": access.AUTH_KEYS, "auth.keys": access.CLIENT_KEYS, "auth.jwt": access.JWT_KEYS,
     "limits": access.LIMITS_KEYS, "limit set": access.LIMIT_SET_KEYS,
+    # SPEC §9: aiwfd/spec/jobs.py's section
+    "jobs": jobs_spec.JOBS_KEYS, "jobs.webhook": jobs_spec.WEBHOOK_KEYS,
 }
 
 
@@ -325,8 +328,18 @@ def test_every_agents_file_key_is_documented(section: str, key: str) -> None:
         f"{section} key `{key}` (config.py) appears nowhere in docs/config.md"
 
 
-def test_documented_agents_file_defaults_are_the_code_defaults() -> None:
+def config_md_section(heading: str) -> tuple[str, str]:
+    """docs/config.md's `## heading` section, and the file without it."""
     text = CONFIG_MD.read_text(encoding="utf-8")
+    start = text.index(f"\n## {heading}\n")
+    end = text.index("\n## ", start + 1)
+    return text[start:end], text[:start] + text[end:]
+
+
+def test_documented_agents_file_defaults_are_the_code_defaults() -> None:
+    # The jobs: section has keys of the same names (timeout, max_attempts)
+    # with other defaults: checked on their own, below.
+    _, text = config_md_section("Jobs")
     cors = cfg.Cors()
     expected = {
         "max_tokens": [str(cfg.DEFAULT_MAX_TOKENS)],
@@ -351,6 +364,32 @@ def test_documented_agents_file_defaults_are_the_code_defaults() -> None:
         for row in rows:
             for v in values:
                 assert v in row, f"`{key}`: the code's default {v!r} is not in {row}"
+
+
+def test_documented_jobs_defaults_are_the_code_defaults() -> None:
+    """The default column of docs/config.md#jobs, durations read by the loader's
+    own parser, is JobsConfig's and WebhookConfig's."""
+    section, _ = config_md_section("Jobs")
+    jobs, webhook = jobs_spec.JobsConfig(), jobs_spec.WebhookConfig()
+    expected: dict[str, Any] = {
+        "concurrency": jobs.concurrency, "timeout": jobs.timeout, "retention": jobs.retention,
+        "lease": jobs.lease, "max_attempts": jobs.max_attempts,
+        "secret_env": webhook.secret_env, "allow_private": webhook.allow_private, "retry_for": webhook.retry_for,
+    }
+    for key, value in expected.items():
+        rows = table_rows(section, key)
+        assert len(rows) == 1, f"docs/config.md#jobs should have one row for `{key}`, has {len(rows)}"
+        shown = re.fullmatch(r"`([^`]*)`", cells(rows[0])[1])
+        assert shown, f"`{key}`: the default cell is not one code span: {rows[0]}"
+        if isinstance(value, bool):
+            documented: Any = shown.group(1) == "true"
+        elif isinstance(value, float):
+            documented = jobs_spec.parse_duration(shown.group(1))
+        elif isinstance(value, int):
+            documented = int(shown.group(1))
+        else:
+            documented = shown.group(1)
+        assert documented == value, f"`{key}`: docs/config.md#jobs says {shown.group(1)}, the code {value!r}"
 
 
 def test_the_key_tables_list_only_real_keys() -> None:
