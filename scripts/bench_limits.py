@@ -517,12 +517,11 @@ def report(lb: LimitsBench, machine: list[str], command: str, elapsed: float, lo
         "request; after the first call aiwfd answers it from its verified-token cache (a SHA-256 and a "
         "lookup). The full RS256 verification a new token costs is the bench_jwt.py 'no cache' row.",
         f"- the measured Redis variants' REDIS_URL ends in `{POOL_QUERY}`: redis-py {version('redis')}'s asyncio "
-        "pool holds at most 100 connections and raises MaxConnectionsError past that instead of waiting, and "
-        "aiwfd holds one per admit or finish in flight; 'redis, default pool' is REDIS_URL without it at c256, "
-        "where the store then fails for most calls, which pass uncounted (on_store_error: allow) or get 503 (deny); "
-        "a finish that fails leaves the call's concurrency slot held until its lease expires (deadline + 30 s), "
-        "so the leaked slots fill the concurrency limit and calls get 429 with nothing in flight (its 429 and "
-        "errors cells).",
+        "pool holds at most 100 connections and raises MaxConnectionsError past that instead of waiting. The "
+        "limits store no longer draws on that pool per call: its admits and finishes share one pipelined "
+        "connection (aiwfd/store/redis.py `_Link`: the admits of one event-loop pass in one write), so "
+        "'redis, default pool' (REDIS_URL without it, c256) must answer every call too (its store-errors row); "
+        "before, it held one pooled connection per admit in flight and failed most calls at c256.",
         "- the client's requests limit is 100000000/hour (the agent's: /min) so that every call of the run is "
         "still in its window when the Redis counters are compared with the calls answered (same cost per call).",
         "- the Redis client CPU table: scripts/bench/store_cpu.py, one process on CPU "

@@ -4,7 +4,10 @@ Imported only when REDIS_URL is set (aiwfd.store.limits.open_store), so an
 install without the `redis` package runs the memory store.
 
 One round trip per call (§8.2): each `admit` is one EVALSHA of ADMIT below,
-for all the limits of a call. `finish` sends nothing itself: it records what
+for all the limits of a call, sent on the store's one pipelined connection
+(`_Link`): the admits of one event-loop pass leave in one write and their
+replies come back together, at ~15 µs of CPU per admit instead of the ~65
+µs a call through redis-py's pool cost (scripts/bench/store_cpu.py). `finish` sends nothing itself: it records what
 it must do (the ZREM of the lease's slots, the HINCRBY of the tokens, summed
 per key) in a pending batch, and the next `admit` of this store object carries
 that batch in its own script, applied before the admission check, so a slot
@@ -30,12 +33,13 @@ of one call are not in one hash slot: Redis Cluster would need hash tags (one
 Redis, or Sentinel, is what SPEC §8 asks for).
 
 Every failure of Redis or redis-py becomes StoreError in one place
-(`_mapped`), within about `timeout`.
+(`store_error`, through `mapped` or `_send`), within about `timeout`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import hashlib
 import logging
@@ -64,9 +68,10 @@ FLUSH_DELAY = 0.005
 RETRY_MIN, RETRY_MAX = 0.1, 1.0
 # redis-py 8's asyncio ConnectionPool allows 100 connections by default and
 # raises ("Too many connections") beyond them instead of waiting: at 256
-# concurrent calls most failed as StoreError. One connection per call in
-# flight is what an instance needs; `?max_connections=` in REDIS_URL still
-# wins (redis-py lets the URL's options override the keyword arguments).
+# concurrent calls most failed as StoreError. The idempotency and jobs stores
+# take one connection per call in flight (the limits store needs two: its
+# `_Link` and `ping`'s); `?max_connections=` in REDIS_URL still wins
+# (redis-py lets the URL's options override the keyword arguments).
 MAX_CONNECTIONS = 4096
 # Slots of timed-out admits queued for release, per key, at most (a stalled Redis
 # under load would otherwise grow one send without bound).
@@ -233,8 +238,17 @@ async def mapped(description: str, timeout: float) -> AsyncIterator[None]:
             yield
     except StoreError:
         raise
-    except (redis.exceptions.RedisError, OSError, asyncio.TimeoutError) as exc:
-        raise StoreError(f"redis ({description}): {type(exc).__name__}: {exc}".rstrip(": ")) from exc
+    except _FAILURES as exc:
+        raise store_error(description, exc) from exc
+
+
+# Every exception a call to Redis raises when Redis fails (not a bug of ours).
+_FAILURES = (redis.exceptions.RedisError, OSError, asyncio.TimeoutError)
+
+
+def store_error(description: str, exc: BaseException) -> StoreError:
+    """The StoreError for `exc` (raise it `from exc`: `_failed` reads the cause)."""
+    return StoreError(f"redis ({description}): {type(exc).__name__}: {exc}".rstrip(": "))
 
 
 class _Script:
@@ -253,7 +267,177 @@ class _Script:
             return await client.eval(self.source, len(keys), *keys, *args)
 
 
+def _bulk(value: str) -> bytes:
+    """One RESP bulk string."""
+    data = value.encode()
+    return b"$%d\r\n%b\r\n" % (len(data), data)
+
+
+class _Link:
+    """One connection to Redis that every admit and flush of a store shares, pipelined.
+
+    Why not redis-py's pool: a call through it costs ~50 µs of CPU (a pooled
+    connection taken and given back, the command packed argument by
+    argument, one write syscall, its reply parser's coroutines, a timeout
+    scope), about half of what limits cost an agent call. Here a command is
+    bytes appended to `_out`, and `_write`, run once per event-loop pass
+    (call_soon), sends all the commands of that pass in one write; Redis
+    answers them in order, in as few reads, and `_reader` hands each reply to
+    its caller's future. Redis runs a client's commands one after another, so
+    one connection loses nothing to the pool's many (no Redis runs two scripts
+    at once anyway).
+
+    redis-py still opens the connection (`make_connection` + `connect`: the
+    URL's TLS, AUTH, SELECT and CLIENT SETINFO exactly as its pool would),
+    then its StreamReader and StreamWriter are used directly. The replies
+    the store's commands get are simple strings, errors, integers and bulk
+    strings; anything else is a protocol error that ends the link.
+
+    Failures end the link: every caller waiting on it gets the error (a
+    redis-py ConnectionError or TimeoutError, which `_failed` tells apart)
+    and the store opens a new link for its next call. A reply that has not
+    come `timeout` after its command was queued means a Redis that hangs:
+    the watchdog (one timer per link, not one per call) fails them all, as
+    redis-py does when a read times out (it disconnects). A lost connection
+    is seen at once: `_reader` is always reading, so a Redis restart does
+    not wait for the next call to find its socket dead (redis-py's one retry
+    on a pooled connection was for that).
+    """
+
+    def __init__(self, pool: "redis.asyncio.ConnectionPool", timeout: float) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._timeout = timeout
+        self._conn = pool.make_connection()
+        self._out: list[bytes] = []  # commands not written yet (this pass's, or all while connecting)
+        # One (future, deadline) per command queued or written, in their order: the replies'.
+        self._waiting: collections.deque[tuple[asyncio.Future[bytes | None], float]] = collections.deque()
+        self._writer: asyncio.StreamWriter | None = None  # set once connected
+        self._scheduled = False  # a _write is due this pass
+        self._timer: asyncio.TimerHandle | None = None
+        self.dead = False  # failed or closed: never used again
+        self._task = self._loop.create_task(self._reader())
+
+    def call(self, command: bytes) -> "asyncio.Future[bytes | None]":
+        """Queue one command (RESP bytes); the future gets its reply or its error."""
+        loop = self._loop
+        fut: asyncio.Future[bytes | None] = loop.create_future()
+        self._out.append(command)
+        self._waiting.append((fut, loop.time() + self._timeout))
+        if not self._scheduled and self._writer is not None:
+            self._scheduled = True
+            loop.call_soon(self._write)
+        if self._timer is None:
+            self._timer = loop.call_later(self._timeout, self._check)
+        return fut
+
+    def _write(self) -> None:
+        self._scheduled = False
+        out = self._out
+        if self.dead or not out or self._writer is None:
+            return
+        self._out = []
+        try:
+            self._writer.write(b"".join(out) if len(out) > 1 else out[0])
+        except Exception as exc:  # a transport already closed: the reader reports why
+            self._fail(redis.exceptions.ConnectionError(f"write failed: {exc}"))
+
+    def _check(self) -> None:
+        """The watchdog: the oldest reply overdue means Redis hangs; else wait for it."""
+        self._timer = None
+        if self.dead or not self._waiting:
+            return
+        due = self._waiting[0][1]
+        if self._loop.time() >= due:
+            self._fail(redis.exceptions.TimeoutError(f"no reply within {self._timeout:g} s"))
+        else:
+            self._timer = self._loop.call_at(due, self._check)
+
+    async def _reader(self) -> None:
+        try:
+            await self._conn.connect()
+            reader, self._writer = self._conn._reader, self._conn._writer
+            assert reader is not None and self._writer is not None
+            self._write()  # what was queued while connecting
+            buf = b""
+            while True:
+                data = await reader.read(1 << 16)
+                if not data:
+                    raise redis.exceptions.ConnectionError("Connection closed by server.")
+                buf = self._replies(buf + data if buf else data)
+        except asyncio.CancelledError:
+            pass  # _fail or close: the callers have their answer
+        except redis.exceptions.RedisError as exc:
+            # Connecting raises redis-py's own errors (AuthenticationError is a ConnectionError)
+            self._fail(exc if isinstance(exc, (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError))
+                       else redis.exceptions.ConnectionError(str(exc)))
+        except (OSError, ValueError, IndexError, AssertionError) as exc:
+            # reset or refused (OSError), a reply we cannot read or did not ask for
+            self._fail(redis.exceptions.ConnectionError(f"{type(exc).__name__}: {exc}"))
+
+    def _replies(self, buf: bytes) -> bytes:
+        """Hand every complete reply in `buf` to its caller; what is left (a partial reply)."""
+        waiting = self._waiting
+        pos, end = 0, len(buf)
+        while pos < end:
+            eol = buf.find(b"\r\n", pos)
+            if eol < 0:
+                break
+            kind = buf[pos]
+            error: redis.exceptions.RedisError | None = None
+            value: bytes | None
+            if kind == 36:  # $: a bulk string (the scripts' replies)
+                size = int(buf[pos + 1:eol])
+                if size < 0:
+                    value, nxt = None, eol + 2
+                else:
+                    nxt = eol + 4 + size
+                    if nxt > end:
+                        break
+                    value = buf[eol + 2:nxt - 2]
+            elif kind == 43 or kind == 58:  # + or : (a simple string, an integer)
+                value, nxt = buf[pos + 1:eol], eol + 2
+            elif kind == 45:  # -: an error reply
+                text = buf[pos + 1:eol].decode(errors="replace")
+                error = (redis.exceptions.NoScriptError if text.startswith("NOSCRIPT")
+                         else redis.exceptions.ResponseError)(text)
+                value, nxt = None, eol + 2
+            else:
+                raise ValueError(f"unexpected reply type {chr(kind)!r}")
+            pos = nxt
+            fut = waiting.popleft()[0]  # IndexError: a reply nobody asked for
+            if not fut.done():  # done: its caller was cancelled
+                if error is None:
+                    fut.set_result(value)
+                else:
+                    fut.set_exception(error)
+        return buf[pos:] if pos else buf
+
+    def _fail(self, exc: redis.exceptions.ConnectionError | redis.exceptions.TimeoutError) -> None:
+        """End the link: every caller still waiting gets `exc`'s kind of error."""
+        if self.dead:
+            return
+        self.dead = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._out = []
+        waiting, self._waiting = self._waiting, collections.deque()
+        for fut, _ in waiting:
+            if not fut.done():
+                fut.set_exception(type(exc)(*exc.args))  # one exception object per caller
+        if self._task is not asyncio.current_task():
+            self._task.cancel()
+        self._conn._close()  # the socket (sync: no await in a callback)
+
+    async def close(self) -> None:
+        self._fail(redis.exceptions.ConnectionError("closed"))
+        await asyncio.wait([self._task])
+
+
 _ADMIT = _Script(ADMIT)
+# The start of ADMIT's two commands on a _Link, after the array's length.
+_EVALSHA = _bulk("EVALSHA") + _bulk(_ADMIT.sha)
+_EVAL = _bulk("EVAL") + _bulk(ADMIT)
 
 # What finishes leave to send: the lease members to ZREM, by key; the tokens
 # to HINCRBY, by (key, bucket width), summed.
@@ -287,7 +471,10 @@ class RedisStore:
         # by the flusher, `ping` or `close`, or were dropped (see `_failed`):
         # `finish` itself no longer talks to Redis, so it cannot raise it.
         self.on_finish_error: Callable[[StoreError], None] | None = None
+        # For `ping`, and the options every connection is opened with (the
+        # admits' and flushes' one, `_link`, included).
         self._client = client_for(url, timeout)
+        self._link: _Link | None = None  # opened by the first call, again after a failure
         self._releases: _Releases = {}
         self._tokens: _Tokens = {}
         self._flusher: asyncio.Task[None] | None = None
@@ -331,6 +518,12 @@ class RedisStore:
                 # would lock the limit until their lease_ttl (ZREM of members that
                 # were never added does nothing). Not on a refused connection:
                 # the script never ran, and an outage must not grow the batch.
+                self.finish_nowhere(lease, limits, slots)
+            raise
+        except asyncio.CancelledError:
+            # The caller went away (a client that disconnected): the script runs
+            # all the same, and its slots would wait for lease_ttl.
+            if lease:
                 self.finish_nowhere(lease, limits, slots)
             raise
         try:
@@ -398,8 +591,10 @@ class RedisStore:
     async def _send(self, keys: list[str], arg: str, releases: _Releases, tokens: _Tokens,
                     carried: bool) -> object:
         try:
-            async with self._mapped():
-                return await _ADMIT(self._client, keys, [arg])
+            try:
+                return await self._eval(keys, arg)
+            except _FAILURES as exc:
+                raise store_error(self.description, exc) from exc
         except StoreError as exc:
             if releases or tokens:
                 self._failed(releases, tokens, exc, carried)
@@ -410,6 +605,21 @@ class RedisStore:
             if releases or tokens:
                 self._failed(releases, tokens, None, carried)
             raise
+
+    async def _eval(self, keys: list[str], arg: str) -> bytes | None:
+        """ADMIT on the link: by its SHA1, whole when Redis does not know it (see _Script)."""
+        body = b"".join([_bulk(str(len(keys))), *map(_bulk, keys), _bulk(arg)])
+        count = b"*%d\r\n" % (len(keys) + 4)
+        try:
+            return await self._call(count + _EVALSHA + body)
+        except redis.exceptions.NoScriptError:
+            return await self._call(count + _EVAL + body)
+
+    def _call(self, command: bytes) -> "asyncio.Future[bytes | None]":
+        link = self._link
+        if link is None or link.dead:
+            link = self._link = _Link(self._client.connection_pool, self.timeout)
+        return link.call(command)
 
     def _failed(self, releases: _Releases, tokens: _Tokens, exc: StoreError | None, carried: bool) -> None:
         """Finishes that did not reach Redis, or may not have: what to keep for the next attempt.
@@ -489,6 +699,9 @@ class RedisStore:
             await asyncio.wait([task])  # sending: let it finish (within `timeout`)
         with contextlib.suppress(StoreError):  # reported through on_finish_error
             await self.flush()
+        link, self._link = self._link, None
+        if link is not None:
+            await link.close()
         # Closing a pool whose Redis is gone must not fail a shutdown.
         with contextlib.suppress(Exception):
             await self._client.aclose()
