@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Sequence
 
 from aiohttp import web
 
@@ -44,7 +43,7 @@ class Plan:
     """The limits of calls by one client to one agent, with what their answers
     need that does not change from call to call (built once per snapshot)."""
 
-    __slots__ = ("limits", "policy", "narrowest", "own_timeout")
+    __slots__ = ("limits", "policy", "state", "narrowest", "own_timeout")
 
     def __init__(self, limits: tuple[Limit, ...], agent: CompiledAgent) -> None:
         self.limits = limits
@@ -53,6 +52,9 @@ class Plan:
         self.own_timeout = agent.assistant.timeout or agent.provider.timeout or 0.0
         requests = [lim for lim in limits if lim.kind == "requests"]
         self.policy = ", ".join(f'"{lim.scope}";q={lim.quota};w={_whole(lim.window)}' for lim in requests)
+        # Per requests limit, in the order of the admission's standings: the
+        # constant parts of its `RateLimit` item (rate_headers formats the rest).
+        self.state = tuple((f'"{lim.scope}";r=', _whole(lim.window)) for lim in requests)
         self.narrowest = min((lim.quota for lim in limits if lim.kind == "concurrency"), default=1 << 30)
 
 
@@ -130,17 +132,14 @@ class admitted:  # noqa: N801 - used as `async with quota.admitted(...)`, like a
         self.admission = None
         stats = self.request.get(STATS)
         tokens = stats.total_tokens if stats is not None else 0
+        rt = self.rt
+        assert rt.store is not None
         # No shield needed: a store's finish only records (Store.finish), it never
         # suspends, so a cancelled call cannot be interrupted before its slots are given back.
-        await _finish(self.rt, admission.lease, self.plan.limits, tokens, self.slots)
-
-
-async def _finish(rt: Runtime, lease: str, limits: Sequence[Limit], tokens: int, slots: int) -> None:
-    assert rt.store is not None
-    try:
-        await rt.store.finish(lease, limits, tokens, slots)
-    except StoreError as e:
-        store_failed(rt, "finish", e)
+        try:
+            await rt.store.finish(admission.lease, self.plan.limits, tokens, self.slots)
+        except StoreError as e:
+            store_failed(rt, "finish", e)
 
 
 def store_failed(rt: Runtime, decision: str, error: StoreError) -> None:
@@ -171,12 +170,18 @@ def refusal(admission: Admission, headers: dict[str, str]) -> RateLimited:
 
 def rate_headers(plan: Plan, admission: Admission) -> dict[str, str]:
     """`RateLimit-Policy` and `RateLimit` for the requests limits (Structured Fields lists)."""
-    if not admission.standings:
+    standings = admission.standings
+    if not standings:
         return {}
     # The store counts the partly expired oldest bucket whole: its reset can pass the window by one bucket.
-    state = ", ".join(f'"{s.limit.scope}";r={max(0, s.remaining)};'
-                      f't={min(_whole(s.limit.window), max(0, math.ceil(s.reset)))}'
-                      for s in admission.standings)
+    # With the plan's constant parts, formatted once per snapshot: this runs on every agent call.
+    if len(standings) == len(plan.state):
+        state = ", ".join([f"{prefix}{max(0, s.remaining)};t={min(whole, max(0, math.ceil(s.reset)))}"
+                           for (prefix, whole), s in zip(plan.state, standings, strict=True)])
+    else:  # not the plan's limits (never, from admitted)
+        state = ", ".join(f'"{s.limit.scope}";r={max(0, s.remaining)};'
+                          f't={min(_whole(s.limit.window), max(0, math.ceil(s.reset)))}'
+                          for s in standings)
     return {"RateLimit-Policy": plan.policy, "RateLimit": state}
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Literal, Protocol, Sequence
+from typing import Literal, NamedTuple, Protocol, Sequence
 
 from aiwfd.spec.access import Rate  # the config's `600/min`, one definition for both layers
 
@@ -67,8 +67,10 @@ class Limit:
         return max(1, round(self.window * 1_000_000 / BUCKETS))
 
 
-@dataclass(frozen=True)
-class Standing:
+# Standing and Admission are NamedTuples, not frozen dataclasses: one of each
+# is made per requests limit and per call, and a frozen dataclass's __init__
+# (object.__setattr__ per field) cost ~3x as much; immutable all the same.
+class Standing(NamedTuple):
     """Where a requests limit stands after a call, for the `RateLimit` header."""
 
     limit: Limit
@@ -76,8 +78,7 @@ class Standing:
     reset: float  # seconds until the oldest counted bucket leaves the window (0: nothing counted)
 
 
-@dataclass(frozen=True)
-class Admission:
+class Admission(NamedTuple):
     """What `admit` decided for all the limits of a call at once."""
 
     allowed: bool

@@ -19,6 +19,8 @@ _NO_LIMITS = Admission(True, None, 0.0, (), "")
 # client is any `sub`): a sweep at most this often, checked every _SWEEP_CALLS admits.
 _SWEEP_SECONDS = 60.0
 _SWEEP_CALLS = 4096
+# Plans kept at most (one per client and agent pair in use; see MemoryStore._plan).
+_PLANS = 10_000
 
 
 class _Window:
@@ -83,6 +85,20 @@ class _Window:
         return SPAN * self.width  # it never fits (a cost over the quota): one window
 
 
+class _Plan:
+    """A tuple of limits as admit walks it (MemoryStore._plan)."""
+
+    __slots__ = ("limits", "entries", "concurrency", "requests", "tokens")
+
+    def __init__(self, limits: Sequence[Limit], entries: list[tuple[Limit, _Window | None, bool]]) -> None:
+        self.limits = limits
+        # (limit, its window or None for concurrency, whether it is a requests limit)
+        self.entries = tuple(entries)
+        self.concurrency = tuple(lim.key for lim in limits if lim.kind == "concurrency")
+        self.requests = tuple((lim, w) for lim, w, requests in entries if requests and w is not None)
+        self.tokens = tuple(w for lim, w, _ in entries if lim.kind == "tokens" and w is not None)
+
+
 class MemoryStore:
     """The embedded store: counters in this process (SPEC §8)."""
 
@@ -98,6 +114,7 @@ class MemoryStore:
         # changed the limits in between, and a second `finish` does nothing.
         self._leases: dict[str, tuple[tuple[str, ...], int]] = {}
         self._ids = itertools.count(1)
+        self._plans: dict[int, _Plan] = {}  # id(limits) -> its plan (see _plan)
         self._calls = 0
         self._swept = clock()
 
@@ -113,6 +130,23 @@ class MemoryStore:
             w.advance(cur)
         return w
 
+    def _plan(self, limits: Sequence[Limit], now: float) -> _Plan:
+        """What admit and finish need of `limits`, their windows looked up once:
+        kept per tuple (quota.Plan's limits, the same object call after call),
+        so a call skips a dict lookup and a few attribute reads per limit. A
+        list is planned afresh each time (it could change between calls)."""
+        if type(limits) is tuple:
+            plan = self._plans.get(id(limits))
+            if plan is not None and plan.limits is limits:
+                return plan
+        plan = _Plan(limits, [(lim, None if lim.kind == "concurrency" else self._window(lim, now),
+                               lim.kind == "requests") for lim in limits])
+        if type(limits) is tuple:
+            if len(self._plans) >= _PLANS:  # JWT clients are unbounded in number: so is not this
+                self._plans.clear()
+            self._plans[id(limits)] = plan  # it holds `limits`: the id is not reused while it is here
+        return plan
+
     async def admit(self, limits: Sequence[Limit], cost: int = 1, slots: int = 1,
                     lease_ttl: float = 120.0) -> Admission:
         if not limits:
@@ -121,41 +155,37 @@ class MemoryStore:
         self._calls += 1
         if self._calls % _SWEEP_CALLS == 0 and now - self._swept > _SWEEP_SECONDS:
             self._sweep(now)
+        plan = self._plan(limits, now)
         refused: Limit | None = None
         refused_window: _Window | None = None
-        counted: list[tuple[Limit, _Window]] = []
         inflight = self._inflight
-        window = self._window
         # Written for speed (scripts/bench_store.py): one pass decides, a second counts.
-        for limit in limits:
-            kind = limit.kind
-            if kind == "concurrency":
+        for limit, w, requests in plan.entries:
+            if w is None:  # concurrency
                 if refused is None and inflight.get(limit.key, 0) + slots > limit.quota:
                     refused = limit
                 continue
-            w = window(limit, now)
-            counted.append((limit, w))
-            if refused is None and (w.total + cost > limit.quota if kind == "requests"
+            cur = int(now / w.width)
+            if cur != w.newest:
+                w.advance(cur)
+            if refused is None and (w.total + cost > limit.quota if requests
                                     # tokens: a pre-check; the call adds its tokens in finish
                                     else w.total >= limit.quota):
                 refused, refused_window = limit, w
 
-        lease = ""
         standings: list[Standing] = []
         if refused is None:
-            keys: list[str] = []
-            for limit in limits:
-                if limit.kind == "concurrency":
-                    inflight[limit.key] = inflight.get(limit.key, 0) + slots
-                    keys.append(limit.key)
-            if keys:
+            lease = ""
+            if plan.concurrency:
+                for key in plan.concurrency:
+                    inflight[key] = inflight.get(key, 0) + slots
                 lease = str(next(self._ids))
-                self._leases[lease] = (tuple(keys), slots)
-            for limit, w in counted:
-                if limit.kind == "requests":
-                    if cost:
-                        w.add(w.newest, cost)
-                    standings.append(Standing(limit, max(0, limit.quota - w.total), w.reset(now)))
+                self._leases[lease] = (plan.concurrency, slots)
+            for limit, w in plan.requests:
+                if cost:
+                    w.add(w.newest, cost)
+                left = limit.quota - w.total
+                standings.append(Standing(limit, left if left > 0 else 0, w.reset(now)))
             return Admission(True, None, 0.0, tuple(standings), lease)
 
         if refused_window is None:
@@ -166,9 +196,8 @@ class MemoryStore:
                 retry = refused_window.retry_after(now, lambda left: left + cost <= quota)
             else:
                 retry = refused_window.retry_after(now, lambda left: left < quota)
-        for limit, w in counted:
-            if limit.kind == "requests":
-                standings.append(Standing(limit, max(0, limit.quota - w.total), w.reset(now)))
+        for limit, w in plan.requests:
+            standings.append(Standing(limit, max(0, limit.quota - w.total), w.reset(now)))
         return Admission(False, refused, retry, tuple(standings), "")
 
     async def finish(self, lease: str, limits: Sequence[Limit], tokens: int, slots: int = 1) -> None:
@@ -185,16 +214,19 @@ class MemoryStore:
                         inflight.pop(key, None)
         if tokens > 0:
             now = self._clock()
-            for limit in limits:
-                if limit.kind == "tokens":
-                    w = self._window(limit, now)
-                    w.add(w.newest, tokens)
+            for w in self._plan(limits, now).tokens:
+                cur = int(now / w.width)
+                if cur != w.newest:
+                    w.advance(cur)
+                w.add(cur, tokens)
 
     def _sweep(self, now: float) -> None:
         self._swept = now
         stale = [k for k, w in self._windows.items() if int(now / w.width) - w.newest >= SPAN]
         for k in stale:
             del self._windows[k]
+        if stale:
+            self._plans.clear()  # they hold windows: a call must not count in a forgotten one
 
     async def ping(self) -> None:
         return None
