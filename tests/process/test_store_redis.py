@@ -576,3 +576,44 @@ async def test_slots_of_an_admit_that_timed_out_are_given_back() -> None:
 
 async def _zcard(client: Any, key: str, n: int) -> bool:
     return bool(await client.zcard(key) == n)
+
+
+async def test_calls_share_one_pipelined_connection(server: RedisServer) -> None:
+    """200 admits at once on one store go on one connection (its `_Link`), each
+    caller with its own answer: the replies come back in order, to the right futures."""
+    store = redis_store(server.url)
+    raw = redis.asyncio.Redis.from_url(server.url)
+    try:
+        await store.ping()  # ping's own pooled connection, opened before the count
+        before = len(await raw.client_list())
+        names = [name() for _ in range(200)]
+        results = await asyncio.gather(*(store.admit([req(10 + i, who)]) for i, who in enumerate(names)))
+        assert [r.standings[0].remaining for r in results] == [9 + i for i in range(200)]
+        assert len(await raw.client_list()) == before + 1
+    finally:
+        await raw.aclose()
+        await store.close()
+
+
+async def test_cancelled_admit_gives_its_slots_back(server: RedisServer) -> None:
+    """A caller that goes away mid-admit (a client that disconnected): the script
+    still runs and takes a slot nobody will finish; the store releases it with its next send."""
+    store = redis_store(server.url)
+    other = redis_store(server.url)
+    probe = redis.asyncio.Redis.from_url(server.url)
+    try:
+        limits = [conc(1, name())]
+        key = store.prefix + limits[0].key
+        await store.ping()
+        task = asyncio.create_task(store.admit(limits, lease_ttl=600))
+        await asyncio.sleep(0)  # queued on the link, not answered yet
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await store.flush()  # the release goes with the next send
+        await eventually(lambda: _zcard(probe, key, 0))
+        assert (await other.admit(limits)).allowed
+    finally:
+        await probe.aclose()
+        await store.close()
+        await other.close()
