@@ -6,6 +6,7 @@
     python scripts/bench.py --profile       # py-spy on aiwfd under load: where its CPU goes
     python scripts/bench.py --stream [--quick]  # /agent/{name}/stream vs a raw SSE forwarder (bench_stream.py)
     python scripts/bench.py --limits [--quick]  # limits (memory, Redis) and JWT vs no limits (bench_limits.py)
+    python scripts/bench.py --jobs [--quick]    # jobs on SQLite and Redis: submissions, webhooks, 10k queued (bench_jobs.py)
 
 Everything runs on 127.0.0.1: a fake OpenAI-compatible server
 (aiwfd.testing.fakeopenai, uvloop, no records), the reference forwarders
@@ -1212,6 +1213,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="benchmark /agent/{name}/stream against the stream-raw forwarder (its own BENCHMARKS.md block)")
     p.add_argument("--limits", action="store_true",
                    help="limits in memory and on Redis, and JWT, against aiwfd without them (its own BENCHMARKS.md block)")
+    p.add_argument("--jobs", action="store_true",
+                   help="jobs on SQLite and on Redis: submissions vs plain calls, webhook latency, 10,000 queued "
+                        "(its own BENCHMARKS.md block)")
     p.add_argument("--hiredis-path", default=None,
                    help="--limits: a directory holding hiredis (pip install --target DIR hiredis) for the "
                         "redis+hiredis variant, when it is not installed")
@@ -1290,6 +1294,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             if write:
                 write_benchmarks(args.output, text, bench_limits.BEGIN, bench_limits.END)
                 log(f"wrote the limits block of {args.output}")
+            log(f"total {time.monotonic() - began:.1f} s")
+            return 0
+        if args.jobs:
+            import bench_jobs
+
+            log(f"jobs benchmark ({'quick' if args.quick else 'full'}); pinned: {pin}; workdir {workdir}")
+            text = bench_jobs.run(procs, args, log, command, machine_info(loader, pin, "--no-pin" if args.no_pin
+                                                                              else ""), loadavg_before, began)
+            print(text)
+            if write:
+                write_benchmarks(args.output, text, bench_jobs.BEGIN, bench_jobs.END)
+                log(f"wrote the jobs block of {args.output}")
             log(f"total {time.monotonic() - began:.1f} s")
             return 0
         transports = ["aiohttp", "sdk"] if args.aiwfd_transport == "both" else [args.aiwfd_transport]
