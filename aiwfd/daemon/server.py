@@ -183,9 +183,12 @@ class Server:
                            "who can reach this port can call the agents", s.host)
         n = len(compiled.agents)
         store = self.runtime.store
-        logger.info("aiwfd %s serving %s (%d agent%s%s, store %s) on http://%s:%d", __version__, s.file,
+        jobs = self.runtime.jobs
+        # The jobs' store when it is not the limits' (Redis holds both): the SQLite file.
+        own_jobs = f", jobs {jobs.description}" if jobs is not None and not jobs.shared else ""
+        logger.info("aiwfd %s serving %s (%d agent%s%s, store %s%s) on http://%s:%d", __version__, s.file,
                     n, "" if n == 1 else "s", ", mock provider" if s.mock else "",
-                    store.description if store is not None else "memory", _url_host(s.host), self.port)
+                    store.description if store is not None else "memory", own_jobs, _url_host(s.host), self.port)
         self.notifier.ready()
         interval = watchdog_interval()
         if interval:

@@ -59,6 +59,8 @@ IDLE = 0.25
 PURGE_EVERY = 60.0
 # While the store does not answer: how long between two tries.
 STORE_RETRY = 0.5
+# How long the drain waits for the loops to see it (a store call's timeout, and some).
+STOP_LOOPS = 6.0
 
 
 def removed_agent_error(agent: str) -> dict[str, Any]:
@@ -138,10 +140,17 @@ class JobRunner:
         """No job is claimed any more; running ones get until `deadline` (loop
         time), then go back to the queue; webhook attempts the same."""
         self._stop.set()
+        self._freed.set()
+        self._wake.set()
         loop = asyncio.get_running_loop()
-        for t in self._loops:
-            t.cancel()
-        await asyncio.gather(*self._loops, return_exceptions=True)
+        # The loops end at their next step once `_stop` is set (a store call
+        # under way finishes first: a cancel inside redis-py's call is not
+        # always passed on); cancelled only if one does not.
+        if self._loops:
+            _, late = await asyncio.wait(self._loops, timeout=STOP_LOOPS)
+            for t in late:
+                t.cancel()
+            await asyncio.gather(*self._loops, return_exceptions=True)
         running = list(self.running.values())
         if running:
             logger.info("waiting up to %.0fs for %d running job%s", max(0.0, deadline - loop.time()),
@@ -168,7 +177,7 @@ class JobRunner:
     # ------------------------------------------------------------ loops
 
     async def _claim_loop(self) -> None:
-        while True:
+        while not self._stop.is_set():
             jobs = self.rt.snapshot.compiled.config.jobs
             if len(self.running) >= jobs.concurrency:
                 self._freed.clear()
@@ -180,44 +189,61 @@ class JobRunner:
                 job = await self.store.claim(self.owner, jobs.lease)
             except StoreError as e:
                 self._store_failed("claiming jobs", e)
-                await asyncio.sleep(STORE_RETRY)
+                await self._pause(STORE_RETRY)
                 continue
             if job is None:
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), IDLE)
                 continue
+            if self._stop.is_set():  # claimed as the drain began: back to the queue at once
+                await self._release(job)
+                return
             self.running[job.id] = asyncio.get_running_loop().create_task(self._run(job, jobs.lease))
 
+    async def _pause(self, seconds: float) -> None:
+        """Wait `seconds`, or less if the drain begins."""
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._stop.wait(), seconds)
+
     async def _purge_loop(self) -> None:
-        while True:
+        while not self._stop.is_set():
             try:
                 n = await self.store.purge(self.rt.snapshot.compiled.config.jobs.retention)
                 if n:
                     logger.info("removed %d finished job%s past jobs.retention", n, "" if n == 1 else "s")
             except StoreError as e:
                 self._store_failed("removing old jobs", e)
-            await asyncio.sleep(PURGE_EVERY)
+            await self._pause(PURGE_EVERY)
 
     # ------------------------------------------------------------ one job
 
     async def _run(self, job: Job, lease: float) -> None:
         renewer = asyncio.get_running_loop().create_task(self._renew(job, lease))
         outcome = "lost"
+        finishing: asyncio.Future[str] | None = None
         try:
-            status, result, error = await self._call(job)
+            try:
+                status, result, error = await self._call(job)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a bug: the job fails rather than being run again and again
+                logger.exception("job %s (%s): the run failed unexpectedly", job.id, job.agent)
+                status, result, error = "failed", None, _error(InternalError())
             renewer.cancel()
-            # Shielded: a cancel arriving now (the drain's deadline) must not
-            # leave a finished run unwritten.
-            outcome = await asyncio.shield(self._finish(job, status, result, error, lease))
+            # A task of its own, shielded: a cancel arriving now (the drain's
+            # deadline) must neither leave a finished run unwritten nor release it.
+            finishing = asyncio.ensure_future(self._finish(job, status, result, error, lease))
+            outcome = await asyncio.shield(finishing)
         except asyncio.CancelledError:
-            outcome = self._why.pop(job.id, "released")
-            if outcome == "released":
-                await self._release(job)
-            elif outcome == "canceled":
-                logger.info("job %s (%s): canceled while running; its model call was closed", job.id, job.agent)
-        except Exception:  # a bug: the job fails rather than being run again and again
-            logger.exception("job %s (%s): the run failed unexpectedly", job.id, job.agent)
-            outcome = await asyncio.shield(self._finish(job, "failed", None, _error(InternalError()), lease))
+            if finishing is not None:
+                outcome = await finishing
+            else:
+                outcome = self._why.pop(job.id, "released")
+                if outcome == "released":
+                    await self._release(job)
+                elif outcome == "canceled":
+                    logger.info("job %s (%s): canceled while running; its model call was closed", job.id,
+                                job.agent)
         finally:
             renewer.cancel()
             self._why.pop(job.id, None)

@@ -59,8 +59,8 @@ async def run_deliveries(
     concurrency: int = 16,
     wake: asyncio.Event | None = None,
 ) -> None:
-    """Deliver until `stop` is set; then wait for the attempts under way
-    (each bounded by `timeout`) and return.
+    """Deliver until `stop` is set; then send what is due at that moment, wait
+    for the attempts under way (each bounded by `timeout`) and return.
 
     `default_url`: the configured webhook (jobs.webhook.url), for jobs that
     name none; a job with neither fails its delivery at once. `session`:
@@ -95,18 +95,26 @@ async def run_deliveries(
             freed.set()
 
     try:
-        while not stop.is_set():
+        while True:
+            # Once stopped, what is due now is still sent (a job that ended
+            # during the drain gets its webhook before the process exits), then
+            # the loop ends; the caller's deadline cancels it if that takes long.
+            stopping = stop.is_set()
             await slots.acquire()
             freed.clear()
             try:
                 d = await store.claim_delivery(owner, lease)
             except StoreError as exc:
                 slots.release()
+                if stopping:
+                    break
                 logger.warning("webhook deliveries: the job store failed: %s", exc)
                 await _wait(idle, stop)
                 continue
             if d is None:
                 slots.release()
+                if stopping:
+                    break
                 await _wait(idle, stop, wake, freed)
                 if wake is not None:
                     wake.clear()
