@@ -7,7 +7,7 @@ from typing import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
 
-from aiwfd.http import access, batch, docs, jobs, metrics, middlewares, stream, views
+from aiwfd.http import access, batch, docs, jobs, mcp, metrics, middlewares, openai_api, stream, views
 from aiwfd.http.keys import NO_ROUTE, RUNTIME
 from aiwfd.http.runtime import Runtime
 
@@ -39,6 +39,10 @@ ROUTES = (
     Route("GET", "/jobs", jobs.listing),
     Route("GET", "/jobs/{id}", jobs.get),
     Route("DELETE", "/jobs/{id}", jobs.cancel),
+    # SPEC §10: the agents as MCP tools, and as OpenAI "models".
+    Route("POST", "/mcp", mcp.handler, own_continue=True),
+    Route("GET", "/v1/models", openai_api.models),
+    Route("POST", "/v1/chat/completions", openai_api.chat_completions, own_continue=True),
     Route("GET", "/agent/{name}/schema", views.agent_schema),
     Route("GET", "/openapi.json", views.openapi),
     Route("GET", "/metrics", metrics.handler),
