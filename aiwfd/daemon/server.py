@@ -221,14 +221,14 @@ class Server:
         instance starts unready rather than restart in a loop."""
         rt = self.runtime
         assert rt is not None and rt.jobs is not None
+        if rt.jobs.shared:  # the Redis of the limits, which _check_store just asked
+            return
         try:
             await rt.jobs.ping()
         except StoreError as e:
-            if not rt.jobs.shared:
-                await self._close_resources()
-                raise RetryableStartupError(f"cannot open the job store in {self.settings.state_path} ({e}); "
-                                            "check --state-dir (AIWF_STATE_DIR) and its permissions") from None
-            logger.error("the job store (%s) does not answer: %s; starting unready", rt.jobs.description, e)
+            await self._close_resources()
+            raise RetryableStartupError(f"cannot open the job store in {self.settings.state_path} ({e}); "
+                                        "check --state-dir (AIWF_STATE_DIR) and its permissions") from None
 
     def _report_rejected(self, status: int, request_id: str, error_type: str) -> None:
         """A request the protocol refused before the app saw it: log and count it like any other."""

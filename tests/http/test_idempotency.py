@@ -19,7 +19,7 @@ from typing import Any, AsyncIterator, Iterator
 import orjson
 import pytest
 
-from aiwfd.errors import InvalidRequest
+from aiwfd.errors import InvalidRequest, RetryableStartupError
 from aiwfd.http import idempotency
 from aiwfd.store.idempotency import FILE_NAME, Answer, SqliteIdempotency, open_idempotency
 from aiwfd.testing.fakeopenai import FakeOpenAI, Hold, Reply, Status
@@ -350,11 +350,13 @@ async def test_two_instances_sharing_a_state_dir_share_the_keys(config: Path, fa
         assert count == 1
 
 
-async def test_the_state_dir_is_made_only_when_a_key_is_used(config: Path, fake: FakeOpenAI, tmp_path: Path) -> None:
+async def test_the_keys_file_is_made_only_when_a_key_is_used(config: Path, fake: FakeOpenAI, tmp_path: Path) -> None:
     state = tmp_path / "lazy"
     async with serve(config, env=env(fake), state_dir=str(state)) as s:
         assert (await post(s, "/agent/greeter", {"name": "Ann"}))[0] == 200
-        assert not state.exists()
+        # The directory is there from the start (the job store opens at start: a
+        # 202 must be a promise); the idempotency keys' file comes with the first key.
+        assert state.is_dir() and not (state / FILE_NAME).exists()
         assert (await post(s, "/agent/greeter", {"name": "Ann"}, new_key()))[0] == 200
         assert (state / FILE_NAME).exists()
 
@@ -393,14 +395,23 @@ async def test_store_leases_expire_and_stale_owners_change_nothing(kind: str, re
 
 async def test_an_unreachable_store_is_503(config: Path, fake: FakeOpenAI, tmp_path: Path) -> None:
     fake.reset()
-    blocker = tmp_path / "file"
-    blocker.write_text("not a directory")
-    async with serve(config, env=env(fake), state_dir=str(blocker / "state")) as s:
+    state = tmp_path / "state"
+    (state / FILE_NAME).mkdir(parents=True)  # the keys' database cannot be opened; the jobs' can
+    async with serve(config, env=env(fake), state_dir=str(state)) as s:
         status, headers, doc = await post(s, "/agent/greeter", {"name": "Ann"}, new_key())
         assert status == 503 and headers["Retry-After"] == "1", doc
         assert doc["error"]["type"] == "unavailable"
         assert (await post(s, "/agent/greeter", {"name": "Ann"}))[0] == 200  # without a key: served
     assert fake.calls == 1
+
+
+async def test_a_state_dir_that_cannot_be_made_does_not_start(config: Path, fake: FakeOpenAI,
+                                                               tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(RetryableStartupError, match=r"cannot open the job store in .*file/state.*--state-dir"):
+        async with serve(config, env=env(fake), state_dir=str(blocker / "state")):
+            pass
 
 
 def test_parse_and_fingerprint() -> None:
