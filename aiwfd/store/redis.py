@@ -273,6 +273,11 @@ def _bulk(value: str) -> bytes:
     return b"$%d\r\n%b\r\n" % (len(data), data)
 
 
+# The loop passes the watchdog waits before a verdict: one for the socket's
+# read, one for the reader task's wake-up, one for its callers' (see _Link).
+_SETTLE_PASSES = 3
+
+
 class _Link:
     """One connection to Redis that every admit and flush of a store shares, pipelined.
 
@@ -295,10 +300,15 @@ class _Link:
 
     Failures end the link: every caller waiting on it gets the error (a
     redis-py ConnectionError or TimeoutError, which `_failed` tells apart)
-    and the store opens a new link for its next call. A reply that has not
-    come `timeout` after its command was queued means a Redis that hangs:
-    the watchdog (one timer per link, not one per call) fails them all, as
-    redis-py does when a read times out (it disconnects). A lost connection
+    and the store opens a new link for its next call. Timeouts are kept by
+    one watchdog timer per link, not one per call (`_check`): a caller whose
+    reply has not come `timeout` after its command was queued gets a
+    TimeoutError on its own (the reply, when it comes, goes nowhere); no
+    reply at all for `timeout` while commands wait means a Redis that hangs,
+    and ends the link, as redis-py disconnects when a read times out. Before
+    either verdict the reader gets a few loop passes to hand out replies that
+    are already in: a process held up past `timeout` (a starved CPU) runs its
+    timers before its reads, and must not fail 256 answered calls. A lost connection
     is seen at once: `_reader` is always reading, so a Redis restart does
     not wait for the next call to find its socket dead (redis-py's one retry
     on a pooled connection was for that).
@@ -314,6 +324,8 @@ class _Link:
         self._writer: asyncio.StreamWriter | None = None  # set once connected
         self._scheduled = False  # a _write is due this pass
         self._timer: asyncio.TimerHandle | None = None
+        self._replied = 0  # replies handed out so far: what the watchdog sees progress by
+        self._heard = self._loop.time()  # when the last of them came (or the link was opened)
         self.dead = False  # failed or closed: never used again
         self._task = self._loop.create_task(self._reader())
 
@@ -341,16 +353,49 @@ class _Link:
         except Exception as exc:  # a transport already closed: the reader reports why
             self._fail(redis.exceptions.ConnectionError(f"write failed: {exc}"))
 
+    def _dues(self) -> tuple[float, float]:
+        """When the first caller still waiting is overdue, and when the link is
+        (no reply for `timeout` since the oldest command went, or the last reply)."""
+        waiting = self._waiting
+        first = next((due for fut, due in waiting if not fut.done()), float("inf"))
+        hung = max(self._heard + self._timeout, waiting[0][1]) if waiting else float("inf")
+        return first, hung
+
     def _check(self) -> None:
-        """The watchdog: the oldest reply overdue means Redis hangs; else wait for it."""
+        """The watchdog's timer: something overdue goes to `_settle`, else wait for it."""
         self._timer = None
         if self.dead or not self._waiting:
             return
-        due = self._waiting[0][1]
+        due = min(self._dues())
         if self._loop.time() >= due:
-            self._fail(redis.exceptions.TimeoutError(f"no reply within {self._timeout:g} s"))
+            self._settle(_SETTLE_PASSES, self._replied)
         else:
             self._timer = self._loop.call_at(due, self._check)
+
+    def _settle(self, passes: int, replied: int) -> None:
+        """The verdict, `passes` loop passes later (the reader reads, parses and
+        resolves in between): a link that handed out no reply is hung and ends;
+        otherwise only the callers still past their deadline time out."""
+        if self.dead:
+            return
+        if passes:
+            self._loop.call_soon(self._settle, passes - 1, replied)
+            return
+        if not self._waiting:
+            return
+        now = self._loop.time()
+        first, hung = self._dues()
+        if self._replied == replied and now >= hung:
+            self._fail(redis.exceptions.TimeoutError(f"no reply within {self._timeout:g} s"))
+            return
+        if now >= first:
+            for fut, due in self._waiting:
+                if due > now:
+                    break
+                if not fut.done():
+                    fut.set_exception(redis.exceptions.TimeoutError(f"no reply within {self._timeout:g} s"))
+        if self._timer is None:
+            self._timer = self._loop.call_at(max(min(self._dues()), now), self._check)
 
     async def _reader(self) -> None:
         try:
@@ -404,13 +449,17 @@ class _Link:
             else:
                 raise ValueError(f"unexpected reply type {chr(kind)!r}")
             pos = nxt
+            self._replied += 1
             fut = waiting.popleft()[0]  # IndexError: a reply nobody asked for
             if not fut.done():  # done: its caller was cancelled
                 if error is None:
                     fut.set_result(value)
                 else:
                     fut.set_exception(error)
-        return buf[pos:] if pos else buf
+        if pos:
+            self._heard = self._loop.time()
+            return buf[pos:]
+        return buf
 
     def _fail(self, exc: redis.exceptions.ConnectionError | redis.exceptions.TimeoutError) -> None:
         """End the link: every caller still waiting gets `exc`'s kind of error."""

@@ -617,3 +617,20 @@ async def test_cancelled_admit_gives_its_slots_back(server: RedisServer) -> None
         await probe.aclose()
         await store.close()
         await other.close()
+
+
+async def test_a_held_up_loop_is_not_a_hung_redis(server: RedisServer) -> None:
+    """The event loop held past the timeout (a starved CPU) while Redis answered:
+    the watchdog's timer comes before the reads, yet no call fails."""
+    store = redis_store(server.url, timeout=0.2)
+    try:
+        limits = [req(10**6, name()), conc(10**6, name())]
+        assert (await store.admit(limits)).allowed  # the link is open
+        calls = [asyncio.ensure_future(store.admit(limits)) for _ in range(50)]
+        for _ in range(3):
+            await asyncio.sleep(0)  # the admits are queued and written
+        time.sleep(0.4)  # the loop is held; Redis answers meanwhile  # noqa: ASYNC251
+        results = await asyncio.gather(*calls)
+        assert all(r.allowed for r in results)
+    finally:
+        await store.close()
