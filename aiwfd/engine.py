@@ -20,6 +20,7 @@ from typing import Any, Awaitable, Callable, Protocol
 import orjson
 
 from aiwfd.spec.compiler import Compiled, CompiledAgent
+from aiwfd.spec.config import Provider
 from aiwfd.errors import (
     HTTPError, InvalidOutput, RateLimited, Unavailable, UpstreamError, UpstreamTimeout,
 )
@@ -52,6 +53,8 @@ class CallStats:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     upstream_seconds: list[float] = field(default_factory=list)
+    # (model, provider, error type) of each model that failed and handed the call on (SPEC §11.1).
+    fallbacks: list[tuple[str, str, str]] = field(default_factory=list)
 
     @property
     def total_tokens(self) -> int:
@@ -123,10 +126,25 @@ def reask_message(errors: list[dict[str, str]]) -> str:
             + "\nAnswer again with JSON that fixes these errors.")
 
 
+@dataclass(frozen=True)
+class Candidate:
+    """One model an agent may be answered by: its own, or a fallback's."""
+
+    model: str
+    provider: Provider
+    client: ModelClient
+
+
+class Models(tuple[Candidate, ...]):  # a subclass, to be told from a client
+    """The models of an agent with `fallbacks:` (SPEC §11.1), in the order they are tried."""
+
+    __slots__ = ()
+
+
 async def call_agent(
     compiled: Compiled,
     agent: CompiledAgent,
-    client: ModelClient,
+    client: ModelClient | Models,
     body: Any,
     request_id: str,
     deadline: float,
@@ -139,21 +157,75 @@ async def call_agent(
     With a `listener` the model is called streaming (`client.stream`): the
     listener sees each piece of the answer, and hears before every attempt
     after a failed one why that one failed (SPEC §7.4). Otherwise the same.
+
+    `client` is the agent's provider client, or its `Models` when it has
+    fallbacks: each is tried in turn, with its own `max_attempts`, when the
+    one before ends in a provider failure (after its retries) or in invalid
+    output, all within the one deadline. A model that times out hands over at
+    once when a fallback is left: a hanging provider must not eat the
+    fallbacks' time with retries. When every model failed, the error is the
+    first model's, with every failure in its `details`.
     """
     a = agent.assistant
-    clock = timing.clock
-    started = clock()
-    timeout = a.timeout or agent.provider.timeout or DEFAULT_TIMEOUT
+    started = timing.clock()
     # An explicit timeout longer than the deadline is the user raising the deadline.
     end = started + max(deadline, a.timeout or agent.provider.timeout or 0)
-    payload = build_payload(agent, body)
-    last_failure: HTTPError | None = None
-    while stats.attempts < a.max_attempts:
+    models: tuple[Candidate, ...] = client if isinstance(client, Models) else (
+        Candidate(a.model, agent.provider, client),)
+    failures: list[tuple[Candidate, HTTPError]] = []
+    for i, model in enumerate(models):
+        payload = build_payload(agent, body)
+        payload["model"] = model.model
+        outcome = await _ask(compiled, agent, model, payload, end, stats, listener, timing,
+                             failures[-1][1] if failures else None, has_next=i + 1 < len(models))
+        if not isinstance(outcome, HTTPError):
+            t = trace(agent, stats, timing.clock() - started, request_id)
+            t["model"] = model.model
+            if isinstance(client, Models):
+                t["provider"] = model.provider.name
+                t["fallbacks"] = [_failure_doc(m, e) for m, e in failures]
+            return {"data": outcome.value, "trace": t}
+        failures.append((model, outcome))
+        if i + 1 < len(models):
+            stats.fallbacks.append((model.model, model.provider.name, outcome.type))
+        if end - timing.clock() <= 0:
+            break
+    if len(failures) == 1:
+        raise failures[0][1]
+    first = failures[0][1]
+    every = [{"path": "", "message": f"{m.provider.name}/{m.model}: {e.message}", "model": m.model,
+              "provider": m.provider.name, "type": e.type} for m, e in failures]
+    raise type(first)(f"every model failed ({len(failures)}); the first: {first.message}",
+                      details=every, headers=first.headers)
+
+
+@dataclass(frozen=True)
+class _Answer:
+    value: Any
+
+
+def _failure_doc(model: Candidate, e: HTTPError) -> dict[str, Any]:
+    return {"model": model.model, "provider": model.provider.name,
+            "error": {"type": e.type, "message": e.message}}
+
+
+async def _ask(compiled: Compiled, agent: CompiledAgent, model: Candidate, payload: dict[str, Any], end: float,
+               stats: CallStats, listener: Listener | None, timing: Timing, previous: HTTPError | None,
+               has_next: bool) -> _Answer | HTTPError:
+    """One model's attempts: its answer, or the failure it ended with."""
+    a = agent.assistant
+    clock = timing.clock
+    client = model.client
+    timeout = a.timeout or model.provider.timeout or DEFAULT_TIMEOUT
+    last_failure: HTTPError | None = previous
+    attempts = 0
+    while attempts < a.max_attempts:
         remaining = end - clock()
         if remaining <= 0:
             break
         if listener is not None and last_failure is not None:
             await listener.retry(stats.attempts + 1, last_failure)
+        attempts += 1
         stats.attempts += 1
         t0 = clock()
         try:
@@ -163,8 +235,10 @@ async def call_agent(
                 result = await client.stream(payload, min(timeout, remaining), agent, listener.delta)
         except ProviderError as e:
             stats.upstream_seconds.append(clock() - t0)
-            last_failure, retryable, wait = classify(e, stats.attempts, timing.jitter())
-            if not retryable or stats.attempts >= a.max_attempts:
+            last_failure, retryable, wait = classify(e, attempts, timing.jitter())
+            if not retryable or attempts >= a.max_attempts:
+                break
+            if has_next and isinstance(e, ProviderTimeout):
                 break
             if clock() + wait >= end:
                 break
@@ -175,10 +249,10 @@ async def call_agent(
         stats.completion_tokens += result.completion_tokens
         data, errors = check_answer(compiled, agent, result)
         if not errors:
-            return {"data": data, "trace": trace(agent, stats, clock() - started, request_id)}
+            return _Answer(data)
         last_failure = InvalidOutput(
-            f"the model's answer did not match the output type after {stats.attempts} "
-            f"attempt{'s' if stats.attempts != 1 else ''}",
+            f"the model's answer did not match the output type after {attempts} "
+            f"attempt{'s' if attempts != 1 else ''}",
             details=errors,
         )
         if result.content is not None:
@@ -186,9 +260,9 @@ async def call_agent(
                 {"role": "assistant", "content": result.content},
                 {"role": "user", "content": reask_message(errors)},
             ]
-    if last_failure is None:
-        last_failure = UpstreamTimeout("no time left to call the model within the deadline")
-    raise last_failure
+    if last_failure is None or last_failure is previous:
+        return UpstreamTimeout("no time left to call the model within the deadline")
+    return last_failure
 
 
 def trace(agent: CompiledAgent, stats: CallStats, elapsed: float, request_id: str) -> dict[str, Any]:

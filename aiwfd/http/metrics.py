@@ -129,10 +129,13 @@ class Metrics:
             "aiwfd_jobs", "Job runs this instance ended, by agent and how: succeeded, failed, canceled, "
             "released (back to the queue at shutdown) or lost (its lease went to another instance)",
             ("agent", "outcome"))
+        self.fallbacks = LoopCounter(
+            "aiwfd_fallbacks", "Calls a model failed and handed on to the agent's next fallback, by agent and "
+            "the model that failed", ("agent", "model"))
         r = self.registry = CollectorRegistry(auto_describe=True)
         r.register(_LoopCollector([self.http_requests, self.http_duration, self.agent_calls,
                                    self.agent_attempts, self.tokens, self.upstream_duration,
-                                   self.store_errors, self.jobs]))
+                                   self.store_errors, self.jobs, self.fallbacks]))
         self.inflight = Gauge("aiwfd_inflight_requests", "HTTP requests being answered (this scrape included)",
                               registry=r)
         self.config_reloads = Counter(
@@ -181,6 +184,8 @@ class Metrics:
             self.tokens.inc((name, model, "prompt"), stats.prompt_tokens)
         if stats.completion_tokens:
             self.tokens.inc((name, model, "completion"), stats.completion_tokens)
+        for model, _, _ in stats.fallbacks:
+            self.fallbacks.inc((name, model))
         provider = "mock" if self.mock else agent.provider.name
         for seconds in stats.upstream_seconds:
             self.upstream_duration.observe((name, provider), seconds)

@@ -22,6 +22,7 @@ from aiwfd.auth.clients import KeyTable, key_table
 from aiwfd.spec.access import JWTConfig
 from aiwfd.spec.artifacts import write_artifacts
 from aiwfd.spec.compiler import Compiled, CompiledAgent
+from aiwfd.engine import Candidate, Models
 from aiwfd.http.cors import CorsPolicy, policy
 from aiwfd.errors import StartupError, Unavailable
 from aiwfd.providers.base import ModelClient, Transport
@@ -88,6 +89,7 @@ class Snapshot:
     # (client name, its limits, agent) -> the Limits of such a call (aiwfd.http.quota).
     limit_cache: dict[Any, Any] = field(default_factory=dict)
     _agent_schemas: dict[str, bytes] = field(default_factory=dict)
+    _models: dict[str, Models] = field(default_factory=dict)
 
     @property
     def inflight(self) -> int:
@@ -105,8 +107,18 @@ class Snapshot:
     def auth_required(self) -> bool:
         return len(self.keys) > 0 or self.jwt is not None
 
-    def client(self, agent: CompiledAgent) -> ModelClient:
-        return self.clients[agent.provider.name]
+    def client(self, agent: CompiledAgent) -> ModelClient | Models:
+        """What `call_agent` calls for `agent`: its provider's client, or with
+        `fallbacks:` the models in the order they are tried."""
+        primary = self.clients[agent.provider.name]
+        if not agent.fallbacks:
+            return primary
+        models = self._models.get(agent.name)
+        if models is None:
+            models = self._models[agent.name] = Models(
+                (Candidate(agent.assistant.model, agent.provider, primary),)
+                + tuple(Candidate(model, p, self.clients[p.name]) for model, p in agent.fallbacks))
+        return models
 
     # The API documents (SPEC §7.1) are built on first use and kept for the life
     # of the snapshot (a reload makes a new one, which takes the previous one's
@@ -161,8 +173,10 @@ def build_snapshot(compiled: Compiled, settings: Settings, session: aiohttp.Clie
     CA bundle), and its connections stay pooled across the reload.
     """
     clients: dict[str, ModelClient] = {}
-    for agent in compiled.agents.values():
-        p = agent.provider
+    # Every provider an agent may call: its own and its fallbacks' (a missing
+    # key of a fallback's provider fails the start like the primary's).
+    providers = [p for a in compiled.agents.values() for p in (a.provider, *(f[1] for f in a.fallbacks))]
+    for p in providers:
         if p.name in clients:
             continue
         if settings.mock or p.kind == "mock":

@@ -31,6 +31,9 @@ class CompiledAgent:
     strict: bool
     input_validator: Validator
     output_validator: Validator | None
+    # The fallbacks of SPEC §11.1, in order: (model, provider). The strict
+    # schema (`response_format`) is the same for every model.
+    fallbacks: tuple[tuple[str, Provider], ...] = ()
 
     @property
     def name(self) -> str:
@@ -153,6 +156,7 @@ def compile_config(config: Config, memo: Memo | None = None) -> Compiled:
             else Validator(in_schema, trusted=True),
             output_validator=build.validator(a.output_type, a.output_type_name, out_schema)
             if a.output_type is not None and out_schema is not None else None,
+            fallbacks=tuple((model, config.providers[use]) for use, model in a.fallbacks),
         )
     return Compiled(config, agents, type_schemas, tuple(warnings))
 

@@ -37,8 +37,9 @@ VERSIONS = ("0.3", "0.3-proposal")
 TOP_KEYS = ("version", "imports", "types", "assistants", "providers", "server", "auth", "limits", "jobs")
 ASSISTANT_KEYS = (
     "use", "model", "system_prompt", "input_type", "output_type", "max_tokens",
-    "temperature", "max_attempts", "timeout", "description", "limits",
+    "temperature", "max_attempts", "timeout", "description", "limits", "fallbacks",
 )
+FALLBACK_KEYS = ("use", "model")
 PROVIDER_KEYS = ("base_url", "api_key_env", "timeout", "organization", "project")
 SERVER_KEYS = ("cors", "max_body", "shutdown_timeout", "batch_max", "batch_concurrency")
 CORS_KEYS = ("allow_origins", "allow_methods", "allow_headers", "max_age", "allow_credentials")
@@ -86,6 +87,8 @@ class Assistant:
     description: str | None = None
     line: int | None = None
     limits: LimitSet | None = None  # per agent, all clients together (SPEC §8.2)
+    # Tried in order when the model before fails (SPEC §11.1): (provider name, model).
+    fallbacks: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -480,6 +483,7 @@ def _assistants(ld: _Loader, src: yamlsrc.Source, section: Any, providers: dict[
         timeout = _positive_number(ld, src, path + ("timeout",), body.get("timeout"))
         description = _opt_str(ld, src, path + ("description",), body.get("description"))
         limits = load_limit_set(ld, src, path + ("limits",), body.get("limits"))
+        fallbacks = _fallbacks(ld, src, path + ("fallbacks",), body.get("fallbacks"), providers, use, model)
         if len(ld.problems) != n_before:
             continue
         assert isinstance(model, str)  # a problem was recorded otherwise
@@ -488,8 +492,44 @@ def _assistants(ld: _Loader, src: yamlsrc.Source, section: Any, providers: dict[
             input_type=in_node, output_type=out_node, input_type_name=in_name, output_type_name=out_name,
             max_tokens=max_tokens, temperature=temperature, max_attempts=attempts,
             timeout=timeout, description=description, line=src.line(path), limits=limits,
+            fallbacks=fallbacks,
         )
     return out
+
+
+def _fallbacks(ld: _Loader, src: yamlsrc.Source, path: tuple, value: Any, providers: dict[str, Provider],
+               use: Any, model: Any) -> tuple[tuple[str, str], ...]:
+    """`fallbacks:` of an assistant: `{model}` (the assistant's provider) or `{use, model}`."""
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not value:
+        ld.err(src, path, "expected a list such as [{model: gpt-4.1-mini}, {use: grok, model: grok-3-mini}]")
+        return ()
+    out: list[tuple[str, str]] = []
+    seen = {(use, model)}
+    for i, entry in enumerate(value):
+        at = path + (i,)
+        if isinstance(entry, str):
+            entry = {"model": entry}
+        if not isinstance(entry, dict):
+            ld.err(src, at, f"expected {{model: …}} or {{use: …, model: …}}, got {_describe(entry)}")
+            continue
+        ld.check_keys(src, at, entry, FALLBACK_KEYS)
+        f_use, f_model = entry.get("use", use), entry.get("model")
+        if not isinstance(f_use, str) or f_use not in providers:
+            ld.err(src, at + ("use",), f"unknown provider {f_use!r}", did_you_mean(str(f_use), providers))
+            continue
+        if not isinstance(f_model, str) or not f_model:
+            ld.err(src, at + ("model",) if "model" in entry else at, "expected a model name"
+                   if "model" in entry else "missing key 'model'")
+            continue
+        if (f_use, f_model) in seen:
+            what = "the assistant's own model" if (f_use, f_model) == (use, model) else "an earlier fallback"
+            ld.err(src, at, f"{f_use}/{f_model} is {what}", "a fallback must be another model or provider")
+            continue
+        seen.add((f_use, f_model))
+        out.append((f_use, f_model))
+    return tuple(out)
 
 
 def _try_deref(node: Node, defs: Mapping[str, Node]) -> Node | None:
