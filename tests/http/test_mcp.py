@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import re
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any, AsyncIterator, Iterator
@@ -482,3 +485,55 @@ async def test_500_concurrent_tool_calls(tmp_path: Path) -> None:
             assert slow.calls == 500
             assert slow.max_inflight >= 50, slow.max_inflight  # concurrent (the provider pool is the bound), not one after another
             assert elapsed < 30, elapsed
+
+
+# -- the guide's snippet -------------------------------------------------------------------------
+
+
+def guide_snippet() -> str:
+    """The Python block of docs/api.md's MCP section."""
+    text = (Path(__file__).resolve().parent.parent.parent / "docs" / "api.md").read_text(encoding="utf-8")
+    section = text[text.index("\n## MCP\n"):]
+    m = re.search(r"```python\n(.*?)```", section, re.S)
+    assert m, "no python block in docs/api.md's MCP section"
+    return m.group(1)
+
+
+async def test_the_guides_python_snippet_runs(srv: InProcess, fake: FakeOpenAI) -> None:
+    fake.script(Reply(data={"message": "Hello, Alice!"}))
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", guide_snippet(), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "AIWFD_MCP_URL": srv.url("/mcp"), "AIWFD_KEY": FRONTEND})
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, err.decode()
+    assert out.decode().splitlines() == ["['chat', 'color', 'greeter', 'tags', 'team']",
+                                         "{'message': 'Hello, Alice!'}"]
+
+
+# -- the MCP Inspector's CLI: a third client, when installed -------------------------------------
+
+
+def inspector() -> str | None:
+    """`MCP_INSPECTOR` (the path of its `mcp-inspector` binary), else one on PATH; it is not in
+    tests/node's lock file (111 MB with its web UI): `npm install @modelcontextprotocol/inspector`."""
+    return os.environ.get("MCP_INSPECTOR") or shutil.which("mcp-inspector")
+
+
+@pytest.mark.skipif(inspector() is None, reason="no MCP Inspector (set MCP_INSPECTOR to its mcp-inspector binary)")
+async def test_inspector_cli(srv: InProcess, fake: FakeOpenAI, tmp_path: Path) -> None:
+    fake.script(Reply(data={"message": "Hi Ann"}))
+    binary = inspector()
+    assert binary is not None
+    runs = {}
+    for method, extra in (("tools/list", []), ("tools/call", ["--tool-name", "greeter", "--tool-arg", "name=Ann"])):
+        proc = await asyncio.create_subprocess_exec(
+            binary, "--cli", srv.url("/mcp"), "--method", method, *extra,
+            "--header", f"Authorization: Bearer {FRONTEND}",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            env={**os.environ, "HOME": str(tmp_path)})  # it keeps a catalog under ~/.mcp-inspector
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+        assert proc.returncode == 0, err.decode()
+        runs[method] = json.loads(out)
+    assert [t["name"] for t in runs["tools/list"]["tools"]] == ["chat", "color", "greeter", "tags", "team"]
+    assert runs["tools/call"]["structuredContent"] == {"message": "Hi Ann"}
+    assert runs["tools/call"]["isError"] is False
