@@ -19,6 +19,7 @@ from typing import Any, Awaitable, Callable, Protocol
 
 import orjson
 
+from aiwfd import telemetry
 from aiwfd.spec.compiler import Compiled, CompiledAgent
 from aiwfd.spec.config import Provider
 from aiwfd.errors import (
@@ -166,6 +167,26 @@ async def call_agent(
     fallbacks' time with retries. When every model failed, the error is the
     first model's, with every failure in its `details`.
     """
+    tracer = telemetry.TRACER
+    if tracer is None:
+        return await _call_agent(compiled, agent, client, body, request_id, deadline, stats, listener, timing)
+    span = tracer.start_span(f"invoke_agent {agent.name}", kind=telemetry.kind("INTERNAL"), attributes={
+        "gen_ai.operation.name": "invoke_agent", "gen_ai.agent.name": agent.name})
+    token = telemetry.attach(span)
+    try:
+        return await _call_agent(compiled, agent, client, body, request_id, deadline, stats, listener, timing)
+    except HTTPError as e:
+        telemetry.set_error(span, e.type, e.message)
+        raise
+    finally:
+        telemetry.detach(token)
+        span.set_attribute("aiwfd.attempts", stats.attempts)
+        span.end()
+
+
+async def _call_agent(compiled: Compiled, agent: CompiledAgent, client: ModelClient | Models, body: Any,
+                      request_id: str, deadline: float, stats: CallStats, listener: Listener | None,
+                      timing: Timing) -> dict[str, Any]:
     a = agent.assistant
     started = timing.clock()
     # An explicit timeout longer than the deadline is the user raising the deadline.
@@ -228,6 +249,7 @@ async def _ask(compiled: Compiled, agent: CompiledAgent, model: Candidate, paylo
         attempts += 1
         stats.attempts += 1
         t0 = clock()
+        chat = _chat_span(agent, model, payload, stats.attempts) if telemetry.TRACER is not None else None
         try:
             if listener is None:
                 result = await client.complete(payload, min(timeout, remaining), agent)
@@ -236,6 +258,9 @@ async def _ask(compiled: Compiled, agent: CompiledAgent, model: Candidate, paylo
         except ProviderError as e:
             stats.upstream_seconds.append(clock() - t0)
             last_failure, retryable, wait = classify(e, attempts, timing.jitter())
+            if chat is not None:
+                _end_chat(chat, None, last_failure.type)
+            chat = None
             if not retryable or attempts >= a.max_attempts:
                 break
             if has_next and isinstance(e, ProviderTimeout):
@@ -244,10 +269,16 @@ async def _ask(compiled: Compiled, agent: CompiledAgent, model: Candidate, paylo
                 break
             await timing.sleep(wait)
             continue
+        except BaseException as e:  # cancelled (the client went away, a job canceled): the span still ends
+            if chat is not None:
+                _end_chat(chat, None, "cancelled" if isinstance(e, asyncio.CancelledError) else type(e).__name__)
+            raise
         stats.upstream_seconds.append(clock() - t0)
         stats.prompt_tokens += result.prompt_tokens
         stats.completion_tokens += result.completion_tokens
         data, errors = check_answer(compiled, agent, result)
+        if chat is not None:
+            _end_chat(chat, result, InvalidOutput.type if errors else None)
         if not errors:
             return _Answer(data)
         last_failure = InvalidOutput(
@@ -263,6 +294,56 @@ async def _ask(compiled: Compiled, agent: CompiledAgent, model: Candidate, paylo
     if last_failure is None or last_failure is previous:
         return UpstreamTimeout("no time left to call the model within the deadline")
     return last_failure
+
+
+_GENAI_PROVIDERS = {"openai": "openai", "grok": "x_ai", "mock": "aiwfd.mock"}
+
+
+def _chat_span(agent: CompiledAgent, model: Candidate, payload: dict[str, Any], attempt: int) -> tuple[Any, object]:
+    """The CLIENT span of one model call (SPEC §11.2), current while the
+    provider is called so that its request carries `traceparent`."""
+    tracer = telemetry.TRACER
+    assert tracer is not None
+    p = model.provider
+    attributes: dict[str, Any] = {
+        "gen_ai.operation.name": "chat",
+        "gen_ai.provider.name": _GENAI_PROVIDERS.get(p.kind, p.name),
+        "gen_ai.request.model": model.model,
+        "gen_ai.request.max_tokens": payload.get("max_tokens"),
+        "gen_ai.request.temperature": payload.get("temperature"),
+        "gen_ai.output.type": "json" if agent.response_format is not None else "text",
+        "aiwfd.attempt": attempt,
+        "aiwfd.provider": p.name,
+    }
+    host, port = getattr(model.client, "address", (None, None))
+    if host:
+        attributes["server.address"] = host
+    if port:
+        attributes["server.port"] = port
+    if telemetry.CAPTURE_CONTENT:
+        attributes["gen_ai.input.messages"] = compact_json(payload["messages"])
+    span = tracer.start_span(f"chat {model.model}", kind=telemetry.kind("CLIENT"), attributes=attributes)
+    return span, telemetry.attach(span)
+
+
+def _end_chat(chat: tuple[Any, object], result: ChatResult | None, error_type: str | None) -> None:
+    span, token = chat
+    telemetry.detach(token)
+    if result is not None:
+        if result.model:
+            span.set_attribute("gen_ai.response.model", result.model)
+        if result.response_id:
+            span.set_attribute("gen_ai.response.id", result.response_id)
+        if result.finish_reason:
+            span.set_attribute("gen_ai.response.finish_reasons", [result.finish_reason])
+        span.set_attribute("gen_ai.usage.input_tokens", result.prompt_tokens)
+        span.set_attribute("gen_ai.usage.output_tokens", result.completion_tokens)
+        if telemetry.CAPTURE_CONTENT and result.content is not None:
+            span.set_attribute("gen_ai.output.messages", compact_json(
+                [{"role": "assistant", "parts": [{"type": "text", "content": result.content}]}]))
+    if error_type is not None:
+        telemetry.set_error(span, error_type)
+    span.end()
 
 
 def trace(agent: CompiledAgent, stats: CallStats, elapsed: float, request_id: str) -> dict[str, Any]:

@@ -94,7 +94,7 @@ class RequestLog:
 
     def write(self, method: str, path: str, seconds: float, status: int, request_id: str,
               attempts: int | None = None, tokens: int | None = None, error: str | None = None,
-              client: str | None = None) -> None:
+              client: str | None = None, trace_id: str | None = None) -> None:
         if self.fmt == "json":
             doc: dict[str, Any] = {
                 "time": _clock.now(), "method": method, "path": path,
@@ -108,6 +108,8 @@ class RequestLog:
                 doc["tokens"] = tokens
             if error:
                 doc["error"] = error
+            if trace_id is not None:
+                doc["trace_id"] = trace_id
             # json.dumps escapes control characters in the path by itself.
             line = json.dumps(doc, ensure_ascii=True)
         else:
@@ -119,6 +121,8 @@ class RequestLog:
                 line += f" attempts={attempts} tokens={tokens}"
             if error:
                 line += f" error={error}"
+            if trace_id is not None:
+                line += f" trace_id={trace_id}"
         try:
             self.stream.write(line + "\n")
         except (OSError, ValueError):  # stderr closed: never fail a request over a log line

@@ -27,7 +27,7 @@ from typing import Any, Coroutine, Iterator
 import aiohttp
 from aiohttp import web
 
-from aiwfd import __version__
+from aiwfd import __version__, telemetry
 from aiwfd.http import quota
 from aiwfd.http.app import create_app
 from aiwfd.spec.compiler import Compiled, Memo, load_and_compile
@@ -114,6 +114,8 @@ class Server:
     async def start(self) -> None:
         s = self.settings
         compiled = load_and_compile(s.file, self.memo)
+        # Before anything is served: its first request is traced too. A missing SDK is a start-up error.
+        telemetry.start(s.env)
         for w in compiled.warnings:
             logger.warning("%s", w)
         self.session = aiohttp.ClientSession(
@@ -124,6 +126,7 @@ class Server:
             snapshot = build_snapshot(compiled, s, self.session, self.transport)
         except StartupError:
             await self.session.close()
+            await telemetry.stop()
             raise
         artifacts_dir = await asyncio.to_thread(self._prepare_artifacts_dir)
         # Written in a thread (openapi.json is built there, off the loop) while
@@ -437,6 +440,7 @@ class Server:
         if self.session is not None:
             await self.session.close()
         self._remove_ephemeral()
+        await telemetry.stop()
         self.notifier.close()
 
     def _remove_ephemeral(self) -> None:

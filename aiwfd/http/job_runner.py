@@ -38,6 +38,7 @@ from typing import Any
 
 import aiohttp
 
+from aiwfd import telemetry
 from aiwfd.auth.clients import Client
 from aiwfd.engine import CallStats, call_agent
 from aiwfd.errors import HTTPError, InternalError, InvalidInput, NotFound, error_body
@@ -252,6 +253,23 @@ class JobRunner:
             self.rt.metrics.jobs.inc((job.agent, outcome))
 
     async def _call(self, job: Job) -> tuple[JobStatus, dict[str, Any] | None, dict[str, Any] | None]:
+        if telemetry.TRACER is None:
+            return await self._call_agent(job)
+        # A trace of its own: the run happens after the submitting request's ended.
+        span, token = telemetry.root_span(f"job {job.agent}", {
+            "aiwfd.job.id": job.id, "aiwfd.job.attempt": job.attempts, "gen_ai.agent.name": job.agent})
+        status = "failed"
+        try:
+            status, result, error = await self._call_agent(job)
+            if error is not None:
+                telemetry.set_error(span, str(error.get("type")))
+            return status, result, error
+        finally:
+            telemetry.detach(token)
+            span.set_attribute("aiwfd.job.status", status)
+            span.end()
+
+    async def _call_agent(self, job: Job) -> tuple[JobStatus, dict[str, Any] | None, dict[str, Any] | None]:
         rt = self.rt
         async with rt.lease(background=True) as snap:
             agent = snap.compiled.agents.get(job.agent)

@@ -22,13 +22,14 @@ from typing import Any, Awaitable, Callable
 import orjson
 from aiohttp import web
 
+from aiwfd import telemetry
 from aiwfd.engine import CallStats
 from aiwfd.errors import (
     NO_SUCH_PATH, HTTPError, InternalError, InvalidJSON, MethodNotAllowed, NotFound, PayloadTooLarge,
     RequestTimeout, Unavailable, UnsupportedMediaType, error_body,
 )
 from aiwfd.auth.clients import ANONYMOUS
-from aiwfd.http.keys import CLIENT, RATE_HEADERS, REQUEST_ID, RUNTIME, STATS, STREAM_ERROR
+from aiwfd.http.keys import CLIENT, NO_ROUTE, RATE_HEADERS, REQUEST_ID, RUNTIME, STATS, STREAM_ERROR
 from aiwfd.http.protocol import CONTINUED
 from aiwfd.http.runtime import Phase, Runtime
 
@@ -114,6 +115,9 @@ async def core(request: web.Request, handler: Handler) -> web.StreamResponse:
     rt.inflight_tasks.add(task)
     rt.idle.clear()
     error_type = None
+    span = token = None
+    if telemetry.TRACER is not None:
+        span, token = _server_span(telemetry.TRACER, request)
     try:
         try:
             # An allowed CORS preflight is answered here, for any path (aiwfd.http.cors).
@@ -135,14 +139,43 @@ async def core(request: web.Request, handler: Handler) -> web.StreamResponse:
     stats: CallStats | None = request.get(STATS)
     elapsed = time.monotonic() - started
     client = request.get(CLIENT)
+    trace_id = None
+    if span is not None:
+        trace_id = _end_server_span(span, token, resp.status, error_type)
     rt.request_log.write(
         request.method, request.path, elapsed, resp.status, rid,
         stats.attempts if stats else None, stats.total_tokens if stats else None, error_type,
         # Client names are config names or a JWT's client claim: no credential.
         client.name if client is not None and client is not ANONYMOUS else None,
+        trace_id,
     )
     rt.metrics.record(request, resp.status, elapsed, error_type)
     return resp
+
+
+def _server_span(tracer: Any, request: web.Request) -> tuple[Any, object]:
+    """The SERVER span of a request (SPEC §11.2), current for the handler; an
+    incoming `traceparent` continues its trace."""
+    resource = request.match_info.route.resource
+    route = resource.canonical if resource is not None and resource.name != NO_ROUTE else None
+    method = request.method
+    attributes: dict[str, Any] = {"http.request.method": method, "url.path": request.path}
+    if route is not None:
+        attributes["http.route"] = route
+    span = tracer.start_span(f"{method} {route}" if route else method, context=telemetry.extract(request.headers),
+                             kind=telemetry.kind("SERVER"), attributes=attributes)
+    return span, telemetry.attach(span)
+
+
+def _end_server_span(span: Any, token: object, status: int, error_type: str | None) -> str | None:
+    telemetry.detach(token)
+    span.set_attribute("http.response.status_code", status)
+    if status >= 500:
+        telemetry.set_error(span, error_type or str(status))
+    elif error_type:
+        span.set_attribute("error.type", error_type)
+    span.end()
+    return telemetry.trace_id(span)
 
 
 def on_prepare(runtime: Runtime) -> Callable[[web.Request, web.StreamResponse], Awaitable[None]]:

@@ -19,6 +19,7 @@ class ChatResult:
     model: str | None
     finish_reason: str | None
     refusal: str | None = None
+    response_id: str | None = None  # the provider's completion id (traces: gen_ai.response.id)
 
 
 OnDelta = Callable[[str], Awaitable[None]]

@@ -52,6 +52,7 @@ def read_completion(body: bytes) -> ChatResult:
             model=model if isinstance(model, str) else None,
             finish_reason=finish_reason if isinstance(finish_reason, str) else None,
             refusal=str(refusal) if refusal else None,
+            response_id=doc["id"] if isinstance(doc.get("id"), str) else None,
         )
     except UNREADABLE:
         raise BadAnswer("the provider's answer is not a chat completion", body[:2000]) from None

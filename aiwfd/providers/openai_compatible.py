@@ -19,6 +19,7 @@ import aiohttp
 import orjson
 import yarl
 
+from aiwfd import telemetry
 from aiwfd.providers.base import DEFAULT_TIMEOUT, ChatResult, OnDelta, Transport
 from aiwfd.providers.completion import read_completion
 from aiwfd.providers.endpoints import Endpoint, signature
@@ -68,13 +69,19 @@ class OpenAICompatible:
 
             self.sdk = SDKCalls(endpoint, provider.timeout or DEFAULT_TIMEOUT)
 
+    @property
+    def address(self) -> tuple[str | None, int | None]:
+        """The provider's host and port (traces: server.address, server.port)."""
+        return self._target.host, self._target.port
+
     async def complete(self, payload: dict[str, Any], timeout: float, agent: Any) -> ChatResult:
         if self.sdk is not None:
             return await self.sdk.complete(payload, timeout)
         assert self._session is not None
+        headers = self._headers if telemetry.TRACER is None else telemetry.inject(dict(self._headers))
         with aiohttp_errors(self._url):
             async with self._session.post(
-                self._target, data=orjson.dumps(payload), headers=self._headers,
+                self._target, data=orjson.dumps(payload), headers=headers,
                 timeout=aiohttp.ClientTimeout(total=timeout),
             ) as r:
                 body = await r.read()
@@ -103,8 +110,9 @@ class OpenAICompatible:
 
     async def _stream_aiohttp(self, body: dict[str, Any], timeout: float, reader: StreamReader) -> None:
         assert self._session is not None
+        headers = self._stream_headers if telemetry.TRACER is None else telemetry.inject(dict(self._stream_headers))
         async with self._session.post(
-            self._target, data=orjson.dumps(body), headers=self._stream_headers,
+            self._target, data=orjson.dumps(body), headers=headers,
             timeout=aiohttp.ClientTimeout(total=timeout),
         ) as r:
             if r.status >= 400:

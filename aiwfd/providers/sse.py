@@ -45,6 +45,7 @@ class StreamReader:
         self.prompt_tokens = 0
         self.completion_tokens = 0
         self.model: str | None = None
+        self.response_id: str | None = None
         self.finish_reason: str | None = None
         self.done = False
 
@@ -115,6 +116,8 @@ class StreamReader:
             model = doc.get("model")
             if isinstance(model, str):
                 self.model = model
+            if self.response_id is None and isinstance(doc.get("id"), str):
+                self.response_id = doc["id"]
         except UNREADABLE:
             self._invalid(data)
         if piece:
@@ -136,4 +139,5 @@ class StreamReader:
             model=self.model,
             finish_reason=self.finish_reason,
             refusal="".join(self._refusal) or None,
+            response_id=self.response_id,
         )

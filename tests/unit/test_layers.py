@@ -22,7 +22,7 @@ PACKAGE = REPO / "aiwfd"
 # Lower number = lower layer. A module may import only modules of its own
 # layer or a lower one (`testing` is imported by the tests, never by aiwfd).
 LAYERS: dict[str, int] = {
-    "errors": 0, "logs": 0, "compat": 0, "__init__": 0,
+    "errors": 0, "logs": 0, "compat": 0, "__init__": 0, "telemetry": 0,
     "spec": 1, "settings": 1,
     "providers": 2, "store": 2, "auth": 2, "jobs": 2,
     "engine": 3,

@@ -1,0 +1,206 @@
+"""OpenTelemetry traces (SPEC §11.2), off unless an OTLP endpoint is set.
+
+    telemetry.start(env)          # the daemon, at start: True when tracing is on
+    if telemetry.TRACER is not None: ...   # every hook: one global read when off
+    await telemetry.stop()
+
+Off (no `OTEL_EXPORTER_OTLP_ENDPOINT` / `_TRACES_ENDPOINT`), nothing of
+OpenTelemetry is imported, not even its API: every hook below is one read
+of `TRACER`. On, the SDK exports over OTLP/HTTP from its batch processor's
+thread, so a collector that is slow or down never holds up a request (spans
+beyond the queue are dropped).
+
+The spans, from the outside in (SPEC §11.2):
+
+    SERVER   {METHOD} {route}           the middleware (aiwfd.http.middlewares)
+    INTERNAL invoke_agent {agent}       one agent call (aiwfd.engine.call_agent)
+    CLIENT   chat {model}               one model call: re-asks, retries, fallbacks
+                                        (aiwfd.engine); its context is current while
+                                        the provider is called, so the request carries
+                                        `traceparent` (aiwfd.providers.openai_compatible)
+    INTERNAL job {agent}                a job's run: a trace of its own (aiwfd.http.job_runner)
+
+Attribute names follow the OpenTelemetry GenAI and HTTP semantic
+conventions. Prompts and answers are recorded only with
+`OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT=true`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING, Any, Mapping, MutableMapping
+
+from aiwfd import __version__
+from aiwfd.errors import StartupError
+
+if TYPE_CHECKING:
+    from opentelemetry.context import Context
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.trace import Span, Tracer
+
+__all__ = ["CAPTURE_CONTENT", "TRACER", "attach", "detach", "extract", "inject", "start", "stop", "trace_id"]
+
+logger = logging.getLogger("aiwfd")
+
+# None: tracing is off (the only thing a hook reads then).
+TRACER: Tracer | None = None
+CAPTURE_CONTENT = False
+_provider: TracerProvider | None = None
+
+ENDPOINT_VARS = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
+
+
+def configured(env: Mapping[str, str]) -> bool:
+    """Whether the environment asks for traces."""
+    if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return False
+    return any(env.get(v, "").strip() for v in ENDPOINT_VARS)
+
+
+def start(env: Mapping[str, str]) -> bool:
+    """Turn tracing on when the environment asks for it; StartupError (one
+    line naming the extra) when it does and the SDK is not installed."""
+    global TRACER, CAPTURE_CONTENT, _provider
+    if not configured(env):
+        return False
+    try:
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+        from opentelemetry.sdk.resources import Resource
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor
+    except ImportError as e:
+        var = next(v for v in ENDPOINT_VARS if env.get(v, "").strip())
+        raise StartupError(f"{var} is set but the OpenTelemetry SDK is not installed ({e.name or e}): "
+                           "pip install 'aiwfd[otel]'") from None
+    traces = env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "").strip()
+    if not traces:
+        traces = env["OTEL_EXPORTER_OTLP_ENDPOINT"].strip().rstrip("/") + "/v1/traces"
+    if not traces.startswith(("http://", "https://")):
+        raise StartupError(f"the OTLP traces endpoint {traces!r} is not an http:// or https:// URL "
+                           "(aiwfd exports OTLP over HTTP)")
+    resource = Resource.create({"service.name": env.get("OTEL_SERVICE_NAME", "").strip() or "aiwfd",
+                                "service.version": __version__})
+    provider = TracerProvider(sampler=_sampler(env), resource=resource)
+    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=traces, headers=_headers(env))))
+    _provider = provider
+    TRACER = provider.get_tracer("aiwfd", __version__)
+    CAPTURE_CONTENT = env.get("OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT", "").strip().lower() == "true"
+    logger.info("exporting traces to %s", _redacted(traces))
+    return True
+
+
+async def stop() -> None:
+    """Export what is queued (a few seconds at most: a collector that is down
+    must not hold up the shutdown) and turn tracing off."""
+    global TRACER, _provider
+    provider, _provider, TRACER = _provider, None, None
+    if provider is None:
+        return
+    try:
+        await asyncio.wait_for(asyncio.to_thread(provider.force_flush, 2000), 3.0)
+    except asyncio.TimeoutError:
+        logger.warning("the trace exporter did not flush in time; the last spans may be lost")
+    # shutdown() joins the exporter's thread; it is not awaited past this point.
+    asyncio.get_running_loop().run_in_executor(None, provider.shutdown)
+
+
+def extract(headers: Mapping[str, str]) -> Context:
+    """The context of an incoming W3C `traceparent` (an empty one without)."""
+    from opentelemetry.propagate import extract as _extract
+
+    return _extract(headers)
+
+
+def inject(headers: MutableMapping[str, str]) -> MutableMapping[str, str]:
+    """`headers` with the current span's `traceparent` (and `tracestate`)."""
+    from opentelemetry.propagate import inject as _inject
+
+    _inject(headers)
+    return headers
+
+
+def root_span(name: str, attributes: Mapping[str, Any]) -> tuple[Span, object]:
+    """A span that starts a trace of its own (a job's run), made current."""
+    from opentelemetry.context import Context
+
+    assert TRACER is not None
+    span = TRACER.start_span(name, context=Context(), kind=kind("INTERNAL"), attributes=attributes)
+    return span, attach(span)
+
+
+def attach(span: Span) -> object:
+    """Make `span` current (for its children and for `inject`); `detach` the token after."""
+    from opentelemetry import context, trace
+
+    return context.attach(trace.set_span_in_context(span))
+
+
+def detach(token: object) -> None:
+    from opentelemetry import context
+
+    context.detach(token)  # type: ignore[arg-type]
+
+
+def trace_id(span: Span) -> str | None:
+    """The span's trace id as 32 hex digits, for the request log; None when not sampled."""
+    ctx = span.get_span_context()
+    return f"{ctx.trace_id:032x}" if ctx.is_valid and ctx.trace_flags.sampled else None
+
+
+def kind(name: str) -> Any:
+    from opentelemetry.trace import SpanKind
+
+    return getattr(SpanKind, name)
+
+
+def set_error(span: Span, error_type: str, message: str | None = None) -> None:
+    from opentelemetry.trace import Status, StatusCode
+
+    span.set_attribute("error.type", error_type)
+    span.set_status(Status(StatusCode.ERROR, message))
+
+
+def _sampler(env: Mapping[str, str]) -> Any:
+    """OTEL_TRACES_SAMPLER / _ARG, read from aiwfd's environment (which includes
+    the .env file) rather than the process's, as the SDK would."""
+    from opentelemetry.sdk.trace import sampling
+
+    name = env.get("OTEL_TRACES_SAMPLER", "parentbased_always_on").strip().lower()
+    arg = env.get("OTEL_TRACES_SAMPLER_ARG", "").strip()
+    try:
+        ratio = float(arg) if arg else 1.0
+    except ValueError:
+        raise StartupError(f"OTEL_TRACES_SAMPLER_ARG {arg!r} is not a number from 0 to 1") from None
+    samplers = {
+        "always_on": sampling.ALWAYS_ON,
+        "always_off": sampling.ALWAYS_OFF,
+        "traceidratio": sampling.TraceIdRatioBased(ratio),
+        "parentbased_always_on": sampling.ParentBased(sampling.ALWAYS_ON),
+        "parentbased_always_off": sampling.ParentBased(sampling.ALWAYS_OFF),
+        "parentbased_traceidratio": sampling.ParentBased(sampling.TraceIdRatioBased(ratio)),
+    }
+    if name not in samplers:
+        raise StartupError(f"OTEL_TRACES_SAMPLER {name!r} is not one of {', '.join(samplers)}")
+    return samplers[name]
+
+
+def _headers(env: Mapping[str, str]) -> dict[str, str] | None:
+    """OTEL_EXPORTER_OTLP_(TRACES_)HEADERS: `k=v,k2=v2` (URL-encoded values)."""
+    from urllib.parse import unquote
+
+    raw = env.get("OTEL_EXPORTER_OTLP_TRACES_HEADERS") or env.get("OTEL_EXPORTER_OTLP_HEADERS") or ""
+    out = {}
+    for part in raw.split(","):
+        k, sep, v = part.partition("=")
+        if sep and k.strip():
+            out[k.strip()] = unquote(v.strip())
+    return out or None
+
+
+def _redacted(url: str) -> str:
+    from urllib.parse import urlsplit
+
+    u = urlsplit(url)
+    return f"{u.scheme}://{u.hostname}{':' + str(u.port) if u.port else ''}{u.path}"
+
