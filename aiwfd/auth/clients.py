@@ -16,6 +16,9 @@ from typing import Mapping
 from aiwfd.errors import StartupError
 from aiwfd.spec.access import API_KEY_CLIENT, AuthConfig, LimitSet
 
+# The one identity of `API_KEY`'s keys (with a ':', which no configured name has).
+API_KEY_IDENTITY = "env:API_KEY"
+
 
 @dataclass(frozen=True)
 class Client:
@@ -24,13 +27,19 @@ class Client:
     agents: frozenset[str] | None = None  # the allowlist; None: every agent
     limits: LimitSet | None = None        # its own; None: `limits.default`
     scopes: frozenset[str] | None = None  # a JWT's scopes
+    # The identity of every key of `API_KEY`: its keys are one client being
+    # rotated (SPEC §8.1), so its jobs, counters and idempotency keys must
+    # survive the rotation, whichever of the keys calls.
+    shared_identity: str | None = None
 
     @property
     def identity(self) -> str:
-        """What the store keys its counters and idempotency keys by. A token's
-        client claim is the caller's to choose: "jwt:" keeps a token naming
-        itself `frontend` from being the key client `frontend` (a configured
-        name has no ':')."""
+        """What the store keys its counters, idempotency keys and jobs by. A
+        token's client claim is the caller's to choose: "jwt:" keeps a token
+        naming itself `frontend` from being the key client `frontend` (a
+        configured name has no ':')."""
+        if self.shared_identity is not None:
+            return self.shared_identity
         return "jwt:" + self.name if self.label == "jwt" else self.name
 
     def may_call(self, agent: str) -> bool:
@@ -58,9 +67,9 @@ class KeyTable:
             return None
         return found[1]
 
-    def named(self, name: str) -> Client | None:
-        """The client of that name (a job's submitter, found again when it runs)."""
-        return next((c for _, c in self._by_digest.values() if c.name == name), None)
+    def by_identity(self, identity: str) -> Client | None:
+        """A key client whose `identity` this is (a job's submitter, found again when it runs)."""
+        return next((c for _, c in self._by_digest.values() if c.identity == identity), None)
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -72,7 +81,7 @@ def key_table(auth: AuthConfig, api_keys: tuple[bytes, ...], env: Mapping[str, s
     entries: dict[bytes, Client] = {}
     for i, key in enumerate(api_keys, 1):
         name = API_KEY_CLIENT.format(i)
-        entries.setdefault(hashlib.sha256(key).digest(), Client(name, name))
+        entries.setdefault(hashlib.sha256(key).digest(), Client(name, name, shared_identity=API_KEY_IDENTITY))
     for k in auth.keys:
         if k.key_env is not None:
             value = env.get(k.key_env, "").strip()

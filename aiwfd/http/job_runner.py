@@ -39,9 +39,9 @@ from typing import Any
 import aiohttp
 
 from aiwfd import telemetry
-from aiwfd.auth.clients import Client
+from aiwfd.auth.clients import ANONYMOUS, Client
 from aiwfd.engine import CallStats, call_agent
-from aiwfd.errors import HTTPError, InternalError, InvalidInput, NotFound, error_body
+from aiwfd.errors import Forbidden, HTTPError, InternalError, InvalidInput, NotFound, error_body
 from aiwfd.http import quota
 from aiwfd.http.runtime import Runtime, Snapshot
 from aiwfd.jobs.delivery import run_deliveries
@@ -60,6 +60,8 @@ IDLE = 0.25
 PURGE_EVERY = 60.0
 # While the store does not answer: how long between two tries.
 STORE_RETRY = 0.5
+# The part of a lease a run counts on (from when it asked for the claim or renew).
+LEASE_SAFETY = 0.8
 # How long the drain waits for the loops to see it (a store call's timeout, and some).
 STOP_LOOPS = 6.0
 
@@ -186,6 +188,7 @@ class JobRunner:
                 continue
             self._wake.clear()  # before the claim: a submission meanwhile wakes the wait below
             self.store.max_attempts = jobs.max_attempts  # type: ignore[attr-defined]  # both backends have it
+            asked = asyncio.get_running_loop().time()
             try:
                 job = await self.store.claim(self.owner, jobs.lease)
             except StoreError as e:
@@ -199,7 +202,7 @@ class JobRunner:
             if self._stop.is_set():  # claimed as the drain began: back to the queue at once
                 await self._release(job)
                 return
-            self.running[job.id] = asyncio.get_running_loop().create_task(self._run(job, jobs.lease))
+            self.running[job.id] = asyncio.get_running_loop().create_task(self._run(job, jobs.lease, asked))
 
     async def _pause(self, seconds: float) -> None:
         """Wait `seconds`, or less if the drain begins."""
@@ -218,8 +221,8 @@ class JobRunner:
 
     # ------------------------------------------------------------ one job
 
-    async def _run(self, job: Job, lease: float) -> None:
-        renewer = asyncio.get_running_loop().create_task(self._renew(job, lease))
+    async def _run(self, job: Job, lease: float, claimed_at: float) -> None:
+        renewer = asyncio.get_running_loop().create_task(self._renew(job, lease, claimed_at))
         outcome = "lost"
         finishing: asyncio.Future[str] | None = None
         try:
@@ -280,6 +283,9 @@ class JobRunner:
                 return "failed", None, _error(InvalidInput(
                     f"the job's input no longer matches {agent.assistant.input_type_name or 'the input type'} "
                     "(changed by a reload)", details=problems))
+            if not _may_run(snap, job.client, agent.name):
+                return "failed", None, _error(Forbidden(
+                    "the job's client may no longer call this agent (its key or allowlist changed in a reload)"))
             stats = CallStats()
             client = _client(snap, job.client)
             status, error_type = 200, None
@@ -301,24 +307,41 @@ class JobRunner:
                     except StoreError as e:
                         quota.store_failed(rt, "finish", e)
 
-    async def _renew(self, job: Job, lease: float) -> None:
+    async def _renew(self, job: Job, lease: float, claimed_at: float) -> None:
+        """Renew the lease every third of it. A run never outlives the lease it
+        holds: when the store has not confirmed a renew by the time the lease
+        runs out (the store away, a renew stuck behind other calls), the run
+        stops, since another instance may be running the job by then."""
+        loop = asyncio.get_running_loop()
+        # Our clock, not the store's: a margin for the two to differ, and for the claim's own trip.
+        held_until = claimed_at + lease * LEASE_SAFETY
+        delay = lease / 3
         while True:
-            await asyncio.sleep(lease / 3)
+            await asyncio.sleep(delay)
+            sent = loop.time()
             try:
-                ours = await self.store.renew(job.id, self.owner, lease)
-            except StoreError as e:
-                # If the store stays away past the lease, another instance may
-                # run the job again; our finish then writes nothing.
-                self._store_failed(f"renewing job {job.id}'s lease", e)
-                continue
-            if not ours:
-                logger.warning("job %s (%s): no longer ours (canceled, or its lease ran out and another "
-                               "instance has it): stopping this run", job.id, job.agent)
-                task = self.running.get(job.id)
-                if task is not None:
-                    self._why[job.id] = "lost"
-                    task.cancel()
+                ours = await asyncio.wait_for(self.store.renew(job.id, self.owner, lease),
+                                              max(0.0, held_until - sent))
+            except (StoreError, asyncio.TimeoutError) as e:
+                if loop.time() < held_until:
+                    if isinstance(e, StoreError):
+                        self._store_failed(f"renewing job {job.id}'s lease", e)
+                    delay = min(STORE_RETRY, max(0.0, held_until - loop.time()))
+                    continue
+                self._lose(job, "its lease ran out before the job store confirmed a renew")
                 return
+            if not ours:
+                self._lose(job, "canceled, or its lease ran out and another instance has it")
+                return
+            held_until = sent + lease * LEASE_SAFETY
+            delay = lease / 3
+
+    def _lose(self, job: Job, why: str) -> None:
+        logger.warning("job %s (%s): no longer ours (%s): stopping this run", job.id, job.agent, why)
+        task = self.running.get(job.id)
+        if task is not None:
+            self._why[job.id] = "lost"
+            task.cancel()
 
     async def _finish(self, job: Job, status: JobStatus, result: dict[str, Any] | None,
                       error: dict[str, Any] | None, lease: float) -> str:
@@ -363,8 +386,20 @@ def _client(snap: Snapshot, identity: str) -> Client:
     client without limits of its own."""
     if identity.startswith("jwt:"):
         return Client(identity[4:], "jwt", limits=snap.jwt.limits if snap.jwt is not None else None)
-    found = snap.keys.named(identity)
+    found = snap.keys.by_identity(identity)
     return found if found is not None else Client(identity, identity)
+
+
+def _may_run(snap: Snapshot, identity: str, agent: str) -> bool:
+    """Whether the job's client may still call its agent on the current config
+    (a reload may have removed its key or narrowed its allowlist). A token's
+    scopes are not kept with the job: with auth.jwt still set, it runs."""
+    if identity.startswith("jwt:"):
+        return snap.jwt is not None
+    if identity == ANONYMOUS.identity:
+        return not snap.auth_required
+    found = snap.keys.by_identity(identity)
+    return found is not None and found.may_call(agent)
 
 
 class _Deliveries:

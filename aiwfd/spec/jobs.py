@@ -72,7 +72,12 @@ class JobsConfig:
         return self.webhook.secret_env if self.webhook is not None else DEFAULT_SECRET_ENV
 
     def allows_webhook(self, url: str) -> bool:
-        return any(url.startswith(prefix) for prefix in self.allow_request_webhooks)
+        """Whether `url` is under a prefix of allow_request_webhooks, compared
+        as the URL that will be called: scheme, host and port equal, the path
+        (percent-decoded) under the prefix's, with no dot-segment (`/a/../b`,
+        `%2e%2e`, which the client library would resolve out of the prefix) and
+        no user info."""
+        return any(_under(url, prefix) for prefix in self.allow_request_webhooks)
 
 
 def load_jobs(ld: _Loader, src: yamlsrc.Source, section: Any) -> JobsConfig:
@@ -150,6 +155,24 @@ def _prefixes(ld: _Loader, src: yamlsrc.Source, value: Any) -> tuple[str, ...]:
             continue
         out.append(p)
     return tuple(out)
+
+
+def _under(url: str, prefix: str) -> bool:
+    from urllib.parse import unquote, urlsplit
+
+    try:
+        u, p = urlsplit(url), urlsplit(prefix)
+        port, pport = u.port, p.port
+    except ValueError:  # a port that is not a number
+        return False
+    if "\\" in url or u.username is not None or u.password is not None:
+        return False
+    if u.scheme.lower() != p.scheme.lower() or (u.hostname or "") != (p.hostname or "") or port != pport:
+        return False
+    path = unquote(u.path)
+    if any(seg in (".", "..") for seg in path.split("/")):
+        return False
+    return path.startswith(unquote(p.path))
 
 
 def _whole(ld: _Loader, src: yamlsrc.Source, path: tuple, v: Any, default: int, lo: int, hi: int) -> int:

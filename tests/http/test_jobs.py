@@ -375,3 +375,75 @@ async def test_a_webhook_without_its_secret_does_not_start(fake: FakeOpenAI, rx:
         async with serve(cfg, env=e, state_dir=str(tmp_path / "s")):
             pass
     assert "not-a-secret" not in str(info.value)
+
+
+# -- what the review found ------------------------------------------------------
+
+
+@pytest.mark.parametrize("url", [
+    "@BASE@/own/../hook", "@BASE@/own/%2e%2e/hook", "@BASE@/own/.%2E/x", "http://user@127.0.0.1:1/own/x",
+    "@BASE@/ownership", "@BASE@:99/own/x",
+])
+async def test_a_webhook_url_cannot_leave_its_prefix(srv: InProcess, rx: WebhookReceiver, url: str) -> None:
+    target = url.replace("@BASE@", rx.base_url)
+    status, _, body = await request(srv, "POST", "/agent/greeter/jobs", {"name": "x"}, **{"Webhook-URL": target})
+    assert status == 422 and "allow_request_webhooks" in body["error"]["message"], target
+
+
+async def test_a_rotated_api_key_keeps_its_jobs(fake: FakeOpenAI, rx: WebhookReceiver, store_settings: dict[str, Any],
+                                                tmp_path: Path) -> None:
+    """API_KEY's keys are one client being rotated: its jobs stay its own whichever key asks."""
+    fake.reset()
+    cfg = write_config(tmp_path, text(fake, rx))
+    e = {**env(fake), "API_KEY": "old-key,new-key"}
+    async with serve(cfg, env=e, **store_settings) as s:
+        doc = await submit(s, api_key="old-key")
+        await until(s, doc["id"], "succeeded", api_key="new-key")
+    async with serve(cfg, env={**e, "API_KEY": "new-key"}, **store_settings) as s:
+        status, _, again = await request(s, "GET", f"/jobs/{doc['id']}", api_key="new-key")
+        assert status == 200 and again["status"] == "succeeded"
+        _, _, listing = await request(s, "GET", "/jobs", api_key="new-key")
+        assert [j["id"] for j in listing["jobs"]] == [doc["id"]]
+
+
+async def test_a_reload_that_narrows_a_clients_allowlist_fails_its_queued_jobs(
+        fake: FakeOpenAI, rx: WebhookReceiver, store_settings: dict[str, Any], tmp_path: Path) -> None:
+    fake.reset()
+    gate = asyncio.Event()
+    fake.script(Hold(gate))
+    cfg = write_config(tmp_path, text(fake, rx, concurrency=1))
+    async with serve(cfg, env=env(fake), **store_settings) as s:
+        held = await submit(s)
+        await fake.wait_calls(1)
+        queued = await submit(s, "other")
+        cfg.write_text(text(fake, rx, concurrency=1).replace(
+            "      key_env: FRONTEND_KEY\n", "      key_env: FRONTEND_KEY\n      agents: [greeter]\n"))
+        assert await s.server.reload()
+        gate.set()
+        await until(s, held["id"], "succeeded")
+        doc = await until(s, queued["id"], "failed")
+        assert doc["error"]["type"] == "forbidden"
+        assert fake.calls == 1
+
+
+async def test_a_run_stops_when_its_lease_cannot_be_renewed(fake: FakeOpenAI, rx: WebhookReceiver,
+                                                            tmp_path: Path) -> None:
+    """Redis stops answering mid-run for longer than the lease: the run stops
+    (its model call is closed) rather than go on beside another instance's,
+    and the job runs again once Redis is back."""
+    fake.reset()
+    gate = asyncio.Event()
+    fake.script(Hold(gate))
+    cfg = write_config(tmp_path, text(fake, rx, concurrency=1))
+    with RedisServer() as own:
+        async with serve(cfg, env=env(fake), redis_url=own.url, state_dir=str(tmp_path / "s")) as s:
+            doc = await submit(s)
+            await fake.wait_calls(1)
+            own.pause()
+            try:
+                await asyncio.wait_for(fake.disconnected.wait(), 10)  # lease 3 s: the run stops within it
+            finally:
+                own.resume()
+            done = await until(s, doc["id"], "succeeded", timeout=20)
+            assert done["attempts"] == 2
+            assert value(await s.scrape(), "aiwfd_jobs_total", agent="greeter", outcome="lost") == 1
