@@ -82,7 +82,8 @@ def start(env: Mapping[str, str]) -> bool:
     resource = Resource.create({"service.name": env.get("OTEL_SERVICE_NAME", "").strip() or "aiwfd",
                                 "service.version": __version__})
     provider = TracerProvider(sampler=_sampler(env), resource=resource)
-    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=traces, headers=_headers(env))))
+    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=traces, headers=_headers(env)),
+                                                   **_batch_options(env)))
     _provider = provider
     TRACER = provider.get_tracer("aiwfd", __version__)
     CAPTURE_CONTENT = env.get("OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT", "").strip().lower() == "true"
@@ -183,6 +184,23 @@ def _sampler(env: Mapping[str, str]) -> Any:
     if name not in samplers:
         raise StartupError(f"OTEL_TRACES_SAMPLER {name!r} is not one of {', '.join(samplers)}")
     return samplers[name]
+
+
+_BSP = {"OTEL_BSP_SCHEDULE_DELAY": "schedule_delay_millis", "OTEL_BSP_MAX_QUEUE_SIZE": "max_queue_size",
+        "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "max_export_batch_size", "OTEL_BSP_EXPORT_TIMEOUT": "export_timeout_millis"}
+
+
+def _batch_options(env: Mapping[str, str]) -> dict[str, int]:
+    """The batch processor's OTEL_BSP_* settings, from aiwfd's environment (the .env file too)."""
+    out = {}
+    for var, arg in _BSP.items():
+        raw = env.get(var, "").strip()
+        if not raw:
+            continue
+        if not raw.isdigit() or int(raw) < 1:
+            raise StartupError(f"{var} {raw!r} is not a whole number above 0")
+        out[arg] = int(raw)
+    return out
 
 
 def _headers(env: Mapping[str, str]) -> dict[str, str] | None:
