@@ -247,7 +247,6 @@ async def test_cancel_queued_running_and_finished(srv: InProcess, fake: FakeOpen
     running = [await submit(srv) for _ in range(4)]  # concurrency 4: all four run
     await fake.wait_calls(4)
     queued = await submit(srv)
-    await asyncio.sleep(0)  # noqa: ASYNC - no event says "the runner looked and found no slot"; the assertion below does
     status, _, doc = await request(srv, "GET", f"/jobs/{queued['id']}")
     assert doc["status"] == "queued"
     # Queued: it never runs.
