@@ -16,6 +16,14 @@ Keys (`prefix` = "aiwfd:" by default):
 - `jobs:dead`: a stream of the dead letters' ids (jobs whose runs were lost
   max_attempts times), for an operator to look at.
 - `jobs:reclaim`: where the XAUTOCLAIM scan of the pending entries goes on.
+- `jobs:parked`: a set of the agents whose entries a claim parked: a claim
+  with `agents` (an instance whose config lacks the agent, during a rolling
+  reload) does not take another agent's job, it moves the entry to the
+  consumer `~parked:<agent>` (no attempt counted, the hash untouched), where
+  the next claim that knows the agent (or names none) finds it first.
+- `jobs:claim:<owner>:<token>`: the job a claim with a token took (for the
+  lease's time), so that a retry of a claim whose reply timed out gets it
+  back instead of leaving it stranded under the owner.
 - `delivery:<id>`: a hash per pending webhook delivery (`id` = the job's):
   `type`, `attempts`, `first`, `next`, `owner`. Deleted when it is done; the
   job hash's `wh_status`, `wh_attempts`, `wh_last` keep the result (and
@@ -27,7 +35,8 @@ Keys (`prefix` = "aiwfd:" by default):
 Every operation is one Lua script (one round trip, atomic, timed by Redis
 `TIME` so that the instances' clocks never matter): submit is HSET + ZADD +
 XADD; claim first XAUTOCLAIMs entries idle longer than the lease (their owner
-stopped renewing: killed), then XREADGROUPs a new one, and in both cases
+stopped renewing: killed), then takes a parked entry of an agent it knows
+(`jobs:parked`), then XREADGROUPs a new one, and in every case
 takes the job only if its hash says it is queued or its lease ran out, so a
 job never runs twice at the same time; renew extends the lease and resets the
 entry's idle time (XCLAIM JUSTID); finish writes the result, XACKs and XDELs
@@ -46,7 +55,7 @@ from __future__ import annotations
 import builtins
 import contextlib
 import secrets
-from typing import Any, Sequence
+from typing import Any, Collection, Sequence
 
 import orjson
 import redis.asyncio
@@ -122,22 +131,48 @@ redis.call('ZADD', KEYS[4], seq, ARGV[2])
 return redis.call('HGETALL', KEYS[3])
 """
 
-# KEYS: stream, dead letters, reclaim cursor, finished, due deliveries. ARGV: group, prefix,
-# owner, lease (ms), max attempts, the dead letter's error (JSON, %d = attempts).
+# KEYS: stream, dead letters, reclaim cursor, finished, due deliveries, parked agents.
+# ARGV: group, prefix, owner, lease (ms), max attempts, the dead letter's error (JSON,
+# %d = attempts), '1' when the agents follow ('0': any agent), token ('' none), agents...
 # Returns the claimed job's hash, or nil.
 CLAIM = _PRELUDE + """
 local stream, group, prefix, owner = KEYS[1], ARGV[1], ARGV[2], ARGV[3]
 local lease, max_attempts = tonumber(ARGV[4]), tonumber(ARGV[5])
+local parked, token = KEYS[6], ARGV[8]
+local known = nil  -- nil: any agent; else the set of the agents this claim may take
+if ARGV[7] == '1' then
+  known = {}
+  for i = 9, #ARGV do known[ARGV[i]] = true end
+end
+local PARKED = '~parked:'
 -- The group once per stream (BUSYGROUP afterwards; a Redis that lost its data gets it back).
 redis.pcall('XGROUP', 'CREATE', stream, group, '0', 'MKSTREAM')
 
+-- 0. A retry of a claim that already ran (its reply timed out): the job it took, if still ours.
+local tkey = nil
+if token ~= '' then
+  tkey = prefix .. 'jobs:claim:' .. owner .. ':' .. token
+  local id = redis.call('GET', tkey)
+  if id then
+    local key = prefix .. 'job:' .. id
+    local h = redis.call('HMGET', key, 'status', 'owner', 'msg', 'token')
+    if h[1] == 'running' and h[2] == owner and h[4] == token then
+      redis.call('HSET', key, 'lease_until', ms(now + lease))
+      idle_until_expiry(stream, group, owner, h[3], lease)
+      return redis.call('HGETALL', key)
+    end
+  end
+end
+
 -- The job of entry `msg`, taken by `owner` if it may run now; else nil
--- (and the entry dropped when it has nothing left to run).
+-- (and the entry dropped when it has nothing left to run, given back to its
+-- lease holder, or parked when it is the job of an agent not `known`: then
+-- nil, true).
 local function consider(msg, fields)
   if not fields then drop(stream, msg) return nil end  -- the entry was deleted (Redis < 7 lists it)
   local id = fields[2]
   local key = prefix .. 'job:' .. id
-  local h = redis.call('HMGET', key, 'status', 'lease_until', 'attempts', 'msg', 'owner')
+  local h = redis.call('HMGET', key, 'status', 'lease_until', 'attempts', 'msg', 'owner', 'agent')
   local status = h[1]
   if (status ~= 'queued' and status ~= 'running') or h[4] ~= msg then
     drop(stream, msg)  -- finished, canceled, purged, or a stale entry of a job queued again
@@ -160,9 +195,20 @@ local function consider(msg, fields)
       return nil
     end
   end
+  local agent = h[6] or ''
+  if known and not known[agent] then
+    -- Another agent's job: not ours to run nor to count. Pending under the
+    -- agent's parking consumer (idle 0: no XAUTOCLAIM takes it for 10 days)
+    -- until a claim that knows the agent takes it (step 2).
+    redis.call('XCLAIM', stream, group, PARKED .. agent, 0, msg, 'JUSTID')
+    redis.call('SADD', parked, agent)
+    return nil, true
+  end
   redis.call('HINCRBY', key, 'attempts', 1)
-  redis.call('HSET', key, 'status', 'running', 'owner', owner, 'lease_until', ms(now + lease), 'started', ms(now))
+  redis.call('HSET', key, 'status', 'running', 'owner', owner, 'lease_until', ms(now + lease), 'started', ms(now),
+    'token', token)
   idle_until_expiry(stream, group, owner, msg, lease)
+  if tkey then redis.call('SET', tkey, id, 'PX', lease) end
   return redis.call('HGETALL', key)
 end
 
@@ -181,13 +227,30 @@ for i = 1, 8 do
 end
 redis.call('SET', KEYS[3], cursor)
 
--- 2. New entries.
-for i = 1, 16 do
+-- 2. Jobs that claims of instances without their agent parked, if we know it.
+for _, agent in ipairs(redis.call('SMEMBERS', parked)) do
+  if not known or known[agent] then
+    for i = 1, 16 do
+      local p = redis.call('XPENDING', stream, group, '-', '+', 1, PARKED .. agent)
+      if #p == 0 then redis.call('SREM', parked, agent) break end
+      local msg = p[1][1]
+      redis.call('XCLAIM', stream, group, owner, 0, msg, 'JUSTID')
+      local e = redis.call('XRANGE', stream, msg, msg)
+      local job = consider(msg, e[1] and e[1][2])
+      if job then return job end
+    end
+  end
+end
+
+-- 3. New entries: at most 16 looked at, besides up to 256 parked.
+local looked, skipped = 0, 0
+while looked < 16 and skipped < 256 do
   local r = redis.call('XREADGROUP', 'GROUP', group, owner, 'COUNT', 1, 'STREAMS', stream, '>')
   if not r then return nil end
   local e = r[1][2][1]
-  local job = consider(e[1], e[2])
+  local job, was_parked = consider(e[1], e[2])
   if job then return job end
+  if was_parked then skipped = skipped + 1 else looked = looked + 1 end
 end
 return nil
 """
@@ -239,8 +302,9 @@ end_delivery(ARGV[4], KEYS[4], ARGV[3], KEYS[2])
 return {1, redis.call('HGETALL', KEYS[2])}
 """
 
-# KEYS: stream, finished, due deliveries. ARGV: group, prefix, agent, error, first entry, count.
-# One batch of the stream: {failed, last entry id seen ('' at the end)}.
+# KEYS: stream, finished, due deliveries, parked agents. ARGV: group, prefix, agent, error,
+# first entry, count. One batch of the stream: {failed, last entry id seen ('' at the end)}.
+# Parked entries (claim) are in the stream like any other: failed alike.
 FAIL_AGENT = _PRELUDE + """
 local entries = redis.call('XRANGE', KEYS[1], ARGV[5], '+', 'COUNT', tonumber(ARGV[6]))
 local n, last = 0, ''
@@ -259,20 +323,29 @@ for _, e in ipairs(entries) do
     end
   end
 end
-if #entries < tonumber(ARGV[6]) then last = '' end
+if #entries < tonumber(ARGV[6]) then
+  last = ''
+  if #redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, '~parked:' .. ARGV[3]) == 0 then
+    redis.call('SREM', KEYS[4], ARGV[3])
+  end
+end
 return {n, last}
 """
 
 # KEYS: the client's index. ARGV: group (unused), prefix, top ("+inf" or
-# "(<seq>"), limit, status and agent ('' for any), budget. One page as JSON
-# {"jobs": [hash, ...], "next": "<seq>"} (no "next": the last page): one bulk
-# string, which redis-py reads ~10x faster than 50 hashes' fields one by one.
-# Filtering needs every document looked at; after `budget` ids the page ends
+# "(<seq>"), limit, status and agent ('' for any), budget, the document's
+# fields. One page as JSON {"jobs": [hash, ...], "next": "<seq>"} (no "next":
+# the last page): one bulk string, which redis-py reads ~10x faster than 50
+# hashes' fields one by one. Filtering needs every document looked at, but
+# only its status and agent (HMGET: a body may be megabytes); the page's
+# jobs are read without their bodies. After `budget` ids the page ends
 # early (fewer than `limit`, with a next): bounded work per page even for a
 # client with 100,000 jobs and none matching.
 LIST = _PRELUDE + """
 local prefix, top, limit = ARGV[2], ARGV[3], tonumber(ARGV[4])
 local status, agent, budget = ARGV[5], ARGV[6], tonumber(ARGV[7])
+local fields = {}
+for i = 8, #ARGV do fields[#fields + 1] = ARGV[i] end
 local found, seqs, scanned = {}, {}, 0
 local batch = math.max(limit + 1, 50)
 while true do
@@ -281,15 +354,15 @@ while true do
     local seq = ids[i + 1]
     top = '(' .. seq
     scanned = scanned + 1
-    local h = redis.call('HGETALL', prefix .. 'job:' .. ids[i])
-    if #h > 0 then
+    local key = prefix .. 'job:' .. ids[i]
+    local h = redis.call('HMGET', key, 'status', 'agent')
+    if h[1] and (status == '' or h[1] == status) and (agent == '' or h[2] == agent) then
+      if #found == limit then return cjson.encode({jobs = found, next = seqs[#seqs]}) end
+      local v = redis.call('HMGET', key, unpack(fields))
       local d = {}
-      for j = 1, #h, 2 do d[h[j]] = h[j + 1] end
-      if (status == '' or d.status == status) and (agent == '' or d.agent == agent) then
-        if #found == limit then return cjson.encode({jobs = found, next = seqs[#seqs]}) end
-        found[#found + 1] = d
-        seqs[#seqs + 1] = seq
-      end
+      for j = 1, #fields do if v[j] then d[fields[j]] = v[j] end end
+      found[#found + 1] = d
+      seqs[#seqs + 1] = seq
     end
     if scanned >= budget and i + 1 < #ids then return cjson.encode({jobs = found, next = seq}) end
   end
@@ -383,6 +456,10 @@ return 1
 # A live instance claims (or renews) far more often than this.
 CONSUMER_IDLE = 3600.0
 
+# What list() reads of a job hash: its document, not its body.
+_LIST_FIELDS = ("id", "client", "agent", "status", "created", "started", "finished", "attempts", "result", "error",
+                "webhook_url", "wh_status", "wh_attempts", "wh_last")
+
 _BATCH = 500  # stream entries or job ids per script call of fail_agent and purge: Redis never blocks long
 
 
@@ -404,7 +481,7 @@ def _job(reply: Any) -> Job:
     return Job(
         id=h["id"], client=h["client"], agent=h["agent"], status=h["status"],  # type: ignore[arg-type]
         created_at=created, started_at=_seconds(h.get("started")), finished_at=_seconds(h.get("finished")),
-        attempts=int(h.get("attempts") or 0), body=orjson.loads(h["body"]),
+        attempts=int(h.get("attempts") or 0), body=orjson.loads(h["body"]) if "body" in h else None,
         result=orjson.loads(h["result"]) if h.get("result") else None,
         error=orjson.loads(h["error"]) if h.get("error") else None,
         webhook_url=h.get("webhook_url") or None,
@@ -434,6 +511,7 @@ class RedisJobStore:
         self._finished = prefix + "jobs:finished"
         self._reclaim = prefix + "jobs:reclaim"
         self._seq = prefix + "jobs:seq"
+        self._parked = prefix + "jobs:parked"
         self.due = prefix + "deliveries:due"
         # The dead letter's error with %d for the attempts (what the script formats).
         self._dead_error = orjson.dumps(dead_letter_error(0)).decode().replace("%", "%%").replace(
@@ -480,10 +558,14 @@ class RedisJobStore:
                                     "pending" if has_webhook(webhook_url, webhook) else ""])
         return _job(reply)
 
-    async def claim(self, owner: str, lease: float) -> Job | None:
+    async def claim(self, owner: str, lease: float, *, agents: Collection[str] | None = None,
+                    token: str | None = None) -> Job | None:
+        if isinstance(agents, str):
+            raise TypeError("claim: agents is a collection of names, not one")
+        known = ["0", token or ""] if agents is None else ["1", token or "", *sorted(agents)]
         reply = await self._script(
-            _CLAIM, [self.stream, self.dead, self._reclaim, self._finished, self.due],
-            [self.prefix, owner, _lease_ms(lease), self.max_attempts, self._dead_error])
+            _CLAIM, [self.stream, self.dead, self._reclaim, self._finished, self.due, self._parked],
+            [self.prefix, owner, _lease_ms(lease), self.max_attempts, self._dead_error, *known])
         return _job(reply) if reply else None
 
     async def renew(self, job_id: str, owner: str, lease: float) -> bool:
@@ -515,7 +597,7 @@ class RedisJobStore:
         top = f"({decode_cursor(cursor)}" if cursor else "+inf"
         reply = await self._script(_LIST, [self._index(client)],
                                    [self.prefix, top, limit, status or "", agent or "",
-                                    max(self.list_budget, 10 * limit)])
+                                    max(self.list_budget, 10 * limit), *_LIST_FIELDS])
         page = orjson.loads(reply)
         nxt = page.get("next")
         # cjson writes an empty list as {}
@@ -535,7 +617,7 @@ class RedisJobStore:
         total, start = 0, "-"
         err = orjson.dumps(error).decode()
         while True:
-            n, last = await self._script(_FAIL_AGENT, [self.stream, self._finished, self.due],
+            n, last = await self._script(_FAIL_AGENT, [self.stream, self._finished, self.due, self._parked],
                                          [self.prefix, agent, err, start, _BATCH])
             total += int(n)
             if not last:

@@ -26,7 +26,7 @@ import secrets
 import sqlite3
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, Callable, Collection, Iterator, TypeVar
 
 import orjson
 
@@ -74,7 +74,9 @@ CREATE TABLE IF NOT EXISTS jobs (
   -- the webhook of SPEC §9.1's document; wh_status NULL: the job has none
   wh_status TEXT,
   wh_attempts INTEGER NOT NULL DEFAULT 0,
-  wh_last INTEGER
+  wh_last INTEGER,
+  -- the token of the claim that started the latest run (claim's retry)
+  claim_token TEXT
 );
 -- what claim scans: only the unfinished jobs, oldest first
 CREATE INDEX IF NOT EXISTS jobs_open ON jobs(seq) WHERE state IN ('queued', 'running');
@@ -99,6 +101,18 @@ CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries(due);
 
 COLUMNS = ("id, client, agent, state, created, started, finished, attempts, body, result, error, webhook_url, "
            "wh_status, wh_attempts, wh_last")
+# What list() reads: the documents without the bodies (they may be large, and no listing shows them).
+LIST_COLUMNS = COLUMNS.replace("body", "NULL")
+
+# claim's query; {agents}: "" for any agent, else a filter on the JSON array
+# of the known agents (one parameter whatever their number: SQLite's
+# variable limit never matters).
+CLAIM = ("UPDATE jobs SET state = 'running', owner = ?, lease_until = ?, attempts = attempts + 1, "
+         "started = ?, claim_token = ? WHERE seq = (SELECT seq FROM jobs WHERE state IN ('queued', 'running') "
+         "AND (state = 'queued' OR lease_until < ?){agents} ORDER BY seq LIMIT 1) "
+         f"RETURNING {COLUMNS}")
+CLAIM_ANY = CLAIM.format(agents="")
+CLAIM_KNOWN = CLAIM.format(agents=" AND agent IN (SELECT value FROM json_each(?))")
 
 
 def _job(row: tuple[Any, ...]) -> Job:
@@ -106,7 +120,7 @@ def _job(row: tuple[Any, ...]) -> Job:
      wh_status, wh_attempts, wh_last) = row
     return Job(
         id=jid, client=client, agent=agent, status=state, created_at=created, started_at=started,
-        finished_at=finished, attempts=attempts, body=orjson.loads(body),
+        finished_at=finished, attempts=attempts, body=orjson.loads(body) if body is not None else None,
         result=orjson.loads(result) if result is not None else None,
         error=orjson.loads(error) if error is not None else None,
         webhook_url=webhook_url,
@@ -161,6 +175,9 @@ class SQLiteJobStore:
                 with _transaction(conn):
                     for statement in _statements(SCHEMA):
                         conn.execute(statement)
+                    # A file made before claim tokens: its table gets the column.
+                    if "claim_token" not in {r[1] for r in conn.execute("PRAGMA table_info(jobs)")}:
+                        conn.execute("ALTER TABLE jobs ADD COLUMN claim_token TEXT")
             except BaseException:
                 conn.close()
                 raise
@@ -199,10 +216,21 @@ class SQLiteJobStore:
 
         return await self._run(run)
 
-    async def claim(self, owner: str, lease: float) -> Job | None:
+    async def claim(self, owner: str, lease: float, *, agents: Collection[str] | None = None,
+                    token: str | None = None) -> Job | None:
+        if isinstance(agents, str):
+            raise TypeError("claim: agents is a collection of names, not one")
+        known = None if agents is None else orjson.dumps(sorted(agents)).decode()
+
         def run(conn: sqlite3.Connection) -> Job | None:
             now = time.time()
             with _transaction(conn):
+                if token is not None:  # a retry of a claim that took a job: that job, if still ours
+                    row = conn.execute(
+                        "UPDATE jobs SET lease_until = ? WHERE state = 'running' AND owner = ? AND claim_token = ? "
+                        f"RETURNING {COLUMNS}", (now + lease, owner, token)).fetchone()
+                    if row is not None:
+                        return _job(row)
                 # Dead letters first: a lost run of a job already claimed
                 # max_attempts times is not started again.
                 for (jid, attempts) in conn.execute(
@@ -212,11 +240,9 @@ class SQLiteJobStore:
                         "UPDATE jobs SET state = 'failed', finished = ?, error = ?, owner = NULL, "
                         "lease_until = NULL WHERE id = ?", (now, _json(dead_letter_error(attempts)), jid))
                     _end_delivery(conn, jid, now)
-                row = conn.execute(
-                    "UPDATE jobs SET state = 'running', owner = ?, lease_until = ?, attempts = attempts + 1, "
-                    "started = ? WHERE seq = (SELECT seq FROM jobs WHERE state IN ('queued', 'running') "
-                    "AND (state = 'queued' OR lease_until < ?) ORDER BY seq LIMIT 1) "
-                    f"RETURNING {COLUMNS}", (owner, now + lease, now, now)).fetchone()
+                args: tuple[str | float | None, ...] = (owner, now + lease, now, token, now)
+                row = conn.execute(CLAIM_ANY if known is None else CLAIM_KNOWN,
+                                   args if known is None else (*args, known)).fetchone()
             return _job(row) if row is not None else None
 
         return await self._run(run)
@@ -282,7 +308,7 @@ class SQLiteJobStore:
         if below is not None:
             where.append("seq < ?")
             args.append(below)
-        sql = f"SELECT seq, {COLUMNS} FROM jobs WHERE {' AND '.join(where)} ORDER BY seq DESC LIMIT ?"
+        sql = f"SELECT seq, {LIST_COLUMNS} FROM jobs WHERE {' AND '.join(where)} ORDER BY seq DESC LIMIT ?"
 
         def run(conn: sqlite3.Connection) -> tuple[list[Job], str | None]:
             # One more than asked: whether there is a next page at all.

@@ -44,7 +44,7 @@ import base64
 import binascii
 import datetime
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any, Collection, Literal, Protocol
 
 from aiwfd.store.base import StoreError
 
@@ -149,7 +149,7 @@ class Job:
     started_at: float | None
     finished_at: float | None
     attempts: int
-    body: Any  # the input JSON, as submitted
+    body: Any  # the input JSON, as submitted; None in list()'s jobs (a listing never reads the bodies)
     result: dict[str, Any] | None  # {"data", "trace"} once succeeded
     error: dict[str, Any] | None  # the §3.1 error once failed or canceled (None for a plain cancel)
     webhook_url: str | None  # the per-job webhook (`Webhook-URL`), None: the configured one
@@ -229,15 +229,22 @@ def encode_cursor(seq: int) -> str:
     return base64.urlsafe_b64encode(f"j1:{seq}".encode()).decode().rstrip("=")
 
 
+MAX_SEQ = 2**63 - 1  # SQLite's INTEGER: a larger one would overflow (OverflowError, not a 400)
+
+
 def decode_cursor(cursor: str) -> int:
+    """The seq of a cursor encode_cursor made; InvalidCursor for anything else
+    (ASCII digits only, 0 <= seq < 2**63: no cursor of ours is longer)."""
     try:
+        if len(cursor) > 64:  # "j1:" + 19 digits is 30 characters
+            raise ValueError("too long")
         text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
         tag, _, seq = text.partition(":")
-        if tag != "j1" or not seq.isdigit():
+        if tag != "j1" or not (seq.isascii() and seq.isdigit()) or len(seq) > 19 or int(seq) > MAX_SEQ:
             raise ValueError(cursor)
         return int(seq)
     except (ValueError, binascii.Error, UnicodeDecodeError) as exc:
-        raise InvalidCursor(f"invalid cursor {cursor!r}") from exc
+        raise InvalidCursor(f"invalid cursor {cursor[:80]!r}") from exc
 
 
 class JobStore(Protocol):
@@ -256,11 +263,25 @@ class JobStore(Protocol):
         which the delivery loop reads when it delivers)."""
         ...
 
-    async def claim(self, owner: str, lease: float) -> Job | None:
+    async def claim(self, owner: str, lease: float, *, agents: Collection[str] | None = None,
+                    token: str | None = None) -> Job | None:
         """The oldest runnable job (queued, or running with a lease that ran
         out), now running under `owner` for `lease` seconds, attempts + 1; None
         when there is none. A lost job claimed max_attempts times already fails
-        as a dead letter instead."""
+        as a dead letter instead (whatever its agent).
+
+        `agents`: only jobs of these agents (the instance's config); None: any.
+        A job of another agent is left as it is, for an instance that knows it
+        (a rolling reload): not claimed, no attempt counted, claimable at once
+        by the next claim that names its agent (or none).
+
+        `token`: the caller's name for this claim, the same on a retry of it
+        after a StoreError (a reply that timed out, the claim may have run):
+        a job already claimed by (owner, token), still running under `owner`,
+        is returned again (lease renewed, no attempt counted) instead of being
+        stranded under `owner` until its lease runs out. A fresh token per
+        claim: a token that took no job, or whose job is not `owner`'s any
+        more, claims as without one."""
         ...
 
     async def renew(self, job_id: str, owner: str, lease: float) -> bool:
@@ -289,7 +310,9 @@ class JobStore(Protocol):
     async def list(self, client: str, status: str | None = None, agent: str | None = None,
                    limit: int = 50, cursor: str | None = None) -> tuple[list[Job], str | None]:
         """The client's jobs, newest first, at most `limit`, and the cursor of
-        the next page (None: this was the last). InvalidCursor for a bad cursor."""
+        the next page (None: this was the last). InvalidCursor for a bad cursor.
+        The jobs' `body` is None: a listing does not read the inputs (they may
+        be large; the documents never show them)."""
         ...
 
     async def cancel(self, job_id: str, client: str) -> Job | None:
@@ -300,7 +323,7 @@ class JobStore(Protocol):
 
     async def fail_agent(self, agent: str, error: dict[str, Any]) -> int:
         """Fail the agent's queued jobs with `error` (the agent was removed by a
-        reload); how many."""
+        reload); how many. Also those that claims with `agents` left alone."""
         ...
 
     async def purge(self, older_than: float) -> int:

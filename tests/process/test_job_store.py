@@ -12,7 +12,9 @@ stream, and each backend's failure as StoreError.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import dataclasses
 import itertools
 import re
 import signal
@@ -292,6 +294,116 @@ async def test_fail_agent_fails_only_its_queued_jobs(stores: Factory) -> None:
     assert await st.fail_agent("gone", err) == 0
 
 
+async def test_a_claim_with_agents_leaves_other_agents_jobs_alone(stores: Factory) -> None:
+    """A rolling reload: the old instance's config lacks the agent "new". Its
+    claims skip that agent's jobs (queued, or lost: lease ran out) without
+    counting an attempt, and the instance that knows it, or a claim that
+    names no agents, takes them at once, oldest first."""
+    old, new = stores(), stores()
+    fresh = [await old.submit("c", "new", i) for i in range(3)]
+    mine = await old.submit("c", "a", "a's")
+    got = await old.claim("old", LONG, agents={"a"})
+    assert got is not None and got.id == mine.id
+    assert await old.claim("old", LONG, agents=["a", "b"]) is None  # nothing else it knows
+    assert await old.claim("old", LONG, agents=()) is None  # no agent at all: no job
+    for j in fresh:
+        left = await old.get(j.id, "c")
+        assert left is not None and left.status == "queued" and left.attempts == 0 and left.started_at is None
+    got = await new.claim("new", LEASE, agents=frozenset({"a", "new"}))
+    assert got is not None and got.id == fresh[0].id and got.attempts == 1
+    # Lost (its lease runs out): not the old instance's to run again either.
+    await asyncio.sleep(WAIT)
+    assert await old.claim("old", LONG, agents={"a"}) is None
+    again = await new.claim("new", LONG, agents={"new"})
+    assert again is not None and again.id == fresh[0].id and again.attempts == 2
+    # A claim without agents takes any job, the skipped ones too, in order.
+    rest = [await new.claim("any", LONG), await new.claim("any", LONG)]
+    assert [j.id for j in rest if j is not None] == [j.id for j in fresh[1:]]
+    assert all(j is not None and j.attempts == 1 for j in rest)
+    assert await new.claim("any", LONG) is None
+    with pytest.raises(TypeError):
+        await old.claim("old", LONG, agents="a")  # a str is a collection of letters: refused
+
+
+async def test_skipped_jobs_do_not_starve_the_known_ones(stores: Factory) -> None:
+    """300 jobs of an unknown agent ahead of a known one: the old instance
+    gets to its own job within a few claims; the other agent's jobs all run
+    later on the instance that knows it, once each, in order; fail_agent
+    still fails the skipped jobs of an agent that was removed."""
+    old, new = stores(), stores()
+    unknown = await asyncio.gather(*(old.submit("c", "new", i) for i in range(300)))
+    mine = await old.submit("c", "a", "a's")
+    removed = [await old.submit("c", "gone", i) for i in range(2)]
+    claims = [await old.claim("old", LONG, agents={"a"}) for _ in range(4)]
+    assert [j.id for j in claims if j is not None] == [mine.id]
+    assert await old.claim("old", LONG, agents={"a"}) is None
+    err = {"type": "not_found", "message": "agent 'gone' no longer exists", "details": []}
+    assert await new.fail_agent("gone", err) == 2
+    assert [(await new.get(j.id, "c")).status for j in removed] == ["failed"] * 2  # type: ignore[union-attr]
+    taken = []
+    while (job := await new.claim("new", LONG, agents={"a", "new"})) is not None:
+        assert job.attempts == 1
+        taken.append(job.id)
+    assert sorted(taken) == sorted(j.id for j in unknown) and len(taken) == 300
+    created = {j.id: j.created_at for j in unknown}
+    assert [created[i] for i in taken] == sorted(created.values())  # oldest first
+    assert await new.claim("any", LONG) is None and await new.fail_agent("gone", err) == 0
+
+
+async def test_a_retried_claim_gets_its_job_back(stores: Factory) -> None:
+    """A claim whose reply was lost (it timed out, the store ran it): the
+    retry with the same token returns the job it took, no attempt counted;
+    another token, or no token, claims afresh."""
+    st = stores()
+    first = await st.submit("c", "a", 1)
+    second = await st.submit("c", "a", 2)
+    got = await st.claim("w", LONG, token="t1")
+    assert got is not None and got.id == first.id and got.attempts == 1
+    retry = await st.claim("w", LONG, token="t1")
+    assert retry is not None and retry.id == first.id and retry.attempts == 1 and retry.status == "running"
+    fresh = await st.claim("other", LONG, token="t1")  # tokens are per owner: a fresh claim
+    assert fresh is not None and fresh.id == second.id and fresh.attempts == 1
+    assert await st.finish(first.id, "w", "succeeded", {"data": 1})
+    assert await st.claim("w", LONG, token="t1") is None  # its job finished: a fresh claim, and nothing is left
+    third = await st.submit("c", "a", 3)
+    got = await st.claim("w", LONG, token="t2")
+    assert got is not None and got.id == third.id
+    assert await st.claim("w", LONG, token="t3") is None
+
+
+async def test_listed_jobs_have_no_body(stores: Factory) -> None:
+    st = stores()
+    job = await st.submit("c", "a", {"big": "x" * 10_000}, webhook=True)
+    assert await st.claim("w", LONG)
+    assert await st.finish(job.id, "w", "succeeded", {"data": {"y": 1}, "trace": {}})
+    other = await st.submit("c", "b", [1, 2])
+    page, _ = await st.list("c")
+    full = [await st.get(j.id, "c") for j in (other, job)]
+    assert [j.body for j in page] == [None, None]
+    assert page == [dataclasses.replace(j, body=None) for j in full if j is not None]
+    assert full[1] is not None and full[1].body == {"big": "x" * 10_000}  # get reads it
+    filtered, _ = await st.list("c", agent="a", status="succeeded")
+    assert filtered == [page[1]]
+
+
+async def test_cursors_out_of_range_are_invalid(stores: Factory) -> None:
+    st = stores()
+    await st.submit("c", "a", 1)
+    for bad in ("9" * 40, str(2**63), "٣", "²", "1" * 20, "-1", " 1", "+1"):
+        with pytest.raises(InvalidCursor):
+            await st.list("c", cursor=cursor_of(bad))
+    with pytest.raises(InvalidCursor):
+        await st.list("c", cursor="a" * 10_000)
+    for good, n in ((str(2**63 - 1), 1), ("0", 0), ("00001", 0)):
+        page, nxt = await st.list("c", cursor=cursor_of(good))
+        assert len(page) == n and nxt is None
+
+
+def cursor_of(seq: str) -> str:
+    """A cursor as encode_cursor would write it, for any text after the tag."""
+    return base64.urlsafe_b64encode(f"j1:{seq}".encode()).decode().rstrip("=")
+
+
 async def test_purge_deletes_finished_jobs_past_retention(stores: Factory) -> None:
     st = stores()
     done = await st.submit("c", "a", 1)
@@ -455,7 +567,7 @@ async def test_retries_follow_their_schedule_then_end(stores: Factory) -> None:
     assert await st.claim_delivery("d", LONG) is None
     for bad in ({"outcome": "retry"}, {"outcome": "delivered", "delay": 1.0}, {"outcome": "nope"}):
         with pytest.raises(ValueError):
-            await st.delivery_result(d.id, "d", **bad)  # type: ignore[arg-type]
+            await st.delivery_result(d.id, "d", **bad)
 
 
 async def test_a_pending_delivery_survives_a_restart(stores: Factory) -> None:
@@ -522,7 +634,7 @@ async def webhook_done(st: JobStore, job_id: str) -> WebhookStatus:
         if job.webhook.status != "pending":
             return job.webhook
         await asyncio.sleep(0.01)
-    raise AssertionError(f"still pending: {job.webhook}")
+    raise AssertionError(f"still pending: {job.webhook if job else None}")
 
 
 async def test_loop_retries_with_one_webhook_id_after_a_restart(stores: Factory) -> None:
@@ -816,4 +928,76 @@ async def test_redis_entries_are_acked_and_deleted(server: RedisServer) -> None:
         assert await st.finish(d.id, "busy", "succeeded", {"data": 3})
     finally:
         await raw.aclose()
+        await st.close()
+
+
+async def test_redis_a_claim_that_timed_out_is_not_stranded(server: RedisServer) -> None:
+    """Redis stalls past the client's timeout; the claim script runs once it
+    goes on, after the client gave up. The retry with the same token gets
+    that job, attempts 1, instead of it waiting a lease under our owner."""
+    import redis.asyncio
+
+    st = RedisJobStore(server.url, timeout=0.3, prefix=f"t{next(_runs)}:")
+    raw = redis.asyncio.Redis.from_url(server.url, decode_responses=True)
+    try:
+        assert await st.claim("w", LONG) is None  # the script is loaded (else EVALSHA answers NOSCRIPT)
+        job = await st.submit("c", "a", {})
+        server.pause()
+        try:
+            with pytest.raises(StoreError, match="redis"):
+                await st.claim("w", LONG, token="tok")
+        finally:
+            server.resume()
+        for _ in range(100):  # the script ran after all (the request was sent)
+            if await raw.hget(st._key(job.id), "status") == "running":
+                break
+            await asyncio.sleep(0.01)
+        assert await raw.hget(st._key(job.id), "owner") == "w"
+        got = await st.claim("w", LONG, token="tok")
+        assert got is not None and got.id == job.id and got.attempts == 1 and got.status == "running"
+        assert await st.claim("w", LONG, token="next") is None
+        assert await st.finish(job.id, "w", "succeeded", {"data": 1})
+    finally:
+        await raw.aclose()
+        await st.close()
+
+
+async def test_redis_list_reads_no_bodies(server: RedisServer) -> None:
+    """A listing looks at the status and the agent of each job it scans
+    (HMGET), never at the whole hash: 20 jobs of 900 KB bodies do not go
+    through the script."""
+    import redis.asyncio
+
+    st = RedisJobStore(server.url, prefix=f"t{next(_runs)}:")
+    raw = redis.asyncio.Redis.from_url(server.url, decode_responses=True)
+    try:
+        big = "x" * 900_000
+        ids = [(await st.submit("c", "a" if i % 2 else "b", {"t": big})).id for i in range(20)]
+        await raw.config_resetstat()
+        page, _ = await st.list("c", agent="a", limit=5)
+        assert [j.id for j in page] == ids[::-1][:10:2] and all(j.body is None for j in page)
+        stats = await raw.info("commandstats")
+        assert "cmdstat_hgetall" not in stats and stats["cmdstat_hmget"]["calls"] >= 11
+        assert await raw.hstrlen(st._key(ids[0]), "body") > 900_000  # the bodies are there: only not read
+    finally:
+        await raw.aclose()
+        await st.close()
+
+
+async def test_sqlite_a_file_from_before_claim_tokens(tmp_path: Path) -> None:
+    """A jobs file made before the claim_token column gets it when opened."""
+    conn = sqlite3.connect(tmp_path / FILENAME)
+    from aiwfd.jobs.sqlite import SCHEMA, _statements
+    for statement in _statements(SCHEMA.replace(",\n  claim_token TEXT", "")):
+        conn.execute(statement)
+    conn.execute("INSERT INTO jobs (id, client, agent, state, created, body) VALUES ('j', 'c', 'a', 'queued', 1, '1')")
+    conn.commit()
+    conn.close()
+    st = SQLiteJobStore(tmp_path)
+    try:
+        got = await st.claim("w", LONG, token="t")
+        assert got is not None and got.id == "j" and got.body == 1
+        again = await st.claim("w", LONG, token="t")
+        assert again is not None and again.id == "j" and again.attempts == 1
+    finally:
         await st.close()
