@@ -85,7 +85,8 @@ ERROR_RESPONSES: dict[int, tuple[str, str]] = {
                                   "or a Content-Encoding other than gzip or deflate"),
     422: ("InvalidInput", "`invalid_input`: the body does not match the input schema; "
                           "`details` lists each `{path, message}`; or `idempotency_key_reused`: the "
-                          "`Idempotency-Key` was used before with a different body"),
+                          "`Idempotency-Key` was used before with a different body; or a job's "
+                          "`Webhook-URL` outside `jobs.allow_request_webhooks`"),
     429: ("RateLimited", "`rate_limited`: a limit of the agents file is reached (`details`: "
                          "`[{limit, scope, quota, window}]`), or the model provider kept answering 429 "
                          "after retries; `Retry-After` says when to try again"),
@@ -94,8 +95,8 @@ ERROR_RESPONSES: dict[int, tuple[str, str]] = {
                         "model's answer still failed the output schema after max_attempts (`details`: the last errors)"),
     503: ("Unavailable", "`unavailable`: the server is draining, the provider is unreachable, the limits "
                          "store does not answer (with `on_store_error: deny`), the idempotency key store does "
-                         "not answer (a request with an `Idempotency-Key`), or the token issuer's keys "
-                         "are not loaded yet"),
+                         "not answer (a request with an `Idempotency-Key`), the job store does not answer "
+                         "(the job routes), or the token issuer's keys are not loaded yet"),
     504: ("UpstreamTimeout", "`upstream_timeout`: the provider timed out on every attempt"),
 }
 
@@ -178,9 +179,11 @@ def _error_component() -> dict[str, Any]:
     }
 
 
-def _error_response(status: int) -> dict[str, Any]:
-    name, description = ERROR_RESPONSES[status]
-    types = [c.type for c in ERROR_CLASSES if c.status == status]
+def _error_response(status: int, description: str | None = None, types: list[str] | None = None) -> dict[str, Any]:
+    if description is None:
+        description = ERROR_RESPONSES[status][1]
+    if types is None:
+        types = [c.type for c in ERROR_CLASSES if c.status == status]
     schema: dict[str, Any] = {
         "allOf": [
             {"$ref": COMPONENTS_PREFIX + ERROR},
@@ -207,6 +210,15 @@ def _error_response(status: int) -> dict[str, Any]:
                                   "description": "seconds to wait, when the limits store or the token issuer is the cause"}
     return {"description": description, "headers": headers,
             "content": {"application/json": {"schema": schema}}}
+
+
+def _job_error_response(name: str) -> dict[str, Any]:
+    """A JOB_ERROR_RESPONSES entry: its status's error, in the job routes' words."""
+    status, description = JOB_ERROR_RESPONSES[name]
+    resp = _error_response(status, description, _JOB_ERROR_TYPES.get(name))
+    if name == "JobFinished":  # not the Idempotency-Key's 409: nothing to retry
+        del resp["headers"]["Retry-After"]
+    return resp
 
 
 def _trace_component() -> dict[str, Any]:
@@ -557,6 +569,468 @@ def _item_error_component() -> dict[str, Any]:
     }
 
 
+# --------------------------------------------------------------------------
+# Jobs (SPEC §9.1)
+
+JOB = "aiwfd-Job"
+# aiwfd.jobs.store.JobStatus (tests/http/test_openapi.py keeps them equal).
+JOB_STATUSES: tuple[str, ...] = ("queued", "running", "succeeded", "failed", "canceled")
+# What `POST /agent/{name}/jobs` can answer as an error: what the plain call
+# finds before the model is called; 409 for its Idempotency-Key; 429 only when
+# a limit applies (no model is called: no provider 429).
+JOB_SUBMIT_STATUSES = (400, 401, 403, 404, 408, 409, 413, 415, 422, 429, 500, 503)
+# Exactly the cursors aiwfd.jobs.store.encode_cursor makes for 1-18 digit
+# sequence numbers: base64url (no padding) of "j1:<digits>". "ajE6" is "j1:";
+# each 4 characters are 3 digits, a 3- or 2-character tail 2 digits or 1.
+_CURSOR_3 = r"(?:[MN][DTjz]|O[DT])[AEIMQUYcgk][wxyz0-5]"
+_CURSOR_TAIL = r"(?:[MN][DTjz]|O[DT])[AEIMQUYcgk]|[MN][AQgw]|O[AQ]"
+CURSOR_PATTERN = rf"^ajE6(?:{_CURSOR_3}){{0,5}}(?:{_CURSOR_3}|{_CURSOR_TAIL})$"
+JOB_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+WEBHOOK_URL_MAX = 2048  # aiwfd.http.jobs._MAX_URL
+
+# name -> (status, description): the job routes' own wording of an error status.
+JOB_ERROR_RESPONSES: dict[str, tuple[int, str]] = {
+    "JobNotFound": (404, "`not_found`: no such job: it is another client's, or it finished longer ago than "
+                         "`jobs.retention`"),
+    "JobFinished": (409, "`conflict`: the job already succeeded, failed or was canceled; only a queued or "
+                         "running job can be canceled"),
+    "InvalidJobQuery": (400, "`invalid_request`: `status` is not a job status, `limit` is not a whole number "
+                             "from 1 to 100, `cursor` is not a `next_cursor` of a previous page, or an "
+                             "unknown query parameter"),
+}
+# name -> the error types it admits (default: every type of its status).
+_JOB_ERROR_TYPES = {"InvalidJobQuery": ["invalid_request"]}
+
+
+def _job_component() -> dict[str, Any]:
+    time = {"type": "string", "format": "date-time"}
+    null = {"type": "null"}
+    return {
+        "type": "object",
+        "description": ("A job (SPEC §9.1): what `POST /agent/{name}/jobs` answers and `GET /jobs/{id}` "
+                        "reads; a webhook's `data` is this without `webhook`. Times are RFC 3339, UTC, "
+                        "in milliseconds."),
+        "required": ["id", "agent", "status", "created_at", "started_at", "finished_at", "attempts",
+                     "result", "error", "webhook"],
+        "properties": {
+            "id": {"type": "string", "description": "unguessable; the submission's `Location` is `/jobs/{id}`"},
+            "agent": {"type": "string"},
+            "status": {"type": "string", "enum": list(JOB_STATUSES),
+                       "description": "`queued` → `running` → `succeeded` | `failed` | `canceled`"},
+            "created_at": time,
+            "started_at": {"anyOf": [time, null], "description": "when the latest run started; null while queued"},
+            "finished_at": {"anyOf": [time, null], "description": "null until the job succeeds, fails or is canceled"},
+            "attempts": {"type": "integer", "minimum": 0,
+                         "description": "runs started: 0 while queued, more than 1 after a crash"},
+            "result": {"anyOf": [{"type": "object", "required": ["data", "trace"],
+                                  "properties": {"data": {"description": "the agent's validated output, as "
+                                                                         "`POST /agent/{name}` answers it"},
+                                                 "trace": {"$ref": COMPONENTS_PREFIX + TRACE}}}, null],
+                       "description": "`{\"data\", \"trace\"}` once succeeded, else null"},
+            "error": {"anyOf": [_error_component()["properties"]["error"], null],
+                      "description": "the §3.1 error object once failed (or canceled with a cause), else null"},
+            "webhook": {"anyOf": [{
+                "type": "object",
+                "required": ["status", "attempts", "last_status"],
+                "properties": {
+                    "status": {"type": "string", "enum": ["pending", "delivered", "failed"],
+                               "description": "`pending` until the delivery is done; `failed` also after a "
+                                              "410 or once `jobs.webhook.retry_for` ran out"},
+                    "attempts": {"type": "integer", "minimum": 0},
+                    "last_status": {"anyOf": [{"type": "integer"}, null],
+                                    "description": "the HTTP status of the latest answer; null: none yet"},
+                },
+            }, null], "description": "the delivery of the job's end; null for a job without a webhook"},
+        },
+    }
+
+
+def _agent_job(agent: CompiledAgent, **properties: Any) -> dict[str, Any]:
+    """The job document of one agent: `result.data` typed by its output."""
+    return {"allOf": [{"$ref": COMPONENTS_PREFIX + JOB},
+                      {"properties": {"agent": {"const": agent.assistant.name},
+                                      "result": {"anyOf": [_envelope(agent), {"type": "null"}]},
+                                      **properties}}]}
+
+
+def _regex_literal(text: str) -> str:
+    """`text` as a regular expression matching itself, alike in ECMA-262 and Python (no `\\-`, `\\/`)."""
+    return "".join("\\" + c if c in "\\^$.|?*+()[]{}" else c for c in text)
+
+
+def _job_operation(agent: CompiledAgent, auth: Auth, config: Config) -> dict[str, Any]:
+    a = agent.assistant
+    statuses = _call_statuses(JOB_SUBMIT_STATUSES, config, agent, auth)
+    parameters: list[dict[str, Any]] = [{"$ref": "#/components/parameters/X-Request-ID"},
+                                        {"$ref": IDEMPOTENCY_PARAMETER}]
+    prefixes = config.jobs.allow_request_webhooks
+    if prefixes:  # else a Webhook-URL is a 422 whatever it says: not a parameter
+        parameters.append({
+            "name": "Webhook-URL", "in": "header", "required": False,
+            "description": ("this job's own webhook, instead of `jobs.webhook`: a URL under one of "
+                            + ", ".join(f"`{p}`" for p in prefixes) + " (`jobs.allow_request_webhooks`; "
+                            "else 422). One header; the URL is never shown back."),
+            "schema": {"type": "string", "maxLength": WEBHOOK_URL_MAX,
+                       "pattern": "^(?:" + "|".join(_regex_literal(p) for p in prefixes) + ")"},
+        })
+    accepted = _ok(_agent_job(agent), "accepted: the job, stored before this answer", config, agent)
+    accepted["headers"] = {**accepted["headers"], "Location": {
+        "required": True, "schema": {"type": "string", "pattern": "^/jobs/"},
+        "description": "`/jobs/{id}`: where the job is read (`GET`) and canceled (`DELETE`)"}}
+    # The job's own operations, for generated clients and tools that follow links.
+    accepted["links"] = {
+        "GetJob": {"operationId": "jobs.get", "parameters": {"id": "$response.body#/id"},
+                   "description": "read the job: its status, then its result or error"},
+        "CancelJob": {"operationId": "jobs.cancel", "parameters": {"id": "$response.body#/id"},
+                      "description": "cancel the job while it is queued or running"},
+    }
+    return {
+        "operationId": f"{a.name}.jobs",
+        "summary": f"Run the agent {a.name} as a job",
+        "description": (f"The call of `POST /agent/{a.name}`, run in the background: the same body, auth, "
+                        "limits and checks, and what fails before the model is called fails now, with its "
+                        "status. Accepted: 202, `Location: /jobs/{id}` and the job (`queued`); poll "
+                        "`GET /jobs/{id}`, or have its end sent to a webhook (Standard Webhooks)."),
+        "tags": ["jobs"],
+        "parameters": parameters,
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": type_schema(a.input_type, agent.input_schema)}},
+        },
+        "responses": {"202": _replayable(accepted), **_errors(statuses)},
+        "security": _security(auth),
+    }
+
+
+def _job_responses(ok: dict[str, Any], auth: Auth, *named: str) -> dict[str, Any]:
+    """`ok` and the errors of a job route: 401 (with auth), the named JOB_ERROR_RESPONSES, 500, 503."""
+    out: dict[str, Any] = {"200": ok}
+    errors = {s: {"$ref": f"#/components/responses/{ERROR_RESPONSES[s][0]}"}
+              for s in (401, 500, 503) if s != 401 or auth != "none"}
+    for name in named:
+        errors[JOB_ERROR_RESPONSES[name][0]] = {"$ref": f"#/components/responses/{name}"}
+    out.update({str(s): errors[s] for s in sorted(errors)})
+    return out
+
+
+def _job_paths(auth: Auth) -> dict[str, Any]:
+    request_id = {"$ref": "#/components/parameters/X-Request-ID"}
+    job_id = {"name": "id", "in": "path", "required": True, "description": "the job's `id`",
+              "schema": {"type": "string", "pattern": JOB_ID_PATTERN}}
+    job = {"$ref": COMPONENTS_PREFIX + JOB}
+    page = {
+        "type": "object",
+        "required": ["jobs", "next_cursor"],
+        "properties": {
+            "jobs": {"type": "array", "maxItems": 100, "items": job},
+            "next_cursor": {"anyOf": [{"type": "string", "pattern": CURSOR_PATTERN}, {"type": "null"}],
+                            "description": "pass as `cursor` for the next page; null on the last one"},
+        },
+    }
+    # An empty value is the parameter left out (`?status=&agent=`): allowEmptyValue.
+    query = [
+        {"name": "status", "in": "query", "required": False, "allowEmptyValue": True,
+         "description": "only the jobs in this status", "schema": {"type": "string", "enum": list(JOB_STATUSES)}},
+        {"name": "agent", "in": "query", "required": False, "allowEmptyValue": True,
+         "description": "only the jobs of this agent", "schema": {"type": "string"}},
+        {"name": "limit", "in": "query", "required": False, "allowEmptyValue": True, "description": "jobs per page",
+         "schema": {"type": "integer", "minimum": 1, "maximum": 100, "default": 20}},
+        {"name": "cursor", "in": "query", "required": False, "allowEmptyValue": True,
+         "description": "the `next_cursor` of the previous page (opaque)",
+         "schema": {"type": "string", "pattern": CURSOR_PATTERN}},
+    ]
+    security = _security(auth)
+    return {
+        "/jobs": {"get": {
+            "operationId": "jobs.list",
+            "summary": "The client's jobs, newest first",
+            "description": "Only the jobs this client submitted; a page at a time, `next_cursor` for the next.",
+            "tags": ["jobs"],
+            "parameters": [request_id, *query],
+            "responses": _job_responses(_json(page, "a page of jobs"), auth, "InvalidJobQuery"),
+            "security": security,
+        }},
+        "/jobs/{id}": {
+            "get": {
+                "operationId": "jobs.get",
+                "summary": "A job: its status, and its result or error once finished",
+                "description": "Only the client that submitted a job sees it; anyone else gets 404.",
+                "tags": ["jobs"],
+                "parameters": [request_id, job_id],
+                "responses": _job_responses(_json(job, "the job"), auth, "JobNotFound"),
+                "security": security,
+            },
+            "delete": {
+                "operationId": "jobs.cancel",
+                "summary": "Cancel a job",
+                "description": ("A queued job never runs; a running one is stopped (its model call closed). "
+                                "A finished job is a 409."),
+                "tags": ["jobs"],
+                "parameters": [request_id, job_id],
+                "responses": _job_responses(
+                    _json({"allOf": [job, {"properties": {"status": {"const": "canceled"}}}]},
+                          "the job, `canceled`"), auth, "JobNotFound", "JobFinished"),
+                "security": security,
+            },
+        },
+    }
+
+
+# --------------------------------------------------------------------------
+# MCP (SPEC §10.1)
+
+JSONRPC_REQUEST = "aiwfd-JSONRPCRequest"
+JSONRPC_RESPONSE = "aiwfd-JSONRPCResponse"
+MCP_METHODS = ("initialize", "notifications/initialized", "ping", "tools/list", "tools/call")
+MCP_VERSIONS = ("2025-06-18", "2025-11-25")  # aiwfd.http.mcp.PROTOCOL_VERSIONS
+
+
+def _jsonrpc_components() -> dict[str, Any]:
+    jsonrpc = {"type": "string", "const": "2.0"}
+    request_id = {"type": ["string", "integer"]}
+    return {
+        JSONRPC_REQUEST: {
+            "type": "object",
+            "description": "A JSON-RPC 2.0 request, or a notification (no `id`).",
+            "required": ["jsonrpc", "method"],
+            "properties": {
+                "jsonrpc": jsonrpc,
+                "id": request_id,
+                "method": {"type": "string", "description": "one of " + ", ".join(f"`{m}`" for m in MCP_METHODS)},
+                "params": {"type": ["object", "null"]},
+            },
+        },
+        JSONRPC_RESPONSE: {
+            "type": "object",
+            "description": "A JSON-RPC 2.0 response: a `result`, or an `error`.",
+            "required": ["jsonrpc", "id"],
+            "properties": {
+                "jsonrpc": jsonrpc,
+                "id": {"type": ["string", "integer", "null"]},
+                "result": {"type": "object"},
+                "error": {"type": "object", "required": ["code", "message"],
+                          "properties": {"code": {"type": "integer"}, "message": {"type": "string"}, "data": {}}},
+            },
+            "oneOf": [{"required": ["result"]}, {"required": ["error"]}],
+        },
+    }
+
+
+def _mcp_operation(auth: Auth) -> dict[str, Any]:
+    rpc = {"$ref": COMPONENTS_PREFIX + JSONRPC_RESPONSE}
+    # 403: a browser's Origin that is neither this server's nor allowed by server.cors.
+    statuses = tuple(s for s in (401, 403, 408, 413, 415, 500, 503) if s != 401 or auth != "none")
+    return {
+        "operationId": "mcp.request",
+        "summary": "The agents as MCP tools (Model Context Protocol, Streamable HTTP, stateless)",
+        "description": ("One JSON-RPC message per request, no session: `initialize`, "
+                        "`notifications/initialized`, `ping`, `tools/list` and `tools/call` (protocol "
+                        "revisions 2025-06-18 and 2025-11-25). Every agent is a tool whose `inputSchema` is "
+                        "its input schema; `tools/call` runs it as `POST /agent/{name}` does, and a failed "
+                        "call is a result with `isError: true`. `GET /mcp` is 405."),
+        "tags": ["mcp"],
+        "parameters": [
+            {"$ref": "#/components/parameters/X-Request-ID"},
+            {"name": "MCP-Protocol-Version", "in": "header", "required": False,
+             "description": "the revision `initialize` agreed on; another is a 400 (but on `initialize`)",
+             "schema": {"type": "string", "enum": list(MCP_VERSIONS)}},
+        ],
+        "requestBody": {"required": True, "content": {"application/json": {
+            "schema": {"$ref": COMPONENTS_PREFIX + JSONRPC_REQUEST},
+            "examples": {"tools/list": {"value": {"jsonrpc": "2.0", "id": 1, "method": "tools/list"}}},
+        }}},
+        "responses": {
+            "200": _json(rpc, "the JSON-RPC response: a `result`, or an `error` (an unknown method or tool, "
+                              "invalid params)"),
+            "202": {"description": "a notification: accepted, no body",
+                    "headers": {"X-Request-ID": {"$ref": "#/components/headers/X-Request-ID"}}},
+            "400": _json({"anyOf": [rpc, {"$ref": COMPONENTS_PREFIX + ERROR}]},
+                         "a JSON-RPC error: the body is not JSON (`-32700`), not one JSON-RPC message "
+                         "(`-32600`; batches are not supported), `params` not an object (`-32602`), or an "
+                         "unsupported `MCP-Protocol-Version` (`-32600`); or the §3.1 `invalid_json` of a "
+                         "charset that is not UTF-8"),
+            **_errors(statuses),
+        },
+        "security": _security(auth),
+    }
+
+
+# --------------------------------------------------------------------------
+# The OpenAI-compatible API (SPEC §10.2)
+
+OPENAI_ERROR = "aiwfd-OpenAIError"
+CHAT_CHUNK = "aiwfd-ChatCompletionChunk"
+# A chat completion is a call of an agent (no Idempotency-Key: no 409).
+CHAT_STATUSES = (400, 401, 403, 404, 408, 413, 415, 422, 429, 500, 502, 503, 504)
+MODELS_STATUSES = (401, 500, 503)
+
+
+def _openai_error_component() -> dict[str, Any]:
+    null = {"type": "null"}
+    return {
+        "type": "object",
+        "description": "Every error of `/v1`: OpenAI's shape, so that its SDKs raise their usual exceptions.",
+        "required": ["error"],
+        "properties": {"error": {
+            "type": "object",
+            "required": ["message", "type", "param", "code"],
+            "properties": {
+                "message": {"type": "string"},
+                "type": {"type": "string", "description": "OpenAI's kind of error: `invalid_request_error` "
+                                                           "(4xx) or `server_error` (5xx)"},
+                "param": {"anyOf": [{"type": "string"}, null], "description": "the request field at fault"},
+                "code": {"type": "string", "enum": list(ERROR_TYPES), "description": "the §3.1 error type"},
+            },
+        }},
+    }
+
+
+def _openai_response_name(status: int) -> str:
+    return "OpenAI" + ERROR_RESPONSES[status][0]
+
+
+def _openai_error_response(status: int) -> dict[str, Any]:
+    resp = _error_response(status)
+    types = [c.type for c in ERROR_CLASSES if c.status == status]
+    resp["content"] = {"application/json": {"schema": {"allOf": [
+        {"$ref": COMPONENTS_PREFIX + OPENAI_ERROR},
+        {"properties": {"error": {"properties": {"code": {"enum": types}}}}},
+    ]}}}
+    return resp
+
+
+def _openai_errors(statuses: tuple[int, ...]) -> dict[str, Any]:
+    return {str(s): {"$ref": f"#/components/responses/{_openai_response_name(s)}"} for s in statuses}
+
+
+def _chat_chunk_component() -> dict[str, Any]:
+    null = {"type": "null"}
+    return {
+        "type": "object",
+        "required": ["id", "object", "created", "model", "choices"],
+        "properties": {
+            "id": {"type": "string"},
+            "object": {"type": "string", "const": "chat.completion.chunk"},
+            "created": {"type": "integer"},
+            "model": {"type": "string"},
+            "choices": {"type": "array", "items": {
+                "type": "object", "required": ["index", "delta"],
+                "properties": {
+                    "index": {"type": "integer", "minimum": 0},
+                    "delta": {"type": "object", "properties": {"role": {"type": "string"},
+                                                               "content": {"type": "string"}}},
+                    "finish_reason": {"anyOf": [{"type": "string"}, null]},
+                }}},
+            "usage": {"anyOf": [_usage(), null]},
+        },
+    }
+
+
+def _usage() -> dict[str, Any]:
+    count = {"type": "integer", "minimum": 0}
+    return {"type": "object", "required": ["prompt_tokens", "completion_tokens", "total_tokens"],
+            "description": "tokens summed over every attempt",
+            "properties": {"prompt_tokens": count, "completion_tokens": count, "total_tokens": count}}
+
+
+def _openai_paths(compiled: Compiled, auth: Auth) -> dict[str, Any]:
+    config, names = compiled.config, sorted(compiled.agents)
+    model_id: dict[str, Any] = {"type": "string", "enum": names} if names else {"type": "string"}
+    skip = {401} if auth == "none" else set()
+    if not any(_restricted(config, n) for n in names):
+        skip.add(403)
+    models = {
+        "type": "object",
+        "required": ["object", "data"],
+        "properties": {
+            "object": {"type": "string", "const": "list"},
+            "data": {"type": "array", "items": {
+                "type": "object", "required": ["id", "object", "created", "owned_by"],
+                "properties": {"id": model_id, "object": {"type": "string", "const": "model"},
+                               "created": {"type": "integer"}, "owned_by": {"type": "string", "const": "aiwfd"}}}},
+        },
+    }
+    request = {
+        "type": "object",
+        "required": ["model", "messages"],
+        "description": "The agent's own settings (model, prompt, temperature, schema) stand; other fields are ignored.",
+        "properties": {
+            "model": {**model_id, "description": "the agent's name"},
+            "messages": {"type": "array", "minItems": 1, "items": {
+                "type": "object", "required": ["role"],
+                "properties": {"role": {"type": "string"},
+                               "content": {"anyOf": [{"type": "string"}, {"type": "array"}, {"type": "null"}]}}},
+                "description": ("the input is the last `user` message's content, parsed as JSON (plain text "
+                                "when the input type has exactly one required string field, which receives it)")},
+            "stream": {"type": "boolean", "default": False},
+            "stream_options": {"type": "object", "properties": {"include_usage": {"type": "boolean"}}},
+        },
+    }
+    completion = {
+        "type": "object",
+        "required": ["id", "object", "created", "model", "choices", "usage"],
+        "properties": {
+            "id": {"type": "string", "pattern": "^chatcmpl-", "description": "`chatcmpl-<request id>`"},
+            "object": {"type": "string", "const": "chat.completion"},
+            "created": {"type": "integer"},
+            "model": {"type": "string"},
+            "choices": {"type": "array", "minItems": 1, "items": {
+                "type": "object", "required": ["index", "message", "finish_reason"],
+                "properties": {
+                    "index": {"type": "integer", "minimum": 0},
+                    "message": {"type": "object", "required": ["role", "content"],
+                                "properties": {"role": {"type": "string", "const": "assistant"},
+                                               "content": {"type": "string", "description": (
+                                                   "the validated output as JSON (the text, for an agent "
+                                                   "without output type)")}}},
+                    "finish_reason": {"type": "string"},
+                }}},
+            "usage": _usage(),
+        },
+    }
+    event = {
+        "type": "object",
+        "description": ("one server-sent event: `data:` a `chat.completion.chunk` (`aiwfd-ChatCompletionChunk`), "
+                        "the last one `data: [DONE]`; an error once the 200 is sent (a call outlasting the "
+                        "keep-alive interval) is `data: {\"error\": …}` (`aiwfd-OpenAIError`)"),
+        "required": ["data"],
+        "properties": {"data": {"anyOf": [
+            {"type": "string", "const": "[DONE]"},
+            {"type": "string", "contentMediaType": "application/json",
+             "contentSchema": {"anyOf": [{"$ref": COMPONENTS_PREFIX + CHAT_CHUNK},
+                                         {"$ref": COMPONENTS_PREFIX + OPENAI_ERROR}]}}]}},
+    }
+    ok = _json(completion, "a `chat.completion`; with `stream: true`, server-sent `chat.completion.chunk` "
+                           "events of the validated answer, a usage chunk with `stream_options.include_usage`, "
+                           "then `data: [DONE]`")
+    ok["content"]["text/event-stream"] = {"schema": event}
+    security = _security(auth)
+    return {
+        "/v1/models": {"get": {
+            "operationId": "openai.listModels",
+            "summary": "The agents as OpenAI models",
+            "tags": ["openai"],
+            "parameters": [{"$ref": "#/components/parameters/X-Request-ID"}],
+            "responses": {"200": _json(models, "one model per agent"),
+                          **_openai_errors(tuple(s for s in MODELS_STATUSES if s not in skip))},
+            "security": security,
+        }},
+        "/v1/chat/completions": {"post": {
+            "operationId": "openai.createChatCompletion",
+            "summary": "Call an agent as an OpenAI chat completion",
+            "description": ("`model` names the agent. The call is `POST /agent/{name}`'s (auth, limits, "
+                            "validation, re-ask); errors have OpenAI's shape, with the §3.1 status and "
+                            "`code` the §3.1 type."),
+            "tags": ["openai"],
+            "parameters": [{"$ref": "#/components/parameters/X-Request-ID"}],
+            "requestBody": {"required": True, "content": {"application/json": {"schema": request}}},
+            "responses": {"200": ok,
+                          **_openai_errors(tuple(s for s in CHAT_STATUSES if s not in skip))},
+            "security": security,
+        }},
+    }
+
+
 def _service_operation(op_id: str, summary: str, responses: dict[str, Any], **extra: Any) -> dict[str, Any]:
     # "service." cannot begin an agent name, so no agent (say one named
     # `health`) can take a service operation's id.
@@ -581,6 +1055,10 @@ def build_openapi(compiled: Compiled, auth: Auth = "unknown") -> dict[str, Any]:
     schemas[AGENT_INFO] = _agent_info_component()
     schemas[ITEM_ERROR] = _item_error_component()
     schemas[PATCH] = _patch_component()
+    schemas[JOB] = _job_component()
+    schemas.update(_jsonrpc_components())
+    schemas[OPENAI_ERROR] = _openai_error_component()
+    schemas[CHAT_CHUNK] = _chat_chunk_component()
 
     paths: dict[str, Any] = {}
     for name in names:
@@ -588,6 +1066,11 @@ def build_openapi(compiled: Compiled, auth: Auth = "unknown") -> dict[str, Any]:
         # The same call streamed (SPEC §7.4) and on many inputs (§7.5).
         paths[f"/agent/{name}/stream"] = {"post": _stream_operation(agents[name], auth, config)}
         paths[f"/agent/{name}/batch"] = {"post": _batch_operation(agents[name], auth, config)}
+        # As a job (SPEC §9.1): one operation per agent too, its result typed.
+        paths[f"/agent/{name}/jobs"] = {"post": _job_operation(agents[name], auth, config)}
+    paths.update(_job_paths(auth))
+    paths["/mcp"] = {"post": _mcp_operation(auth)}
+    paths.update(_openai_paths(compiled, auth))
 
     health = {
         "type": "object",
@@ -683,15 +1166,26 @@ def build_openapi(compiled: Compiled, auth: Auth = "unknown") -> dict[str, Any]:
                             "Each agent is `POST /agent/{name}`: the body is validated against its input "
                             "schema and the answer is `{\"data\", \"trace\"}`; `/agent/{name}/stream` "
                             "answers the same call as server-sent events and `/agent/{name}/batch` "
-                            "takes many inputs at once. Every error is "
-                            "`{\"error\": {\"type\", \"message\", \"details\"}, \"request_id\"}`. " + auth_text),
+                            "takes many inputs at once; `/agent/{name}/jobs` runs the call in the background "
+                            "(`/jobs`). Every error is "
+                            "`{\"error\": {\"type\", \"message\", \"details\"}, \"request_id\"}`. "
+                            "The agents are also MCP tools (`POST /mcp`) and OpenAI models (`/v1`, with "
+                            "OpenAI's error shape). " + auth_text),
         },
         "tags": [{"name": "agents", "description": "one operation per agent"},
+                 {"name": "jobs", "description": "an agent's call run in the background, read by its id"},
+                 {"name": "mcp", "description": "the agents as Model Context Protocol tools"},
+                 {"name": "openai", "description": "the agents as OpenAI models: chat completions"},
                  {"name": "service", "description": "health, readiness, discovery, docs and metrics (no key needed)"}],
         "paths": paths,
         "components": {
             "schemas": schemas,
-            "responses": {ERROR_RESPONSES[s][0]: _error_response(s) for s in sorted(ERROR_RESPONSES)},
+            "responses": {
+                **{ERROR_RESPONSES[s][0]: _error_response(s) for s in sorted(ERROR_RESPONSES)},
+                **{name: _job_error_response(name) for name in JOB_ERROR_RESPONSES},
+                **{_openai_response_name(s): _openai_error_response(s)
+                   for s in sorted({*CHAT_STATUSES, *MODELS_STATUSES})},
+            },
             "headers": {"X-Request-ID": {
                 "description": "the request id (the client's when it sent a sane one); the log has it too",
                 "required": True, "schema": {"type": "string"}}},

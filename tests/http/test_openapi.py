@@ -9,13 +9,16 @@ document's own `$ref`s.
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import hashlib
 import importlib.util
 import json
 import re
 import signal
+import time
 from pathlib import Path
-from typing import Any, AsyncIterator, Iterator
+from typing import Any, AsyncIterator, Iterator, get_args
 
 import jsonschema
 import pytest
@@ -25,11 +28,14 @@ from referencing.jsonschema import DRAFT202012
 
 from aiwfd import errors as E
 from aiwfd.spec.compiler import load_and_compile
-from aiwfd.spec.openapi import STREAM_EVENT_NAMES
+from aiwfd.spec.openapi import CURSOR_PATTERN, JOB_STATUSES, STREAM_EVENT_NAMES
 from aiwfd.errors import ConfigError
+from aiwfd.jobs.store import JobStatus, decode_cursor, encode_cursor
 from aiwfd.providers.mock import sample
-from aiwfd.testing.inprocess import InProcess, serve, write_config
+from aiwfd.testing.fakeopenai import FakeOpenAI, Hold, Reply
+from aiwfd.testing.inprocess import InProcess, fake_env, serve, write_config
 from aiwfd.testing.processes import AiwfdProcess, run_cli
+from aiwfd.testing.webhook_receiver import WebhookReceiver
 from tests.conftest import CONFIGS, REPO
 
 API_MOCK = CONFIGS / "api_mock.yaml"
@@ -360,17 +366,22 @@ async def test_security_schemes(keyed_doc: dict[str, Any], open_srv: InProcess) 
     assert "security" not in keyed_doc  # nothing global: the service routes need no key
     for path, item in keyed_doc["paths"].items():
         for op in item.values():
-            if path.startswith("/agent/") and not path.endswith("/schema"):
-                assert op["security"] == [{"apiKey": []}, {"bearer": []}]
+            if op["tags"] != ["service"]:  # agents, jobs, MCP, OpenAI: the key
+                assert path.startswith(("/agent/", "/jobs", "/mcp", "/v1/")) and not path.endswith("/schema")
+                assert op["security"] == [{"apiKey": []}, {"bearer": []}], path
+                assert "401" in op["responses"], path
             else:
                 assert op["security"] == []
     # Without API_KEY the key is optional (`{}`), and 401 cannot happen.
     status, _, doc = await get_json(open_srv, "/openapi.json")
     validate(doc)
     assert doc["components"]["securitySchemes"] == keyed_doc["components"]["securitySchemes"]
-    op = doc["paths"]["/agent/greeter"]["post"]
-    assert {} in op["security"] and {"apiKey": []} in op["security"]
-    assert "401" not in op["responses"]
+    for path, method in (("/agent/greeter", "post"), ("/agent/greeter/jobs", "post"), ("/jobs", "get"),
+                         ("/jobs/{id}", "get"), ("/jobs/{id}", "delete"), ("/mcp", "post"),
+                         ("/v1/models", "get"), ("/v1/chat/completions", "post")):
+        op = doc["paths"][path][method]
+        assert {} in op["security"] and {"apiKey": []} in op["security"], path
+        assert "401" not in op["responses"], path
 
 
 async def test_service_routes_are_documented(keyed: InProcess, keyed_doc: dict[str, Any]) -> None:
@@ -407,12 +418,15 @@ async def test_403_and_429_are_documented_where_auth_and_limits_apply(access: In
     assert status == 200
     validate(doc)
     for name in ("greeter", "other", "capped"):
-        for suffix in ("", "/stream", "/batch"):
+        for suffix in ("", "/stream", "/batch", "/jobs"):
             op = doc["paths"][f"/agent/{name}{suffix}"]["post"]
             assert op["security"] == [{"apiKey": []}, {"bearer": []}]
             assert "401" in op["responses"] and "429" in op["responses"], (name, suffix)
             assert ("403" in op["responses"]) == (name != "greeter"), (name, suffix)
-            assert {"RateLimit-Policy", "RateLimit"} <= set(op["responses"]["200"]["headers"]), (name, suffix)
+            ok = op["responses"]["202" if suffix == "/jobs" else "200"]
+            assert {"RateLimit-Policy", "RateLimit"} <= set(ok["headers"]), (name, suffix)
+    # Some agent can be refused: a chat completion can be 403 too.
+    assert "403" in doc["paths"]["/v1/chat/completions"]["post"]["responses"]
     forbidden = pointer(doc, doc["paths"]["/agent/other"]["post"]["responses"]["403"]["$ref"])
     assert "WWW-Authenticate" in forbidden["headers"]
     limited = pointer(doc, doc["paths"]["/agent/capped"]["post"]["responses"]["429"]["$ref"])
@@ -596,7 +610,8 @@ def test_compile_writes_openapi_json(tmp_path: Path) -> None:
 def test_agents_named_like_service_operations_keep_ids_unique(tmp_path: Path) -> None:
     from aiwfd.spec.openapi import build_openapi
 
-    names = ["health", "metrics", "docs", "openapi", "listAgents", "agentSchema"]
+    names = ["health", "metrics", "docs", "openapi", "listAgents", "agentSchema", "service", "jobs", "mcp",
+             "openai", "list", "get", "cancel"]
     cfg = write_config(tmp_path, "assistants:\n" + "".join(
         f"  {n}:\n    use: mock\n    model: m\n" for n in names))
     doc = build_openapi(load_and_compile(str(cfg)))
@@ -605,3 +620,215 @@ def test_agents_named_like_service_operations_keep_ids_unique(tmp_path: Path) ->
     assert len(op_ids) == len(set(op_ids)), sorted(op_ids)
     for n in names:
         assert doc["paths"][f"/agent/{n}"]["post"]["operationId"] == n
+
+
+# --------------------------------------------------------------------------
+# Every route of the app has its operations
+
+
+def documented(doc: dict[str, Any], method: str, path: str, agents: list[str]) -> list[str]:
+    """The operations of `doc` for route `method path`; `/agent/{name}…` is one path per agent."""
+    if path.startswith("/agent/{name}") and path != "/agent/{name}/schema":
+        paths = [path.replace("{name}", n) for n in agents]
+    else:
+        paths = [path]
+    return [f"{method} {p}" for p in paths if method.lower() in doc["paths"].get(p, {})]
+
+
+async def test_every_route_has_an_operation(keyed_doc: dict[str, Any]) -> None:
+    from aiwfd.http import access
+    from aiwfd.http.app import ROUTES  # the one route table the app is built from
+
+    agents = sorted(load_and_compile(str(API_MOCK)).agents)
+    ops = {f"{m.upper()} {p}" for p, item in keyed_doc["paths"].items() for m in item}
+    covered: set[str] = set()
+    for r in ROUTES:
+        if r.path == access.RESOURCE_METADATA_PATH:  # only with auth.jwt: the jwt test's
+            continue
+        found = documented(keyed_doc, r.method, r.path, agents)
+        per_agent = r.path.startswith("/agent/{name}") and r.path != "/agent/{name}/schema"
+        assert len(found) == (len(agents) if per_agent else 1), f"{r.method} {r.path} has no operation"
+        covered.update(found)
+    # And nothing is documented that the app does not route (/docs is aiwfd.http.docs', not ROUTES').
+    assert ops - covered == {"GET /docs"}, ops - covered
+    assert {"POST /agent/greeter/jobs", "GET /jobs", "GET /jobs/{id}", "DELETE /jobs/{id}", "POST /mcp",
+            "GET /v1/models", "POST /v1/chat/completions"} <= ops
+    # No agent of api_mock.yaml can be refused: no 403 but /mcp's (a browser's Origin it does not allow).
+    forbidding = [p for p, item in keyed_doc["paths"].items() for op in item.values() if "403" in op["responses"]]
+    assert forbidding == ["/mcp"], forbidding
+
+
+def test_the_documented_job_statuses_and_cursors_are_the_stores() -> None:
+    assert JOB_STATUSES == get_args(JobStatus)
+    rx = re.compile(CURSOR_PATTERN)
+    for seq in (0, 1, 9, 10, 99, 123, 4567, 10**6, 2**31, 2**53, 10**18 - 1):
+        assert rx.fullmatch(encode_cursor(seq)), seq
+        assert decode_cursor(encode_cursor(seq)) == seq
+    # Every string the pattern admits is a cursor the stores decode (so a
+    # generated one is never a 400), and none too long for SQLite's integers.
+    from hypothesis import given, settings, strategies
+
+    @settings(max_examples=500, deadline=None)
+    @given(strategies.from_regex(CURSOR_PATTERN, fullmatch=True))
+    def decodes(cursor: str) -> None:
+        assert 0 <= decode_cursor(cursor) < 2**63
+
+    decodes()
+    for bad in ("", "ajE6", "j1:5", encode_cursor(10**18), "ajE6MQ=="):
+        assert not rx.fullmatch(bad), bad
+
+
+# --------------------------------------------------------------------------
+# Jobs (SPEC §9.1): the documented shapes against a real server's answers
+
+JOB_SECRET = "whsec_" + base64.b64encode(b"test-secret-of-sixteen+").decode()
+JOBS_CONFIG = """\
+version: 0.3
+providers:
+  fake:
+    base_url: @FAKE_URL@
+    api_key_env: FAKE_KEY
+types:
+  In:
+    name: string
+  Out:
+    message: string
+assistants:
+  greeter:
+    use: fake
+    model: gpt-4o-mini
+    input_type: In
+    output_type: Out
+    max_attempts: 1
+jobs:
+  concurrency: 1
+  webhook:
+    url: @HOOK_URL@
+    allow_private: true
+  allow_request_webhooks: ["@HOOK_BASE@/own/", "https://hooks.example.com/a+b?"]
+"""
+
+
+@pytest.fixture
+async def jobs_srv(tmp_path: Path) -> AsyncIterator[tuple[InProcess, FakeOpenAI]]:
+    async with FakeOpenAI() as fake, WebhookReceiver([JOB_SECRET]) as rx:
+        cfg = write_config(tmp_path, JOBS_CONFIG.replace("@FAKE_URL@", fake.base_url)
+                           .replace("@HOOK_URL@", rx.url).replace("@HOOK_BASE@", rx.base_url))
+        env = fake_env(fake, FAKE_KEY="sk-fake", API_KEY=KEY, AIWF_WEBHOOK_SECRET=JOB_SECRET)
+        async with serve(cfg, env=env) as srv:
+            srv.hook_base = rx.base_url  # type: ignore[attr-defined]
+            yield srv, fake
+
+
+async def call(srv: InProcess, method: str, path: str, **kw: Any) -> tuple[int, dict[str, str], Any]:
+    headers = {"X-API-Key": KEY, **kw.pop("headers", {})}
+    async with srv.session.request(method, srv.url(path), headers=headers, **kw) as r:
+        return r.status, dict(r.headers), await r.json()
+
+
+def operation_schema(doc: dict[str, Any], path: str, method: str, status: int) -> jsonschema.Draft202012Validator:
+    return validator_for(doc, response_schema(doc, doc["paths"][path][method], status))
+
+
+async def until_status(srv: InProcess, job_id: str, *statuses: str, webhook: str | None = None) -> dict[str, Any]:
+    end = time.monotonic() + 10
+    while True:
+        status, _, doc = await call(srv, "GET", f"/jobs/{job_id}")
+        assert status == 200, doc
+        if doc["status"] in statuses and (webhook is None or (doc["webhook"] or {}).get("status") == webhook):
+            return dict(doc)
+        assert time.monotonic() < end, doc
+        await asyncio.sleep(0.02)
+
+
+async def test_the_job_documents_match_the_schema(jobs_srv: tuple[InProcess, FakeOpenAI]) -> None:
+    srv, fake = jobs_srv
+    status, _, doc = await get_json(srv, "/openapi.json")
+    assert status == 200
+    validate(doc)
+    job = validator_for(doc, {"$ref": "#/components/schemas/aiwfd-Job"})
+    submit_op = doc["paths"]["/agent/greeter/jobs"]["post"]
+    assert submit_op["operationId"] == "greeter.jobs"
+    assert submit_op["requestBody"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/In"}
+    assert {"Location", "Idempotency-Replayed", "X-Request-ID"} <= set(submit_op["responses"]["202"]["headers"])
+    op_ids = {op["operationId"] for item in doc["paths"].values() for op in item.values()}
+    links = submit_op["responses"]["202"]["links"]
+    assert {link["operationId"] for link in links.values()} == {"jobs.get", "jobs.cancel"} <= op_ids
+
+    # The Webhook-URL header: documented with the prefixes, and a URL it admits is accepted.
+    (hook,) = [p for p in submit_op["parameters"] if p.get("name") == "Webhook-URL"]
+    hook_rx = re.compile(hook["schema"]["pattern"])
+    own = srv.hook_base + "/own/job?token=t"  # type: ignore[attr-defined]
+    assert hook_rx.match(own) and hook_rx.match("https://hooks.example.com/a+b?x")
+    assert not hook_rx.match(srv.hook_base + "/elsewhere") and not hook_rx.match("https://hooks.example.com/aab")  # type: ignore[attr-defined]
+
+    # Submitted (202), then succeeded with a delivered webhook: both documents conform.
+    fake.script(Reply(data={"message": "Hello, Ann"}))
+    status, headers, queued = await call(srv, "POST", "/agent/greeter/jobs", json={"name": "Ann"},
+                                         headers={"Idempotency-Key": "job-1", "Webhook-URL": own})
+    assert status == 202, queued
+    assert headers["Location"] == f"/jobs/{queued['id']}"
+    operation_schema(doc, "/agent/greeter/jobs", "post", 202).validate(queued)
+    job.validate(queued)
+    assert queued["webhook"] == {"status": "pending", "attempts": 0, "last_status": None}
+    done = await until_status(srv, queued["id"], "succeeded", webhook="delivered")
+    operation_schema(doc, "/jobs/{id}", "get", 200).validate(done)
+    job.validate(done)
+    assert done["result"]["data"] == {"message": "Hello, Ann"} and done["webhook"]["last_status"] == 200
+    # The per-agent schema types `result.data`: another shape does not pass.
+    per_agent = operation_schema(doc, "/agent/greeter/jobs", "post", 202)
+    per_agent.validate(done)
+    assert not per_agent.is_valid({**done, "result": {**done["result"], "data": {"no": "message"}}})
+    assert not per_agent.is_valid({**done, "agent": "someone-else"})
+    for bad in ({**done, "status": "done"}, {**done, "created_at": None}, {k: v for k, v in done.items() if k != "error"}):
+        assert not job.is_valid(bad)
+
+    # A failed job (its error is the §3.1 error object), and a canceled one.
+    fake.script(Reply(content="not json"))
+    status, _, failing = await call(srv, "POST", "/agent/greeter/jobs", json={"name": "Bo"})
+    assert status == 202
+    failed = await until_status(srv, failing["id"], "failed")
+    assert failed["error"]["type"] == "invalid_output"
+    operation_schema(doc, "/jobs/{id}", "get", 200).validate(failed)
+    gate = asyncio.Event()
+    fake.script(Hold(gate))
+    calls = fake.calls
+    status, _, held = await call(srv, "POST", "/agent/greeter/jobs", json={"name": "Cy"})
+    assert status == 202
+    await fake.wait_calls(calls + 1)
+    running = await until_status(srv, held["id"], "running")
+    job.validate(running)
+    status, _, canceled = await call(srv, "DELETE", f"/jobs/{held['id']}")
+    gate.set()
+    assert status == 200 and canceled["status"] == "canceled", canceled
+    operation_schema(doc, "/jobs/{id}", "delete", 200).validate(canceled)
+    assert not operation_schema(doc, "/jobs/{id}", "delete", 200).is_valid(done)  # 200 is `canceled` only
+
+    # The list, paged: its body and its cursor.
+    status, _, page = await call(srv, "GET", "/jobs", params={"limit": "2"})
+    assert status == 200
+    operation_schema(doc, "/jobs", "get", 200).validate(page)
+    assert [j["id"] for j in page["jobs"]] == [held["id"], failing["id"]] and page["next_cursor"]
+    status, _, last = await call(srv, "GET", "/jobs", params={"limit": "2", "cursor": page["next_cursor"]})
+    assert status == 200 and [j["id"] for j in last["jobs"]] == [queued["id"]] and last["next_cursor"] is None
+    operation_schema(doc, "/jobs", "get", 200).validate(last)
+
+    # The documented errors, as answered.
+    cases = [
+        ("DELETE", f"/jobs/{queued['id']}", {}, 409),
+        ("DELETE", "/jobs/no-such-job", {}, 404),
+        ("GET", "/jobs/no-such-job", {}, 404),
+        ("GET", "/jobs", {"params": {"limit": "0"}}, 400),
+        ("GET", "/jobs", {"params": {"cursor": "nope"}}, 400),
+        ("GET", "/jobs", {"headers": {"X-API-Key": "wrong"}}, 401),
+        ("POST", "/agent/greeter/jobs", {"json": {"name": 5}}, 422),
+        ("POST", "/agent/greeter/jobs", {"json": {"name": "Di"}, "headers": {"Webhook-URL": "https://else.example/"}}, 422),
+        ("POST", "/agent/nobody/jobs", {"json": {"name": "Di"}}, 404),
+    ]
+    for method, path, kw, expected in cases:
+        status, headers, body = await call(srv, method, path, **kw)
+        assert status == expected, (method, path, body)
+        op_path = "/jobs/{id}" if path.startswith("/jobs/") else "/agent/greeter/jobs" if "/agent/" in path else path
+        operation_schema(doc, op_path, method.lower(), status).validate(body)
+    finished = pointer(doc, doc["paths"]["/jobs/{id}"]["delete"]["responses"]["409"]["$ref"])
+    assert "Retry-After" not in finished["headers"] and "only a queued or running job" in finished["description"]

@@ -62,7 +62,7 @@ class Run:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.output, _ = self.proc.communicate()
-                raise AssertionError(f"schemathesis run {self.name} took over {timeout}s:\n{self.output[-5000:]}")
+                raise AssertionError(f"schemathesis run {self.name} took over {timeout}s:\n{self.output[-5000:]}") from None
         return self.output
 
     def check(self, at_least: int) -> str:
@@ -81,13 +81,14 @@ def st(url: str, *args: str, examples: int, phases: str = "examples,coverage,fuz
            "--request-timeout", "10", "--suppress-health-check", "too_slow,filter_too_much",
            *args]
     env = dict(os.environ, NO_COLOR="1", COLUMNS="160", SCHEMATHESIS_HOOKS="schemathesis_hooks",
+               AIWFD_ST_CONFIG=str(API_MOCK),  # the hooks' valid chat completion inputs
                PYTHONPATH=os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")])))
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             stdin=subprocess.DEVNULL, env=env)
 
 
 def agent_statuses(server: AiwfdProcess) -> list[int]:
-    """Statuses of the agent calls (plain, stream and batch) in a server's request log."""
+    """Statuses of the agent calls (plain, stream, batch and job submissions) in a server's request log."""
     rx = re.compile(r" POST /agent/\S+ .* status=(\d+)")
     return [int(m.group(1)) for ln in server.stderr.splitlines() if (m := rx.search(ln))]
 
@@ -113,10 +114,11 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Run]]:
                          st(spec["keyed"], "-H", f"X-API-Key: {KEYS[1]}", examples=10)),
         # The other credential and no credential: random valid and invalid bodies are enough.
         "bearer": Run("bearer", servers["keyed-bearer"],
-                      st(spec["keyed-bearer"], "-H", f"Authorization: Bearer {KEYS[0]}", "--include-tag", "agents",
-                         examples=4, phases="fuzzing")),
+                      st(spec["keyed-bearer"], "-H", f"Authorization: Bearer {KEYS[0]}",
+                         "--include-tag-regex", "^(agents|jobs)$", examples=4, phases="fuzzing")),
         "no-key": Run("no-key", servers["keyed-nokey"],
-                      st(spec["keyed-nokey"], "--include-tag", "agents", examples=4, phases="fuzzing")),
+                      st(spec["keyed-nokey"], "--include-tag-regex", "^(agents|jobs)$", examples=4,
+                         phases="fuzzing")),
         "open": Run("open", servers["open"], st(spec["open"], examples=10)),
     }
     try:
@@ -130,13 +132,42 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Run]]:
             s.stop()
 
 
+def every_operation(out: str) -> None:
+    assert re.search(r"Operations:\s+(\d+) selected / \1 total", out), out[:2000]
+
+
+def other_calls(server: AiwfdProcess) -> dict[str, list[int]]:
+    """Statuses of the calls of /mcp and /v1 in a server's request log, by path."""
+    rx = re.compile(r" (?:GET|POST) (/mcp|/v1/\S+) .* status=(\d+)")
+    out: dict[str, list[int]] = {}
+    for ln in server.stderr.splitlines():
+        if m := rx.search(ln):
+            out.setdefault(m.group(1), []).append(int(m.group(2)))
+    return out
+
+
+def jobs_ran(server: AiwfdProcess) -> None:
+    """Jobs were submitted (202) and read, listed and canceled without a 5xx."""
+    rx = re.compile(r" (GET|DELETE) /jobs\S* .* status=(\d+)")
+    seen = [(m.group(1), int(m.group(2))) for ln in server.stderr.splitlines() if (m := rx.search(ln))]
+    assert {"GET", "DELETE"} <= {method for method, _ in seen}, seen[:20]
+    assert all(s < 500 for _, s in seen)
+    assert ("GET", 200) in seen
+
+
 def test_with_the_key_as_x_api_key(runs: dict[str, Run]) -> None:
     out = runs["x-api-key"].check(at_least=300)
-    assert re.search(r"Operations:\s+(\d+) selected / \1 total", out), out[:2000]
+    every_operation(out)
     assert "ignored_auth" not in out  # no failure of that check
     statuses = agent_statuses(runs["x-api-key"].server)
-    assert 200 in statuses and 422 in statuses and 400 in statuses
+    assert 200 in statuses and 202 in statuses and 422 in statuses and 400 in statuses
     assert all(s < 500 for s in statuses)
+    jobs_ran(runs["x-api-key"].server)
+    # The agents as MCP tools and OpenAI models answered, and the hooks' valid chat inputs ran the agents.
+    other = other_calls(runs["x-api-key"].server)
+    assert 200 in other["/mcp"] and 200 in other["/v1/models"], other
+    assert 200 in other["/v1/chat/completions"] and 422 in other["/v1/chat/completions"], other
+    assert all(s < 500 for statuses in other.values() for s in statuses)
 
 
 def test_with_the_key_as_bearer(runs: dict[str, Run]) -> None:
@@ -159,9 +190,10 @@ def test_without_the_key_every_agent_call_is_401(runs: dict[str, Run]) -> None:
 
 def test_without_api_key_configured(runs: dict[str, Run]) -> None:
     out = runs["open"].check(at_least=300)
-    assert re.search(r"Operations:\s+(\d+) selected / \1 total", out), out[:2000]
+    every_operation(out)
     statuses = agent_statuses(runs["open"].server)
-    assert 200 in statuses and 401 not in statuses
+    assert 200 in statuses and 202 in statuses and 401 not in statuses
+    jobs_ran(runs["open"].server)
     assert all(s < 500 for s in statuses)
     for run in runs.values():  # no traceback anywhere
         assert "Traceback" not in run.server.stderr
