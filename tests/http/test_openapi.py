@@ -832,3 +832,108 @@ async def test_the_job_documents_match_the_schema(jobs_srv: tuple[InProcess, Fak
         operation_schema(doc, op_path, method.lower(), status).validate(body)
     finished = pointer(doc, doc["paths"]["/jobs/{id}"]["delete"]["responses"]["409"]["$ref"])
     assert "Retry-After" not in finished["headers"] and "only a queued or running job" in finished["description"]
+
+
+# --------------------------------------------------------------------------
+# MCP and the OpenAI-compatible API (SPEC §10): real answers against the document
+
+
+def content_schema(doc: dict[str, Any], op: dict[str, Any], status: int, media: str) -> dict[str, Any]:
+    resp = op["responses"][str(status)]
+    if "$ref" in resp:
+        resp = pointer(doc, resp["$ref"])
+    return resp["content"][media]["schema"]
+
+
+async def test_mcp_answers_match_the_schema(keyed: InProcess, keyed_doc: dict[str, Any]) -> None:
+    op = keyed_doc["paths"]["/mcp"]["post"]
+    assert op["operationId"] == "mcp.request" and "get" not in keyed_doc["paths"]["/mcp"]
+    request = validator_for(keyed_doc, op["requestBody"]["content"]["application/json"]["schema"])
+    auth = {"X-API-Key": KEY}
+
+    async def rpc(body: Any, headers: dict[str, str] | None = None) -> tuple[int, Any]:
+        data = body if isinstance(body, str) else json.dumps(body)
+        async with keyed.session.post(keyed.url("/mcp"), data=data,
+                                      headers={"Content-Type": "application/json", **(auth if headers is None else headers)}) as r:
+            return r.status, (await r.json() if r.status != 202 else await r.read())
+
+    calls = [
+        {"jsonrpc": "2.0", "id": 1, "method": "initialize",
+         "params": {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}},
+        {"jsonrpc": "2.0", "id": "two", "method": "tools/list"},
+        {"jsonrpc": "2.0", "id": 3, "method": "tools/call", "params": {"name": "greeter", "arguments": {"name": "Ann"}}},
+        {"jsonrpc": "2.0", "id": 4, "method": "tools/call", "params": {"name": "greeter", "arguments": {"name": ""}}},
+        {"jsonrpc": "2.0", "id": 5, "method": "no/such/method"},
+    ]
+    ok = validator_for(keyed_doc, content_schema(keyed_doc, op, 200, "application/json"))
+    for body in calls:
+        request.validate(body)
+        status, answer = await rpc(body)
+        assert status == 200, answer
+        ok.validate(answer)
+        assert answer["id"] == body["id"]
+    status, answer = await rpc({"jsonrpc": "2.0", "method": "notifications/initialized"})
+    assert status == 202 and answer == b"" and "202" in op["responses"]
+    bad = validator_for(keyed_doc, content_schema(keyed_doc, op, 400, "application/json"))
+    for body in ("{not json", [{"jsonrpc": "2.0", "id": 1, "method": "ping"}], {"jsonrpc": "1.0", "id": 1, "method": "ping"}):
+        status, answer = await rpc(body)
+        assert status == 400, answer
+        bad.validate(answer)
+        assert not request.is_valid(body)
+    status, answer = await rpc({"jsonrpc": "2.0", "id": 6, "method": "ping"},
+                               {**auth, "MCP-Protocol-Version": "1999-01-01"})
+    assert status == 400
+    bad.validate(answer)
+    status, answer = await rpc(calls[1], {})
+    assert status == 401
+    validator_for(keyed_doc, response_schema(keyed_doc, op, 401)).validate(answer)
+
+
+async def test_openai_answers_match_the_schema(keyed: InProcess, keyed_doc: dict[str, Any]) -> None:
+    models_op = keyed_doc["paths"]["/v1/models"]["get"]
+    chat_op = keyed_doc["paths"]["/v1/chat/completions"]["post"]
+    names = sorted(load_and_compile(str(API_MOCK)).agents)
+    auth = {"Authorization": f"Bearer {KEY}"}
+
+    status, _, models = await get_json(keyed, "/v1/models", headers=auth)
+    assert status == 200
+    validator_for(keyed_doc, response_schema(keyed_doc, models_op, 200)).validate(models)
+    assert [m["id"] for m in models["data"]] == names
+    status, _, body = await get_json(keyed, "/v1/models")
+    assert status == 401
+    validator_for(keyed_doc, response_schema(keyed_doc, models_op, 401)).validate(body)
+
+    request = validator_for(keyed_doc, chat_op["requestBody"]["content"]["application/json"]["schema"])
+    cases = [
+        ({"model": "greeter", "messages": [{"role": "user", "content": json.dumps({"name": "Ann"})}]}, auth, 200),
+        ({"model": "greeter", "messages": [{"role": "user", "content": "Ann"}]}, auth, 200),  # plain text
+        ({"model": "check-order", "messages": [{"role": "user", "content": "{}"}]}, auth, 422),
+        ({"model": "check-order", "messages": [{"role": "user", "content": "not json"}]}, auth, 400),
+        ({"model": "nobody", "messages": [{"role": "user", "content": "x"}]}, auth, 404),
+        ({"model": "greeter", "messages": [{"role": "user", "content": "Ann"}]}, {}, 401),
+    ]
+    for body, headers, expected in cases:
+        assert request.is_valid(body) == (body["model"] != "nobody"), body
+        async with keyed.session.post(keyed.url("/v1/chat/completions"), json=body, headers=headers) as r:
+            assert r.status == expected, await r.text()
+            answer = await r.json()
+        validator_for(keyed_doc, response_schema(keyed_doc, chat_op, expected)).validate(answer)
+        if expected != 200:
+            assert answer["error"]["code"] == {400: "invalid_json", 401: "unauthorized", 404: "not_found",
+                                               422: "invalid_input"}[expected]
+            # The §3.1 shape is not what /v1 answers.
+            assert not validator_for(keyed_doc, {"$ref": "#/components/schemas/aiwfd-Error"}).is_valid(answer)
+
+    # Streamed: every event is a chunk, then [DONE].
+    body = {"model": "greeter", "messages": [{"role": "user", "content": "Ann"}], "stream": True,
+            "stream_options": {"include_usage": True}}
+    async with keyed.session.post(keyed.url("/v1/chat/completions"), json=body, headers=auth) as r:
+        assert r.status == 200 and r.headers["Content-Type"].startswith("text/event-stream")
+        text = (await r.read()).decode()
+    event = content_schema(keyed_doc, chat_op, 200, "text/event-stream")
+    chunk = validator_for(keyed_doc, event["properties"]["data"]["anyOf"][1]["contentSchema"])
+    datas = [ln[len("data: "):] for ln in text.splitlines() if ln.startswith("data: ")]
+    assert datas[-1] == "[DONE]" and len(datas) >= 4
+    for d in datas[:-1]:
+        chunk.validate(json.loads(d))
+    assert json.loads(datas[-2])["usage"]["total_tokens"] > 0
