@@ -7,6 +7,8 @@
     python scripts/bench.py --stream [--quick]  # /agent/{name}/stream vs a raw SSE forwarder (bench_stream.py)
     python scripts/bench.py --limits [--quick]  # limits (memory, Redis) and JWT vs no limits (bench_limits.py)
     python scripts/bench.py --jobs [--quick]    # jobs on SQLite and Redis: submissions, webhooks, 10k queued (bench_jobs.py)
+    python scripts/bench.py --otel [--quick]    # tracing on (OTLP/HTTP to a loopback receiver) vs off (bench_otel.py)
+    python scripts/bench.py --compat [--quick]  # MCP tools/call and /v1/chat/completions vs /agent/{name} (bench_compat.py)
 
 Everything runs on 127.0.0.1: a fake OpenAI-compatible server
 (aiwfd.testing.fakeopenai, uvloop, no records), the reference forwarders
@@ -1216,6 +1218,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--jobs", action="store_true",
                    help="jobs on SQLite and on Redis: submissions vs plain calls, webhook latency, 10,000 queued "
                         "(its own BENCHMARKS.md block)")
+    p.add_argument("--otel", action="store_true",
+                   help="OpenTelemetry tracing on (OTLP/HTTP, always_on) vs off at c16 (its own BENCHMARKS.md block)")
+    p.add_argument("--compat", action="store_true",
+                   help="MCP tools/call and OpenAI-compatible chat completions vs POST /agent/{name} at c16 "
+                        "(its own BENCHMARKS.md block)")
     p.add_argument("--hiredis-path", default=None,
                    help="--limits: a directory holding hiredis (pip install --target DIR hiredis) for the "
                         "redis+hiredis variant, when it is not installed")
@@ -1306,6 +1313,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             if write:
                 write_benchmarks(args.output, text, bench_jobs.BEGIN, bench_jobs.END)
                 log(f"wrote the jobs block of {args.output}")
+            log(f"total {time.monotonic() - began:.1f} s")
+            return 0
+        for flag, modname in (("otel", "bench_otel"), ("compat", "bench_compat")):
+            if not getattr(args, flag):
+                continue
+            import importlib
+
+            mod = importlib.import_module(modname)
+            log(f"{flag} benchmark ({'quick' if args.quick else 'full'}); pinned: {pin}; workdir {workdir}")
+            text = mod.run(procs, args, log, command, machine_info(loader, pin, "--no-pin" if args.no_pin else ""),
+                           loadavg_before, began)
+            print(text)
+            if write:
+                write_benchmarks(args.output, text, mod.BEGIN, mod.END)
+                log(f"wrote the {flag} block of {args.output}")
             log(f"total {time.monotonic() - began:.1f} s")
             return 0
         transports = ["aiohttp", "sdk"] if args.aiwfd_transport == "both" else [args.aiwfd_transport]
