@@ -190,7 +190,7 @@ _BSP = {"OTEL_BSP_SCHEDULE_DELAY": "schedule_delay_millis", "OTEL_BSP_MAX_QUEUE_
         "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "max_export_batch_size", "OTEL_BSP_EXPORT_TIMEOUT": "export_timeout_millis"}
 
 
-def _batch_options(env: Mapping[str, str]) -> dict[str, int]:
+def _batch_options(env: Mapping[str, str]) -> dict[str, Any]:
     """The batch processor's OTEL_BSP_* settings, from aiwfd's environment (the .env file too)."""
     out = {}
     for var, arg in _BSP.items():

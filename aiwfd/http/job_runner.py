@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 from typing import Any
 
 import aiohttp
@@ -62,6 +63,8 @@ PURGE_EVERY = 60.0
 STORE_RETRY = 0.5
 # The part of a lease a run counts on (from when it asked for the claim or renew).
 LEASE_SAFETY = 0.8
+# Tries to fail a removed agent's queued jobs while the store does not answer.
+FAIL_AGENT_TRIES = 10
 # How long the drain waits for the loops to see it (a store call's timeout, and some).
 STOP_LOOPS = 6.0
 
@@ -130,11 +133,18 @@ class JobRunner:
     async def agents_removed(self, names: set[str]) -> None:
         """A reload removed these agents: their queued jobs fail with not_found."""
         for name in sorted(names):
-            try:
-                n = await self.store.fail_agent(name, removed_agent_error(name))
-            except StoreError as e:
-                # Not lost: a claim of such a job fails it the same way.
-                logger.warning("jobs of the removed agent %r: the job store failed: %s", name, e)
+            n = None
+            for _ in range(FAIL_AGENT_TRIES):
+                try:
+                    n = await self.store.fail_agent(name, removed_agent_error(name))
+                    break
+                except StoreError as e:
+                    logger.warning("jobs of the removed agent %r: the job store failed: %s", name, e)
+                    await self._pause(STORE_RETRY * 4)
+            if n is None:
+                # Not lost: claims skip an agent no instance knows, so its jobs stay
+                # queued until a later reload removes it again, or one brings it back.
+                logger.error("the queued jobs of the removed agent %r could not be failed; they stay queued", name)
                 continue
             if n:
                 logger.info("failed %d queued job%s of the removed agent %r", n, "" if n == 1 else "s", name)
@@ -180,6 +190,7 @@ class JobRunner:
     # ------------------------------------------------------------ loops
 
     async def _claim_loop(self) -> None:
+        token = secrets.token_hex(8)
         while not self._stop.is_set():
             jobs = self.rt.snapshot.compiled.config.jobs
             if len(self.running) >= jobs.concurrency:
@@ -190,10 +201,18 @@ class JobRunner:
             self.store.max_attempts = jobs.max_attempts  # type: ignore[attr-defined]  # both backends have it
             asked = asyncio.get_running_loop().time()
             try:
-                job = await self.store.claim(self.owner, jobs.lease)
+                # Only agents this config has: during a rolling reload another
+                # instance may know an agent this one does not (yet).
+                job = await self.store.claim(self.owner, jobs.lease, agents=self.rt.snapshot.compiled.agents,
+                                             token=token)
             except StoreError as e:
+                # The same token on the retry: a claim whose answer was lost
+                # gives its job back instead of stranding it for a lease.
                 self._store_failed("claiming jobs", e)
                 await self._pause(STORE_RETRY)
+                continue
+            token = secrets.token_hex(8)
+            if job is not None and job.id in self.running:  # a retried claim of one already running here
                 continue
             if job is None:
                 with contextlib.suppress(asyncio.TimeoutError):

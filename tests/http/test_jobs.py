@@ -446,3 +446,19 @@ async def test_a_run_stops_when_its_lease_cannot_be_renewed(fake: FakeOpenAI, rx
             done = await until(s, doc["id"], "succeeded", timeout=20)
             assert done["attempts"] == 2
             assert value(await s.scrape(), "aiwfd_jobs_total", agent="greeter", outcome="lost") == 1
+
+
+async def test_an_instance_that_lacks_an_agent_leaves_its_jobs_to_one_that_has_it(
+        fake: FakeOpenAI, rx: WebhookReceiver, store_settings: dict[str, Any], tmp_path: Path) -> None:
+    """A rolling reload: two instances on one store, only A knows `other` yet."""
+    fake.reset()
+    full = write_config(tmp_path, text(fake, rx), "full.yaml")
+    older = write_config(tmp_path, text(fake, rx, drop="other"), "older.yaml")
+    async with serve(older, env=env(fake), **store_settings) as b, \
+            serve(full, env=env(fake), **store_settings) as a:
+        jobs = [await submit(a, "other") for _ in range(6)]
+        for j in jobs:
+            done = await until(a, j["id"], "succeeded")
+            assert done["attempts"] == 1
+        assert value(await a.scrape(), "aiwfd_jobs_total", agent="other", outcome="succeeded") == 6
+        assert not [k for k in await b.scrape() if k[0] == "aiwfd_jobs_total"]
