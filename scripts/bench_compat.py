@@ -28,11 +28,10 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 import urllib.request
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Callable
 
 import bench  # the running scripts/bench.py (it registers itself under this name)
 

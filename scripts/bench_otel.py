@@ -92,7 +92,7 @@ def receiver_main(argv: list[str]) -> None:  # pragma: no cover - runs in the ch
         await asyncio.Event().wait()
 
     try:
-        import uvloop  # type: ignore[import-not-found]
+        import uvloop
 
         uvloop.run(serve())
     except ImportError:
@@ -280,11 +280,11 @@ def report(ob: OtelBench, machine: list[str], command: str, elapsed: float, load
     lines = ["| c16, `POST /agent/greeter` | off | on | on ÷ off |", "|---|---:|---:|---:|"]
     for label, fmt, get in rows:
         a, b = get(off), get(on)
-        ratio = "" if label.startswith(("errors", "spans")) or not a else _f(b / a, "{:.2f}×")
-        lines.append(f"| {label} | {_f(a, fmt)} | {_f(b, fmt)} | {ratio} |")
+        cell = "" if label.startswith(("errors", "spans")) or not a else _f(b / a, "{:.2f}×")
+        lines.append(f"| {label} | {_f(a, fmt)} | {_f(b, fmt)} | {cell} |")
     per_run = ["| run | off req/s | on req/s | on ÷ off |", "|---:|---:|---:|---:|"]
-    for i, (a, b) in enumerate(zip(off.runs, on.runs)):
-        per_run.append(f"| {i + 1} | {a.rps:.0f} | {b.rps:.0f} | {b.rps / a.rps:.2f}× |")
+    for i, (ra, rb) in enumerate(zip(off.runs, on.runs, strict=True)):
+        per_run.append(f"| {i + 1} | {ra.rps:.0f} | {rb.rps:.0f} | {rb.rps / ra.rps:.2f}× |")
     ratio = med(on, "rps") / med(off, "rps") if med(off, "rps") else float("nan")
     errs = sum(r.errors for v in ob.variants for r in v.runs)
     ok = ratio == ratio and ratio >= RATIO and errs == 0
