@@ -163,6 +163,6 @@ def _no_job() -> NotFound:
 def _limit(raw: str | None) -> int:
     if raw is None or raw == "":
         return DEFAULT_PAGE
-    if not raw.isdigit() or not 1 <= int(raw) <= MAX_PAGE:
+    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= MAX_PAGE:
         raise InvalidRequest(f"limit must be a whole number from 1 to {MAX_PAGE}")
     return int(raw)

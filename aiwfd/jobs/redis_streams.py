@@ -64,6 +64,8 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from aiwfd.jobs.store import (
+    dumps,
+    loads,
     DEFAULT_MAX_ATTEMPTS,
     Job,
     JobFinished,
@@ -481,9 +483,9 @@ def _job(reply: Any) -> Job:
     return Job(
         id=h["id"], client=h["client"], agent=h["agent"], status=h["status"],  # type: ignore[arg-type]
         created_at=created, started_at=_seconds(h.get("started")), finished_at=_seconds(h.get("finished")),
-        attempts=int(h.get("attempts") or 0), body=orjson.loads(h["body"]) if "body" in h else None,
-        result=orjson.loads(h["result"]) if h.get("result") else None,
-        error=orjson.loads(h["error"]) if h.get("error") else None,
+        attempts=int(h.get("attempts") or 0), body=loads(h["body"]) if "body" in h else None,
+        result=loads(h["result"]) if h.get("result") else None,
+        error=loads(h["error"]) if h.get("error") else None,
         webhook_url=h.get("webhook_url") or None,
         webhook=WebhookStatus(h["wh_status"], int(h.get("wh_attempts") or 0),  # type: ignore[arg-type]
                               int(h["wh_last"]) if h.get("wh_last") else None) if h.get("wh_status") else None,
@@ -554,7 +556,7 @@ class RedisJobStore:
                      *, webhook: bool | None = None) -> Job:
         job_id = secrets.token_urlsafe(16)  # 128 random bits: unguessable
         reply = await self._script(_SUBMIT, [self.stream, self._seq, self._key(job_id), self._index(client)],
-                                   [job_id, client, agent, orjson.dumps(body).decode(), webhook_url or "",
+                                   [job_id, client, agent, dumps(body).decode(), webhook_url or "",
                                     "pending" if has_webhook(webhook_url, webhook) else ""])
         return _job(reply)
 
@@ -578,8 +580,8 @@ class RedisJobStore:
             raise ValueError(f"finish: {status!r} is not a finished status")
         reply = await self._script(
             _FINISH, [self.stream, self._key(job_id), self._finished, self.due],
-            [owner, status, orjson.dumps(result).decode() if result is not None else "",
-             orjson.dumps(error).decode() if error is not None else "", job_id, self.prefix])
+            [owner, status, dumps(result).decode() if result is not None else "",
+             dumps(error).decode() if error is not None else "", job_id, self.prefix])
         return reply == 1
 
     async def release(self, job_id: str, owner: str) -> None:

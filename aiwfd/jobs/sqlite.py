@@ -31,6 +31,8 @@ from typing import Any, Callable, Collection, Iterator, TypeVar
 import orjson
 
 from aiwfd.jobs.store import (
+    dumps,
+    loads,
     DEFAULT_MAX_ATTEMPTS,
     Job,
     JobFinished,
@@ -120,9 +122,9 @@ def _job(row: tuple[Any, ...]) -> Job:
      wh_status, wh_attempts, wh_last) = row
     return Job(
         id=jid, client=client, agent=agent, status=state, created_at=created, started_at=started,
-        finished_at=finished, attempts=attempts, body=orjson.loads(body) if body is not None else None,
-        result=orjson.loads(result) if result is not None else None,
-        error=orjson.loads(error) if error is not None else None,
+        finished_at=finished, attempts=attempts, body=loads(body) if body is not None else None,
+        result=loads(result) if result is not None else None,
+        error=loads(error) if error is not None else None,
         webhook_url=webhook_url,
         webhook=WebhookStatus(wh_status, wh_attempts, wh_last) if wh_status is not None else None,
     )
@@ -139,7 +141,7 @@ def _end_delivery(conn: sqlite3.Connection, job_id: str, now: float) -> None:
 
 
 def _json(value: Any) -> bytes | None:
-    return None if value is None else orjson.dumps(value)
+    return None if value is None else dumps(value)
 
 
 class SQLiteJobStore:
@@ -201,7 +203,7 @@ class SQLiteJobStore:
     async def submit(self, client: str, agent: str, body: Any, webhook_url: str | None = None,
                      *, webhook: bool | None = None) -> Job:
         job_id = secrets.token_urlsafe(16)  # 128 random bits: unguessable
-        data = orjson.dumps(body)
+        data = dumps(body)
         hook = WebhookStatus("pending", 0, None) if has_webhook(webhook_url, webhook) else None
 
         def run(conn: sqlite3.Connection) -> Job:
@@ -211,7 +213,7 @@ class SQLiteJobStore:
                     "INSERT INTO jobs (id, client, agent, state, created, body, webhook_url, wh_status) "
                     "VALUES (?, ?, ?, 'queued', ?, ?, ?, ?)",
                     (job_id, client, agent, now, data, webhook_url, hook.status if hook else None))
-            return Job(job_id, client, agent, "queued", now, None, None, 0, orjson.loads(data), None, None,
+            return Job(job_id, client, agent, "queued", now, None, None, 0, loads(data), None, None,
                        webhook_url, hook)
 
         return await self._run(run)

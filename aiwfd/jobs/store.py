@@ -43,8 +43,12 @@ from __future__ import annotations
 import base64
 import binascii
 import datetime
+import json
+import re
 from dataclasses import dataclass
 from typing import Any, Collection, Literal, Protocol
+
+import orjson
 
 from aiwfd.store.base import StoreError
 
@@ -81,6 +85,28 @@ DELIVERY_OUTCOMES: frozenset[str] = frozenset({"delivered", "gone", "failed", "r
 # A job whose runs were lost this many times (each claim counts) fails as a
 # dead letter: a job that crashes its instance must not crash the fleet in turn.
 DEFAULT_MAX_ATTEMPTS = 5
+
+
+def dumps(value: Any) -> bytes:
+    """A job's JSON (its body, result, error) as stored. The request parser
+    allows integers past 64 bits, which orjson does not write: the stdlib
+    writes those (rare, and slower)."""
+    try:
+        return orjson.dumps(value)
+    except TypeError:
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+_LONG_NUMBER = re.compile(rb"\d{19}")
+
+
+def loads(data: str | bytes) -> Any:
+    """What `dumps` stored, read back. orjson reads an integer past 64 bits as
+    a float: a text with a run of 19 digits or more is read by the stdlib."""
+    raw = data.encode() if isinstance(data, str) else data
+    if _LONG_NUMBER.search(raw):
+        return json.loads(raw)
+    return orjson.loads(raw)
 
 
 def rfc3339(t: float | None) -> str | None:

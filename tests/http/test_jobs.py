@@ -57,6 +57,11 @@ assistants:
     input_type: In
     output_type: Out
     max_attempts: 1
+  free:                      # any JSON object in
+    use: fake
+    model: gpt-4o-mini
+    output_type: Out
+    max_attempts: 1
   other:
     use: fake
     model: gpt-4o-mini
@@ -462,3 +467,17 @@ async def test_an_instance_that_lacks_an_agent_leaves_its_jobs_to_one_that_has_i
             assert done["attempts"] == 1
         assert value(await a.scrape(), "aiwfd_jobs_total", agent="other", outcome="succeeded") == 6
         assert not [k for k in await b.scrape() if k[0] == "aiwfd_jobs_total"]
+
+
+async def test_a_body_with_an_integer_past_64_bits_is_a_job_like_any_other(srv: InProcess, fake: FakeOpenAI) -> None:
+    """The request parser allows integers past 64 bits (SPEC §3.1); the stores keep them exactly."""
+    big = 139483281760964766072832
+    data = ('{"name": "Ann", "extra": %d}' % big).encode()
+    async with srv.session.post(srv.url("/agent/free/jobs"), data=data,
+                                headers={"X-API-Key": FRONTEND, "Content-Type": "application/json"}) as r:
+        assert r.status == 202, await r.text()
+        doc = await r.json()
+    await until(srv, doc["id"], "succeeded")
+    assert str(big) in fake.requests[-1].messages[-1]["content"]
+    status, _, body = await request(srv, "GET", "/jobs?limit=\u00b2")
+    assert status == 400 and body["error"]["type"] == "invalid_request"
