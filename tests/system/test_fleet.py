@@ -330,7 +330,9 @@ async def check_started(f: Fleet) -> None:
     """The start-up line names the store; /health/ready is 200 on each instance and through nginx."""
     for p in f.instances:
         line = p.wait_for_log(r"serving .* on http://")
-        assert f"store {f.store})" in line, f"the start-up line does not name the store {f.store}: {line}"
+        # The limits' store; without Redis the jobs' SQLite file follows it.
+        assert f"store {f.store})" in line or f"store {f.store}, jobs sqlite:" in line, (
+            f"the start-up line does not name the store {f.store}: {line}")
     async with aiohttp.ClientSession() as s:
         for url in [p.url("/health/ready") for p in f.instances] + [f.nginx.url("/health/ready")]:
             async with s.get(url) as r:
