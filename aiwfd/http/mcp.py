@@ -44,15 +44,15 @@ from aiohttp import web
 from aiwfd import __version__
 from aiwfd.auth.clients import Client
 from aiwfd.engine import CallStats, call_agent, compact_json
-from aiwfd.errors import Forbidden, HTTPError, InvalidJSON, UnsupportedMediaType, error_body
+from aiwfd.errors import Forbidden, HTTPError, InvalidJSON, error_body
 from aiwfd.http import access, quota, views
-from aiwfd.http.body import IDENTITY, check_length, content_encoding, inflate, read_raw
+from aiwfd.http.body import IDENTITY, inflate, read_raw
 from aiwfd.http.keys import CLIENT, REQUEST_ID, RUNTIME, STATS
 from aiwfd.http.middlewares import http_error
 from aiwfd.http.runtime import Runtime, Snapshot
 from aiwfd.spec.compiler import Compiled, CompiledAgent
 from aiwfd.spec.config import did_you_mean
-from aiwfd.spec.jsonparse import check_charset, parse_object
+from aiwfd.spec.jsonparse import parse_object
 
 # The handshake revisions we speak, oldest first; the last is offered to a client asking for another.
 PROTOCOL_VERSIONS = ("2025-06-18", "2025-11-25")
@@ -114,15 +114,9 @@ async def handler(request: web.Request) -> web.StreamResponse:
 
 
 def _check_headers(request: web.Request, snap: Snapshot) -> str:
-    """Media type, encoding, declared size (as views.prepare), before the body is invited."""
-    if "Content-Type" in request.headers:
-        ctype = request.content_type
-        if ctype != "application/json" and not (ctype.startswith("application/") and ctype.endswith("+json")):
-            raise UnsupportedMediaType(f"Content-Type {ctype[:60]!r} is not JSON; send application/json")
-        check_charset(request.charset)
+    """Media type, encoding, declared size (as views.prepare), and the Origin, before the body is invited."""
+    coding = views.check_body_headers(request, snap)
     _check_origin(request, snap)
-    coding = content_encoding(request)
-    check_length(request, snap.max_body)
     return coding
 
 

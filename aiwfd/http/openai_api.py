@@ -48,15 +48,15 @@ from aiohttp import web
 from aiwfd.auth.clients import Client
 from aiwfd.engine import CallStats, call_agent, compact_json
 from aiwfd.errors import (
-    Forbidden, HTTPError, InvalidInput, InvalidJSON, PayloadTooLarge, RequestTimeout, UnsupportedMediaType,
+    Forbidden, HTTPError, InvalidInput, InvalidJSON, PayloadTooLarge, RequestTimeout,
 )
 from aiwfd.http import access, quota, views
-from aiwfd.http.body import check_length, content_encoding, read_json
+from aiwfd.http.body import read_json
 from aiwfd.http.keys import AGENT, CLIENT, REQUEST_ID, RUNTIME, STATS, STREAM_ERROR
 from aiwfd.http.middlewares import http_error, json_response
 from aiwfd.http.runtime import Runtime, Snapshot
 from aiwfd.spec.compiler import CompiledAgent
-from aiwfd.spec.jsonparse import check_charset, parse_object
+from aiwfd.spec.jsonparse import parse_object
 
 CHAT_ROUTE = "/v1/chat/completions"
 TASK_PREFIX = "aiwfd-chat:"
@@ -269,14 +269,7 @@ def chunks(rid: str, agent: CompiledAgent, content: str, stats: CallStats, inclu
 
 def _check_headers(request: web.Request, snap: Snapshot) -> str:
     """Media type, encoding and declared size, before the body is invited (as views.prepare)."""
-    if "Content-Type" in request.headers:
-        ctype = request.content_type
-        if ctype != "application/json" and not (ctype.startswith("application/") and ctype.endswith("+json")):
-            raise UnsupportedMediaType(f"Content-Type {ctype[:60]!r} is not JSON; send application/json")
-        check_charset(request.charset)
-    coding = content_encoding(request)
-    check_length(request, snap.max_body)
-    return coding
+    return views.check_body_headers(request, snap)
 
 
 async def _chat(request: web.Request, rt: Runtime, snap: Snapshot) -> web.StreamResponse:

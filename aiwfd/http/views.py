@@ -116,6 +116,12 @@ def prepare(request: web.Request, snap: Snapshot) -> tuple[CompiledAgent, str]:
     if agent is None:
         raise unknown_agent(name, snap)
     request[AGENT] = agent
+    return agent, check_body_headers(request, snap)
+
+
+def check_body_headers(request: web.Request, snap: Snapshot) -> str:
+    """The media type (JSON), its charset, the encoding and the declared size of
+    a body, before it is invited; the content coding to undo."""
     if "Content-Type" in request.headers:
         ctype = request.content_type
         if ctype != "application/json" and not (ctype.startswith("application/") and ctype.endswith("+json")):
@@ -123,7 +129,7 @@ def prepare(request: web.Request, snap: Snapshot) -> tuple[CompiledAgent, str]:
         check_charset(request.charset)
     coding = content_encoding(request)
     check_length(request, snap.max_body)
-    return agent, coding
+    return coding
 
 
 async def send_continue(request: web.Request) -> None:

@@ -23,7 +23,10 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, AsyncIterator, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, AsyncIterator, Iterator, Mapping
+
+if TYPE_CHECKING:
+    from aiohttp import web
 
 __all__ = [
     "LISTEN_RE",
@@ -33,6 +36,7 @@ __all__ = [
     "fake_process",
     "free_port",
     "run_cli",
+    "serve_loopback",
     "started",
 ]
 
@@ -50,6 +54,19 @@ def stop_process(proc: "subprocess.Popen[Any]", sig: int = signal.SIGTERM, timeo
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+async def serve_loopback(app: "web.Application") -> tuple["web.AppRunner", int]:
+    """Serve `app` on 127.0.0.1 on a port the kernel picks, bound before the
+    server starts (no race for it): the runner to clean up, and the port."""
+    from aiohttp import web
+
+    runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=0.25)
+    await runner.setup()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    await web.SockSite(runner, sock).start()
+    return runner, int(sock.getsockname()[1])
 
 
 def free_port() -> int:

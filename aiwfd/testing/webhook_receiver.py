@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -32,6 +31,8 @@ from dataclasses import dataclass, field
 from typing import Any, Union
 
 from aiohttp import web
+
+from aiwfd.testing.processes import serve_loopback
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 __all__ = ["Answer", "Delivery", "Hang", "Redirect", "WebhookReceiver"]
@@ -170,12 +171,7 @@ class WebhookReceiver:
     async def start(self) -> None:
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=0.25)
-        await self._runner.setup()
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.bind(("127.0.0.1", 0))
-        self.port = int(sock.getsockname()[1])
-        await web.SockSite(self._runner, sock).start()
+        self._runner, self.port = await serve_loopback(app)
 
     async def close(self) -> None:
         self._closing.set()
