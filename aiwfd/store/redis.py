@@ -276,6 +276,9 @@ def _bulk(value: str) -> bytes:
 # The loop passes the watchdog waits before a verdict: one for the socket's
 # read, one for the reader task's wake-up, one for its callers' (see _Link).
 _SETTLE_PASSES = 3
+# A caller's own deadline, in timeouts: later than the link's (no reply at all
+# for one timeout), so that a Redis that answers is waited for a while.
+_PATIENCE = 3
 
 
 class _Link:
@@ -301,14 +304,16 @@ class _Link:
     Failures end the link: every caller waiting on it gets the error (a
     redis-py ConnectionError or TimeoutError, which `_failed` tells apart)
     and the store opens a new link for its next call. Timeouts are kept by
-    one watchdog timer per link, not one per call (`_check`): a caller whose
-    reply has not come `timeout` after its command was queued gets a
-    TimeoutError on its own (the reply, when it comes, goes nowhere); no
-    reply at all for `timeout` while commands wait means a Redis that hangs,
-    and ends the link, as redis-py disconnects when a read times out. Before
-    either verdict the reader gets a few loop passes to hand out replies that
-    are already in: a process held up past `timeout` (a starved CPU) runs its
-    timers before its reads, and must not fail 256 answered calls. A lost connection
+    one watchdog timer per link, not one per call (`_check`): no reply at all
+    for `timeout` while commands wait means a Redis that hangs, and ends the
+    link (every caller waiting gets a TimeoutError within about `timeout`),
+    as redis-py disconnects when a read times out. Before either verdict the
+    reader gets a few loop passes to hand out replies that are already in: a process held up past `timeout` (a starved CPU) runs its
+    timers before its reads, and must not fail 256 answered calls. A Redis
+    that answers, but too slowly for some caller, fails that caller alone,
+    after _PATIENCE timeouts (the reply, when it comes, goes nowhere): a
+    loaded aiwfd's own loop adds its passes to every call, and that alone
+    must not turn calls into store errors. A lost connection
     is seen at once: `_reader` is always reading, so a Redis restart does
     not wait for the next call to find its socket dead (redis-py's one retry
     on a pooled connection was for that).
@@ -324,6 +329,7 @@ class _Link:
         self._writer: asyncio.StreamWriter | None = None  # set once connected
         self._scheduled = False  # a _write is due this pass
         self._timer: asyncio.TimerHandle | None = None
+        self._patience = (_PATIENCE - 1) * timeout  # a caller's deadline past the stored one (`_dues`)
         self._replied = 0  # replies handed out so far: what the watchdog sees progress by
         self._heard = self._loop.time()  # when the last of them came (or the link was opened)
         self.dead = False  # failed or closed: never used again
@@ -357,7 +363,7 @@ class _Link:
         """When the first caller still waiting is overdue, and when the link is
         (no reply for `timeout` since the oldest command went, or the last reply)."""
         waiting = self._waiting
-        first = next((due for fut, due in waiting if not fut.done()), float("inf"))
+        first = next((due for fut, due in waiting if not fut.done()), float("inf")) + self._patience
         hung = max(self._heard + self._timeout, waiting[0][1]) if waiting else float("inf")
         return first, hung
 
@@ -390,7 +396,7 @@ class _Link:
             return
         if now >= first:
             for fut, due in self._waiting:
-                if due > now:
+                if due + self._patience > now:
                     break
                 if not fut.done():
                     fut.set_exception(redis.exceptions.TimeoutError(f"no reply within {self._timeout:g} s"))
