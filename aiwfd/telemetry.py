@@ -28,7 +28,9 @@ conventions. Prompts and answers are recorded only with
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import threading
 from typing import TYPE_CHECKING, Any, Mapping, MutableMapping
 
 from aiwfd import __version__
@@ -92,18 +94,35 @@ def start(env: Mapping[str, str]) -> bool:
 
 
 async def stop() -> None:
-    """Export what is queued (a few seconds at most: a collector that is down
-    must not hold up the shutdown) and turn tracing off."""
+    """Export what is queued (1.5 s at most: a collector that is down must not
+    hold up the shutdown) and turn tracing off."""
     global TRACER, _provider
     provider, _provider, TRACER = _provider, None, None
     if provider is None:
         return
+    # Both in a daemon thread of their own: an export may be waiting out a
+    # stuck collector, and neither the loop's executor (which the loop's close
+    # joins) nor the interpreter's exit must wait for it.
+    loop = asyncio.get_running_loop()
+    flushed = loop.create_future()
+
+    def done() -> None:
+        if not flushed.done():
+            flushed.set_result(None)
+
+    def flush_then_shut_down() -> None:
+        try:
+            provider.force_flush(1000)
+        finally:
+            with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits any more
+                loop.call_soon_threadsafe(done)
+            provider.shutdown()
+
+    threading.Thread(target=flush_then_shut_down, name="aiwfd-otel-stop", daemon=True).start()
     try:
-        await asyncio.wait_for(asyncio.to_thread(provider.force_flush, 2000), 3.0)
+        await asyncio.wait_for(asyncio.shield(flushed), 1.5)
     except asyncio.TimeoutError:
         logger.warning("the trace exporter did not flush in time; the last spans may be lost")
-    # shutdown() joins the exporter's thread; it is not awaited past this point.
-    asyncio.get_running_loop().run_in_executor(None, provider.shutdown)
 
 
 def extract(headers: Mapping[str, str]) -> Context:

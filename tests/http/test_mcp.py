@@ -471,6 +471,7 @@ async def test_typescript_client(srv: InProcess, fake: FakeOpenAI) -> None:
 # -- load ----------------------------------------------------------------------------------------
 
 
+@pytest.mark.system  # a load test: the inner loop has test_http_agent's 500 concurrent calls
 async def test_500_concurrent_tool_calls(tmp_path: Path) -> None:
     async with FakeOpenAI(latency=0.3) as slow:
         async with serve(write_config(tmp_path, CONFIG), env=env(slow)) as s:

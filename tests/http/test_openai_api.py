@@ -449,6 +449,7 @@ async def test_a_client_gone_cancels_the_call(srv: InProcess, fake: FakeOpenAI) 
     gate.set()
 
 
+@pytest.mark.system  # a load test: the inner loop has test_http_agent's 500 concurrent calls
 async def test_500_concurrent_completions(srv: InProcess, fake: FakeOpenAI) -> None:
     fake.latency = 0.3
     started = time.monotonic()
