@@ -169,22 +169,39 @@ class SQLiteJobStore:
             if sqlite3.sqlite_version_info < (3, 35):  # RETURNING; Python links the system's library
                 raise sqlite3.NotSupportedError(f"SQLite {sqlite3.sqlite_version} is older than 3.35 (RETURNING)")
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            # isolation_level=None: no implicit transactions; each write says BEGIN IMMEDIATE.
-            conn = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None)
-            try:
-                conn.execute("PRAGMA journal_mode=WAL")
-                conn.execute(f"PRAGMA synchronous={self.synchronous}")
-                with _transaction(conn):
-                    for statement in _statements(SCHEMA):
-                        conn.execute(statement)
-                    # A file made before claim tokens: its table gets the column.
-                    if "claim_token" not in {r[1] for r in conn.execute("PRAGMA table_info(jobs)")}:
-                        conn.execute("ALTER TABLE jobs ADD COLUMN claim_token TEXT")
-            except BaseException:
-                conn.close()
-                raise
-            self._conn = conn
+            # Another instance recovering the WAL of one killed with -9 holds a
+            # lock that SQLite reports at once ("database is locked"), without
+            # waiting out the busy timeout: the opening is tried again until
+            # the timeout has passed.
+            give_up = time.monotonic() + self.timeout
+            while True:
+                try:
+                    self._conn = self._open()
+                    break
+                except sqlite3.OperationalError as e:
+                    transient = "locked" in str(e) or "busy" in str(e)
+                    if not transient or time.monotonic() >= give_up:
+                        raise
+                    time.sleep(0.05)
         return self._conn
+
+    def _open(self) -> sqlite3.Connection:
+        """A connection in WAL mode with the schema in place."""
+        # isolation_level=None: no implicit transactions; each write says BEGIN IMMEDIATE.
+        conn = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None)
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute(f"PRAGMA synchronous={self.synchronous}")
+            with _transaction(conn):
+                for statement in _statements(SCHEMA):
+                    conn.execute(statement)
+                # A file made before claim tokens: its table gets the column.
+                if "claim_token" not in {r[1] for r in conn.execute("PRAGMA table_info(jobs)")}:
+                    conn.execute("ALTER TABLE jobs ADD COLUMN claim_token TEXT")
+        except BaseException:
+            conn.close()
+            raise
+        return conn
 
     async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """`fn(connection)` in the store's thread; every sqlite3 failure as StoreError."""
