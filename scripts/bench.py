@@ -1291,31 +1291,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 log(f"wrote the stream block of {args.output}")
             log(f"total {time.monotonic() - began:.1f} s")
             return 0
-        if args.limits:
-            import bench_limits
-
-            log(f"limits benchmark ({'quick' if args.quick else 'full'}); pinned: {pin}; workdir {workdir}")
-            text = bench_limits.run(procs, args, log, command, machine_info(loader, pin, "--no-pin" if args.no_pin
-                                                                                  else ""), loadavg_before, began)
-            print(text)
-            if write:
-                write_benchmarks(args.output, text, bench_limits.BEGIN, bench_limits.END)
-                log(f"wrote the limits block of {args.output}")
-            log(f"total {time.monotonic() - began:.1f} s")
-            return 0
-        if args.jobs:
-            import bench_jobs
-
-            log(f"jobs benchmark ({'quick' if args.quick else 'full'}); pinned: {pin}; workdir {workdir}")
-            text = bench_jobs.run(procs, args, log, command, machine_info(loader, pin, "--no-pin" if args.no_pin
-                                                                              else ""), loadavg_before, began)
-            print(text)
-            if write:
-                write_benchmarks(args.output, text, bench_jobs.BEGIN, bench_jobs.END)
-                log(f"wrote the jobs block of {args.output}")
-            log(f"total {time.monotonic() - began:.1f} s")
-            return 0
-        for flag, modname in (("otel", "bench_otel"), ("compat", "bench_compat")):
+        # The benchmarks with a block of their own: one module each, the same run() and markers.
+        for flag, modname in (("limits", "bench_limits"), ("jobs", "bench_jobs"), ("otel", "bench_otel"),
+                              ("compat", "bench_compat")):
             if not getattr(args, flag):
                 continue
             import importlib
