@@ -202,17 +202,22 @@ def fleet(d: Path, model_url: str, redis_url: str | None) -> Iterator[Fleet]:
         nginx = Nginx(d / "nginx", [p.port for p in instances if p.port is not None])
         yield Fleet(instances, nginx, redis_url if redis_url is not None else "memory")
     finally:
-        if nginx is not None:
-            nginx.stop()
-        for p in instances:
-            if p.proc.poll() is None:
-                p.send(signal.SIGTERM)  # all drain side by side
-        for p in instances:
-            try:
-                p.wait(15)
-            except subprocess.TimeoutExpired:
-                p.proc.kill()
-                p.wait(5)
+        stop_fleet(instances, nginx)
+
+
+def stop_fleet(instances: list[AiwfdProcess], nginx: Nginx | None) -> None:
+    """nginx first, then every instance drained side by side (SIGKILL after 15 s)."""
+    if nginx is not None:
+        nginx.stop()
+    for p in instances:
+        if p.proc.poll() is None:
+            p.send(signal.SIGTERM)
+    for p in instances:
+        try:
+            p.wait(15)
+        except subprocess.TimeoutExpired:
+            p.proc.kill()
+            p.wait(5)
 
 
 @pytest.fixture(autouse=True)

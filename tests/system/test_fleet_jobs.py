@@ -40,7 +40,6 @@ import contextlib
 import re
 import secrets
 import signal
-import subprocess
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -57,7 +56,7 @@ from aiwfd.testing.nginxconf import NGINX
 from aiwfd.testing.processes import LISTEN_RE, AiwfdProcess, fake_process
 from aiwfd.testing.redisproc import REDIS_SERVER, RedisServer
 from aiwfd.testing.webhook_receiver import WebhookReceiver
-from tests.system.test_fleet import Nginx
+from tests.system.test_fleet import Nginx, stop_fleet
 
 pytestmark = [
     pytest.mark.system,
@@ -127,20 +126,6 @@ def start_instance(d: Path, config: Path, env: dict[str, str], store_args: list[
         raise
     proc.host, proc.port = m.group(1), int(m.group(2))
     return proc
-
-
-def stop_fleet(instances: list[AiwfdProcess], nginx: Nginx | None) -> None:
-    if nginx is not None:
-        nginx.stop()
-    for p in instances:
-        if p.proc.poll() is None:
-            p.send(signal.SIGTERM)  # all drain side by side
-    for p in instances:
-        try:
-            p.wait(15)
-        except subprocess.TimeoutExpired:
-            p.proc.kill()
-            p.wait(5)
 
 
 @contextlib.asynccontextmanager
