@@ -11,7 +11,6 @@ test can run the retry loop without waiting out real jittered backoff.
 from __future__ import annotations
 
 import asyncio
-import json
 import random
 import time
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ import orjson
 
 from aiwfd import telemetry
 from aiwfd.spec.compiler import Compiled, CompiledAgent
+from aiwfd.spec.jsonparse import dump_compact
 from aiwfd.spec.config import Provider
 from aiwfd.errors import (
     HTTPError, InvalidOutput, RateLimited, Unavailable, UpstreamError, UpstreamTimeout,
@@ -63,12 +63,7 @@ class CallStats:
 
 
 def compact_json(value: Any) -> str:
-    try:
-        return orjson.dumps(value).decode()
-    except TypeError:
-        # orjson stops at 64-bit integers; the request parser allows up to
-        # 4,300 digits (SPEC §3.1), so such a body is valid and must not 500.
-        return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    return dump_compact(value).decode()
 
 
 def build_payload(agent: CompiledAgent, body: Any) -> dict[str, Any]:

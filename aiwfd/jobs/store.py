@@ -50,6 +50,7 @@ from typing import Any, Collection, Literal, Protocol
 
 import orjson
 
+from aiwfd.spec.jsonparse import dump_compact
 from aiwfd.store.base import StoreError
 
 __all__ = [
@@ -87,14 +88,8 @@ DELIVERY_OUTCOMES: frozenset[str] = frozenset({"delivered", "gone", "failed", "r
 DEFAULT_MAX_ATTEMPTS = 5
 
 
-def dumps(value: Any) -> bytes:
-    """A job's JSON (its body, result, error) as stored. The request parser
-    allows integers past 64 bits, which orjson does not write: the stdlib
-    writes those (rare, and slower)."""
-    try:
-        return orjson.dumps(value)
-    except TypeError:
-        return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
+# A job's JSON (its body, result, error) as stored: integers past 64 bits included.
+dumps = dump_compact
 
 
 _LONG_NUMBER = re.compile(rb"\d{19}")

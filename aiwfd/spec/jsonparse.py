@@ -11,6 +11,8 @@ import json
 import re
 from typing import Any
 
+import orjson
+
 from aiwfd.errors import InvalidJSON
 
 MAX_DEPTH = 64
@@ -53,6 +55,16 @@ _decoder = json.JSONDecoder(
     parse_float=_finite_float,
     parse_int=_bounded_int,
 )
+
+
+def dump_compact(value: Any) -> bytes:
+    """`value` as compact JSON. What the parser accepts it writes back: orjson
+    stops at 64-bit integers, which a body may exceed (up to MAX_INT_DIGITS),
+    so those are written by the stdlib (rare, and slower)."""
+    try:
+        return orjson.dumps(value)
+    except TypeError:
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
 
 
 def check_charset(charset: str | None) -> None:
