@@ -13,6 +13,8 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from aiwfd.spec.access import _ENV_NAME_RE, _is_url
+
 if TYPE_CHECKING:  # the loader hands itself in; config imports this module
     from aiwfd.spec import yamlsrc
     from aiwfd.spec.config import _Loader
@@ -22,7 +24,6 @@ WEBHOOK_KEYS = ("url", "url_env", "secret_env", "allow_private", "retry_for")
 DEFAULT_SECRET_ENV = "AIWF_WEBHOOK_SECRET"
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|min|h|d)?\s*$")
 _SCALE = {"ms": 0.001, "s": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
-_ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 def parse_duration(value: Any) -> float | None:
@@ -88,9 +89,11 @@ def load_jobs(ld: _Loader, src: yamlsrc.Source, section: Any) -> JobsConfig:
         ld.err(src, path, "expected a mapping such as {concurrency: 8, timeout: 10m}")
         return JobsConfig()
     ld.check_keys(src, path, section, JOBS_KEYS)
+    from aiwfd.spec.config import _int  # config imports this module
+
     d = JobsConfig()
-    concurrency = _whole(ld, src, path + ("concurrency",), section.get("concurrency"), d.concurrency, 1, 10_000)
-    max_attempts = _whole(ld, src, path + ("max_attempts",), section.get("max_attempts"), d.max_attempts, 1, 100)
+    concurrency = _int(ld, src, path + ("concurrency",), section.get("concurrency"), d.concurrency, 1, 10_000)
+    max_attempts = _int(ld, src, path + ("max_attempts",), section.get("max_attempts"), d.max_attempts, 1, 100)
     timeout = _duration(ld, src, path + ("timeout",), section.get("timeout"), d.timeout)
     retention = _duration(ld, src, path + ("retention",), section.get("retention"), d.retention)
     lease = _duration(ld, src, path + ("lease",), section.get("lease"), d.lease)
@@ -175,15 +178,6 @@ def _under(url: str, prefix: str) -> bool:
     return path.startswith(unquote(p.path))
 
 
-def _whole(ld: _Loader, src: yamlsrc.Source, path: tuple, v: Any, default: int, lo: int, hi: int) -> int:
-    if v is None:
-        return default
-    if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
-        ld.err(src, path, f"expected a whole number from {lo} to {hi}, got {v!r}")
-        return default
-    return v
-
-
 def _duration(ld: _Loader, src: yamlsrc.Source, path: tuple, v: Any, default: float) -> float:
     if v is None:
         return default
@@ -193,10 +187,6 @@ def _duration(ld: _Loader, src: yamlsrc.Source, path: tuple, v: Any, default: fl
                "a number of seconds, or a number followed by ms, s, m, h or d")
         return default
     return seconds
-
-
-def _is_url(v: Any) -> bool:
-    return isinstance(v, str) and re.match(r"^https?://[^\s/]+", v) is not None
 
 
 def _env_name(v: Any) -> bool:
