@@ -63,7 +63,7 @@ def configured(env: Mapping[str, str]) -> bool:
 def start(env: Mapping[str, str]) -> bool:
     """Turn tracing on when the environment asks for it; StartupError (one
     line naming the extra) when it does and the SDK is not installed."""
-    global TRACER, CAPTURE_CONTENT, _provider
+    global TRACER, CAPTURE_CONTENT, _provider, _api
     if not configured(env):
         return False
     try:
@@ -87,6 +87,7 @@ def start(env: Mapping[str, str]) -> bool:
     provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=traces, headers=_headers(env)),
                                                    **_batch_options(env)))
     _provider = provider
+    _api = _API()
     TRACER = provider.get_tracer("aiwfd", __version__)
     CAPTURE_CONTENT = env.get("OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT", "").strip().lower() == "true"
     logger.info("exporting traces to %s", _redacted(traces))
@@ -125,41 +126,53 @@ async def stop() -> None:
         logger.warning("the trace exporter did not flush in time; the last spans may be lost")
 
 
+class _API:
+    """The OpenTelemetry API the hooks call, bound once by `start`: a hook runs
+    on every request, and an import statement in it would be a module lookup
+    per call."""
+
+    def __init__(self) -> None:
+        from opentelemetry import context, propagate, trace
+        from opentelemetry.trace import SpanKind, Status, StatusCode
+
+        self.extract, self.inject = propagate.extract, propagate.inject
+        self.attach, self.detach, self.Context = context.attach, context.detach, context.Context
+        self.set_span_in_context = trace.set_span_in_context
+        self.SpanKind, self.Status, self.error = SpanKind, Status, StatusCode.ERROR
+
+
+_api: _API | None = None
+
+
 def extract(headers: Mapping[str, str]) -> Context:
     """The context of an incoming W3C `traceparent` (an empty one without)."""
-    from opentelemetry.propagate import extract as _extract
-
-    return _extract(headers)
+    assert _api is not None
+    return _api.extract(headers)
 
 
 def inject(headers: MutableMapping[str, str]) -> MutableMapping[str, str]:
     """`headers` with the current span's `traceparent` (and `tracestate`)."""
-    from opentelemetry.propagate import inject as _inject
-
-    _inject(headers)
+    assert _api is not None
+    _api.inject(headers)
     return headers
 
 
 def root_span(name: str, attributes: Mapping[str, Any]) -> tuple[Span, object]:
     """A span that starts a trace of its own (a job's run), made current."""
-    from opentelemetry.context import Context
-
-    assert TRACER is not None
-    span = TRACER.start_span(name, context=Context(), kind=kind("INTERNAL"), attributes=attributes)
+    assert TRACER is not None and _api is not None
+    span = TRACER.start_span(name, context=_api.Context(), kind=kind("INTERNAL"), attributes=attributes)
     return span, attach(span)
 
 
 def attach(span: Span) -> object:
     """Make `span` current (for its children and for `inject`); `detach` the token after."""
-    from opentelemetry import context, trace
-
-    return context.attach(trace.set_span_in_context(span))
+    assert _api is not None
+    return _api.attach(_api.set_span_in_context(span))
 
 
 def detach(token: object) -> None:
-    from opentelemetry import context
-
-    context.detach(token)  # type: ignore[arg-type]
+    assert _api is not None
+    _api.detach(token)  # type: ignore[arg-type]
 
 
 def trace_id(span: Span) -> str | None:
@@ -169,16 +182,14 @@ def trace_id(span: Span) -> str | None:
 
 
 def kind(name: str) -> Any:
-    from opentelemetry.trace import SpanKind
-
-    return getattr(SpanKind, name)
+    assert _api is not None
+    return getattr(_api.SpanKind, name)
 
 
 def set_error(span: Span, error_type: str, message: str | None = None) -> None:
-    from opentelemetry.trace import Status, StatusCode
-
+    assert _api is not None
     span.set_attribute("error.type", error_type)
-    span.set_status(Status(StatusCode.ERROR, message))
+    span.set_status(_api.Status(_api.error, message))
 
 
 def _sampler(env: Mapping[str, str]) -> Any:
