@@ -302,11 +302,11 @@ class JobRunner:
                 return "failed", None, _error(InvalidInput(
                     f"the job's input no longer matches {agent.assistant.input_type_name or 'the input type'} "
                     "(changed by a reload)", details=problems))
-            if not _may_run(snap, job.client, agent.name):
+            client = _submitter(snap, job.client, agent.name)
+            if client is None:
                 return "failed", None, _error(Forbidden(
                     "the job's client may no longer call this agent (its key or allowlist changed in a reload)"))
             stats = CallStats()
-            client = _client(snap, job.client)
             status, error_type = 200, None
             try:
                 result = await call_agent(snap.compiled, agent, snap.client(agent), job.body, job.id,
@@ -399,26 +399,17 @@ class JobRunner:
                          "a minute)", self.store.description, e, what)
 
 
-def _client(snap: Snapshot, identity: str) -> Client:
+def _submitter(snap: Snapshot, identity: str, agent: str) -> Client | None:
     """The client a job was submitted by, as the current config knows it (for
-    its limits and metrics label): a token's, a configured key's, else a
-    client without limits of its own."""
+    its limits and metrics label); None when it may no longer call `agent` (a
+    reload removed its key or narrowed its allowlist). A token's scopes are
+    not kept with the job: with auth.jwt still set, it runs."""
     if identity.startswith("jwt:"):
-        return Client(identity[4:], "jwt", limits=snap.jwt.limits if snap.jwt is not None else None)
-    found = snap.keys.by_identity(identity)
-    return found if found is not None else Client(identity, identity)
-
-
-def _may_run(snap: Snapshot, identity: str, agent: str) -> bool:
-    """Whether the job's client may still call its agent on the current config
-    (a reload may have removed its key or narrowed its allowlist). A token's
-    scopes are not kept with the job: with auth.jwt still set, it runs."""
-    if identity.startswith("jwt:"):
-        return snap.jwt is not None
+        return Client(identity[4:], "jwt", limits=snap.jwt.limits) if snap.jwt is not None else None
     if identity == ANONYMOUS.identity:
-        return not snap.auth_required
+        return None if snap.auth_required else ANONYMOUS
     found = snap.keys.by_identity(identity)
-    return found is not None and found.may_call(agent)
+    return found if found is not None and found.may_call(agent) else None
 
 
 class _Deliveries:
