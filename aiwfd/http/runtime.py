@@ -334,23 +334,11 @@ class Runtime:
 
     async def store_problem(self) -> str | None:
         """Why the store does not answer (for /health/ready); None when it does."""
-        if self.store is None:
-            return None
-        try:
-            await self.store.ping()
-        except StoreError as e:
-            return f"the store ({self.store.description}) does not answer: {e}"
-        return None
+        return await _problem("the store", self.store)
 
     async def jobs_problem(self) -> str | None:
         """Why the job store does not answer (for /health/ready); None when it does."""
-        if self.jobs is None:
-            return None
-        try:
-            await self.jobs.ping()
-        except StoreError as e:
-            return f"the job store ({self.jobs.description}) does not answer: {e}"
-        return None
+        return await _problem("the job store", self.jobs)
 
     def swap(self, new: Snapshot) -> Snapshot:
         old = self.snapshot
@@ -384,3 +372,13 @@ class Runtime:
             await self.idempotency.close()
         if self.jobs is not None:
             await self.jobs.close()
+
+
+async def _problem(what: str, store: Store | JobStore | None) -> str | None:
+    if store is None:
+        return None
+    try:
+        await store.ping()
+    except StoreError as e:
+        return f"{what} ({store.description}) does not answer: {e}"
+    return None
