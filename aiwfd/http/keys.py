@@ -28,3 +28,10 @@ RATE_HEADERS: web.RequestKey[dict[str, str]] = web.RequestKey("aiwfd.rate_header
 STREAM_ERROR: web.RequestKey[str] = web.RequestKey("aiwfd.stream_error", str)
 # The name of the catch-all route (aiwfd.http.views.no_route): metrics count it as unmatched.
 NO_ROUTE = "aiwfd.no_route"
+
+
+def route_template(request: web.Request) -> str | None:
+    """The template of the route that answers `request` ("/agent/{name}"), for
+    metrics and traces: bounded, unlike the path; None for the catch-all."""
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None and resource.name != NO_ROUTE else None

@@ -31,7 +31,7 @@ from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, M
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
 
-from aiwfd.http.keys import AGENT, CLIENT, NO_ROUTE, RUNTIME, STATS
+from aiwfd.http.keys import AGENT, CLIENT, RUNTIME, STATS, route_template
 
 if TYPE_CHECKING:
     from aiwfd.engine import CallStats
@@ -154,8 +154,7 @@ class Metrics:
 
     def record(self, request: web.Request, status: int, seconds: float, error_type: str | None) -> None:
         """One answered request (called by the core middleware)."""
-        resource = request.match_info.route.resource
-        route = resource.canonical if resource is not None and resource.name != NO_ROUTE else UNMATCHED
+        route = route_template(request) or UNMATCHED
         method = request.method
         if method not in METHODS:
             method = "other"

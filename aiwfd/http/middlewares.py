@@ -29,7 +29,7 @@ from aiwfd.errors import (
     RequestTimeout, Unavailable, UnsupportedMediaType, error_body,
 )
 from aiwfd.auth.clients import ANONYMOUS
-from aiwfd.http.keys import CLIENT, NO_ROUTE, RATE_HEADERS, REQUEST_ID, RUNTIME, STATS, STREAM_ERROR
+from aiwfd.http.keys import CLIENT, RATE_HEADERS, REQUEST_ID, RUNTIME, STATS, STREAM_ERROR, route_template
 from aiwfd.http.protocol import CONTINUED
 from aiwfd.http.runtime import Phase, Runtime
 
@@ -156,8 +156,7 @@ async def core(request: web.Request, handler: Handler) -> web.StreamResponse:
 def _server_span(tracer: Any, request: web.Request) -> tuple[Any, object]:
     """The SERVER span of a request (SPEC §11.2), current for the handler; an
     incoming `traceparent` continues its trace."""
-    resource = request.match_info.route.resource
-    route = resource.canonical if resource is not None and resource.name != NO_ROUTE else None
+    route = route_template(request)
     method = request.method
     attributes: dict[str, Any] = {"http.request.method": method, "url.path": request.path}
     if route is not None:
