@@ -41,7 +41,7 @@ if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.trace import Span, Tracer
 
-__all__ = ["CAPTURE_CONTENT", "TRACER", "attach", "detach", "extract", "inject", "start", "stop", "trace_id"]
+__all__ = ["CAPTURE_CONTENT", "TRACER", "attach", "detach", "extract", "inject", "start", "traceparent", "stop", "trace_id"]
 
 logger = logging.getLogger("aiwfd")
 
@@ -155,6 +155,14 @@ def inject(headers: MutableMapping[str, str]) -> MutableMapping[str, str]:
     assert _api is not None
     _api.inject(headers)
     return headers
+
+
+def traceparent() -> str | None:
+    """The current span's W3C `traceparent` (a job keeps its submitter's, to
+    link its own trace to it); None when tracing is off or nothing is current."""
+    if TRACER is None:
+        return None
+    return inject({}).get("traceparent")
 
 
 def root_span(name: str, attributes: Mapping[str, Any]) -> tuple[Span, object]:
