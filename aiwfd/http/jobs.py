@@ -18,6 +18,7 @@ from typing import Any, get_args
 
 from aiohttp import web
 
+from aiwfd import telemetry
 from aiwfd.errors import Conflict, InvalidInput, InvalidRequest, NotFound, Unavailable
 from aiwfd.http import access, idempotency, quota, views
 from aiwfd.http.keys import CLIENT, RUNTIME
@@ -88,8 +89,10 @@ async def submit(request: web.Request) -> web.StreamResponse:
             # The request counts now; its tokens when it runs (job_runner), no slot is held meanwhile.
             async with quota.admitted(request, rt, snap, client, agent, cost=1, slots=0):
                 try:
+                    # The request's span: the job's run, a trace of its own, links to it.
                     job = await store.submit(client.identity, agent.name, body, url,
-                                             webhook=url is not None or configured)
+                                             webhook=url is not None or configured,
+                                             traceparent=telemetry.traceparent())
                 except StoreError as e:
                     raise _store_down(rt, e) from None
             if rt.job_runner is not None:

@@ -9,7 +9,8 @@ Keys (`prefix` = "aiwfd:" by default):
 - `jobs:queue`: the stream; one entry (`job`, `agent`) per queued run of a
   job, read by the consumer group `aiwfd`, one consumer per owner.
 - `job:<id>`: a hash, the job's document (`status`, `owner`, `lease_until`,
-  `msg` = the id of its current stream entry, times in ms of Redis `TIME`).
+  `msg` = the id of its current stream entry, times in ms of Redis `TIME`;
+  `traceparent`: the submitting request's, absent when tracing was off).
 - `jobs:client:<client>`: a sorted set of the client's job ids by their
   insertion number (`jobs:seq`): the list pages, newest first.
 - `jobs:finished`: a sorted set of finished job ids by their end (retention).
@@ -122,13 +123,14 @@ end
 """.replace("@EXPIRED@", str(MAX_LEASE_MS))
 
 # KEYS: stream, seq, job hash, client index. ARGV: group, id, client, agent, body, webhook_url ('' none),
-# webhook status ('pending', or '' for a job without a webhook).
+# webhook status ('pending', or '' for a job without a webhook), traceparent ('' none: no field).
 SUBMIT = _PRELUDE + """
 local seq = redis.call('INCR', KEYS[2])
 local msg = redis.call('XADD', KEYS[1], '*', 'job', ARGV[2], 'agent', ARGV[4])
 redis.call('HSET', KEYS[3], 'id', ARGV[2], 'client', ARGV[3], 'agent', ARGV[4], 'status', 'queued',
   'created', ms(now), 'attempts', 0, 'body', ARGV[5], 'webhook_url', ARGV[6], 'seq', seq, 'msg', msg,
   'wh_status', ARGV[7], 'wh_attempts', 0)
+if ARGV[8] ~= '' then redis.call('HSET', KEYS[3], 'traceparent', ARGV[8]) end
 redis.call('ZADD', KEYS[4], seq, ARGV[2])
 return redis.call('HGETALL', KEYS[3])
 """
@@ -460,7 +462,7 @@ CONSUMER_IDLE = 3600.0
 
 # What list() reads of a job hash: its document, not its body.
 _LIST_FIELDS = ("id", "client", "agent", "status", "created", "started", "finished", "attempts", "result", "error",
-                "webhook_url", "wh_status", "wh_attempts", "wh_last")
+                "webhook_url", "wh_status", "wh_attempts", "wh_last", "traceparent")
 
 _BATCH = 500  # stream entries or job ids per script call of fail_agent and purge: Redis never blocks long
 
@@ -489,6 +491,7 @@ def _job(reply: Any) -> Job:
         webhook_url=h.get("webhook_url") or None,
         webhook=WebhookStatus(h["wh_status"], int(h.get("wh_attempts") or 0),  # type: ignore[arg-type]
                               int(h["wh_last"]) if h.get("wh_last") else None) if h.get("wh_status") else None,
+        traceparent=h.get("traceparent") or None,
     )
 
 
@@ -553,11 +556,11 @@ class RedisJobStore:
     # -- the protocol --------------------------------------------------------
 
     async def submit(self, client: str, agent: str, body: Any, webhook_url: str | None = None,
-                     *, webhook: bool | None = None) -> Job:
+                     *, webhook: bool | None = None, traceparent: str | None = None) -> Job:
         job_id = secrets.token_urlsafe(16)  # 128 random bits: unguessable
         reply = await self._script(_SUBMIT, [self.stream, self._seq, self._key(job_id), self._index(client)],
                                    [job_id, client, agent, dumps(body).decode(), webhook_url or "",
-                                    "pending" if has_webhook(webhook_url, webhook) else ""])
+                                    "pending" if has_webhook(webhook_url, webhook) else "", traceparent or ""])
         return _job(reply)
 
     async def claim(self, owner: str, lease: float, *, agents: Collection[str] | None = None,

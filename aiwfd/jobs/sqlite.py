@@ -78,7 +78,9 @@ CREATE TABLE IF NOT EXISTS jobs (
   wh_attempts INTEGER NOT NULL DEFAULT 0,
   wh_last INTEGER,
   -- the token of the claim that started the latest run (claim's retry)
-  claim_token TEXT
+  claim_token TEXT,
+  -- the submitting request's W3C traceparent (the run's trace links to it)
+  traceparent TEXT
 );
 -- what claim scans: only the unfinished jobs, oldest first
 CREATE INDEX IF NOT EXISTS jobs_open ON jobs(seq) WHERE state IN ('queued', 'running');
@@ -101,8 +103,13 @@ CREATE TABLE IF NOT EXISTS deliveries (
 CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries(due);
 """
 
+# Columns added to `jobs` since the first release, with their types: a file
+# made before one of them gets it when opened (CREATE TABLE IF NOT EXISTS
+# leaves an existing table as it was).
+ADDED_COLUMNS: dict[str, str] = {"claim_token": "TEXT", "traceparent": "TEXT"}
+
 COLUMNS = ("id, client, agent, state, created, started, finished, attempts, body, result, error, webhook_url, "
-           "wh_status, wh_attempts, wh_last")
+           "wh_status, wh_attempts, wh_last, traceparent")
 # What list() reads: the documents without the bodies (they may be large, and no listing shows them).
 LIST_COLUMNS = COLUMNS.replace("body", "NULL")
 
@@ -119,7 +126,7 @@ CLAIM_KNOWN = CLAIM.format(agents=" AND agent IN (SELECT value FROM json_each(?)
 
 def _job(row: tuple[Any, ...]) -> Job:
     (jid, client, agent, state, created, started, finished, attempts, body, result, error, webhook_url,
-     wh_status, wh_attempts, wh_last) = row
+     wh_status, wh_attempts, wh_last, traceparent) = row
     return Job(
         id=jid, client=client, agent=agent, status=state, created_at=created, started_at=started,
         finished_at=finished, attempts=attempts, body=loads(body) if body is not None else None,
@@ -127,7 +134,17 @@ def _job(row: tuple[Any, ...]) -> Job:
         error=loads(error) if error is not None else None,
         webhook_url=webhook_url,
         webhook=WebhookStatus(wh_status, wh_attempts, wh_last) if wh_status is not None else None,
+        traceparent=traceparent,
     )
+
+
+def _add_missing_columns(conn: sqlite3.Connection) -> None:
+    """ADDED_COLUMNS that the file's table lacks (a file from an older aiwfd),
+    added inside the opening's transaction: two instances never both add one."""
+    have = {r[1] for r in conn.execute("PRAGMA table_info(jobs)")}
+    for name, kind in ADDED_COLUMNS.items():
+        if name not in have:
+            conn.execute(f"ALTER TABLE jobs ADD COLUMN {name} {kind}")
 
 
 def _end_delivery(conn: sqlite3.Connection, job_id: str, now: float) -> None:
@@ -195,9 +212,7 @@ class SQLiteJobStore:
             with _transaction(conn):
                 for statement in _statements(SCHEMA):
                     conn.execute(statement)
-                # A file made before claim tokens: its table gets the column.
-                if "claim_token" not in {r[1] for r in conn.execute("PRAGMA table_info(jobs)")}:
-                    conn.execute("ALTER TABLE jobs ADD COLUMN claim_token TEXT")
+                _add_missing_columns(conn)
         except BaseException:
             conn.close()
             raise
@@ -218,7 +233,7 @@ class SQLiteJobStore:
     # -- the protocol --------------------------------------------------------
 
     async def submit(self, client: str, agent: str, body: Any, webhook_url: str | None = None,
-                     *, webhook: bool | None = None) -> Job:
+                     *, webhook: bool | None = None, traceparent: str | None = None) -> Job:
         job_id = secrets.token_urlsafe(16)  # 128 random bits: unguessable
         data = dumps(body)
         hook = WebhookStatus("pending", 0, None) if has_webhook(webhook_url, webhook) else None
@@ -227,11 +242,11 @@ class SQLiteJobStore:
             now = time.time()
             with _transaction(conn):
                 conn.execute(
-                    "INSERT INTO jobs (id, client, agent, state, created, body, webhook_url, wh_status) "
-                    "VALUES (?, ?, ?, 'queued', ?, ?, ?, ?)",
-                    (job_id, client, agent, now, data, webhook_url, hook.status if hook else None))
+                    "INSERT INTO jobs (id, client, agent, state, created, body, webhook_url, wh_status, "
+                    "traceparent) VALUES (?, ?, ?, 'queued', ?, ?, ?, ?, ?)",
+                    (job_id, client, agent, now, data, webhook_url, hook.status if hook else None, traceparent))
             return Job(job_id, client, agent, "queued", now, None, None, 0, loads(data), None, None,
-                       webhook_url, hook)
+                       webhook_url, hook, traceparent)
 
         return await self._run(run)
 

@@ -175,6 +175,9 @@ class Job:
     error: dict[str, Any] | None  # the §3.1 error once failed or canceled (None for a plain cancel)
     webhook_url: str | None  # the per-job webhook (`Webhook-URL`), None: the configured one
     webhook: WebhookStatus | None = None  # None: the job has no webhook
+    # The W3C traceparent of the request that submitted it (None: tracing was
+    # off): the run's own trace links to it. Internal: not in the document.
+    traceparent: str | None = None
 
     @property
     def finished(self) -> bool:
@@ -277,11 +280,12 @@ class JobStore(Protocol):
     shared: bool  # True when other hosts' instances see the same jobs (Redis)
 
     async def submit(self, client: str, agent: str, body: Any, webhook_url: str | None = None,
-                     *, webhook: bool | None = None) -> Job:
+                     *, webhook: bool | None = None, traceparent: str | None = None) -> Job:
         """Store a queued job; durable before it returns (the 202's promise).
         `webhook`: whether its end is delivered to a webhook (default: when
         it names its own `webhook_url`; True without one: the configured URL,
-        which the delivery loop reads when it delivers)."""
+        which the delivery loop reads when it delivers). `traceparent`: the
+        submitting request's span, kept for the run to link to (SPEC §11.2)."""
         ...
 
     async def claim(self, owner: str, lease: float, *, agents: Collection[str] | None = None,

@@ -42,6 +42,8 @@ RFC3339 = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 LEASE = 0.25  # a lease that runs out within a test; waits are LEASE + a margin
 WAIT = LEASE + 0.1
 LONG = 30.0  # a lease that never runs out within a test
+# A W3C traceparent as telemetry.traceparent() gives it (version, trace id, span id, sampled).
+TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 
 _runs = itertools.count()
 
@@ -109,6 +111,28 @@ async def test_submit_get_and_the_document(stores: Factory) -> None:
     assert configured.webhook_url is None and configured.webhook == WebhookStatus("pending", 0, None)
     assert await st.get(configured.id, "alice") == configured
     assert (await st.submit("alice", "s", None, "https://h.example/y", webhook=False)).webhook is None
+
+
+async def test_a_jobs_traceparent_is_kept_and_not_shown(stores: Factory) -> None:
+    """The submitting request's traceparent comes back with the job (claim,
+    get, list), for its run to link to; a job submitted without one has None
+    (Redis: no field at all). Internal: never in the document."""
+    st = stores()
+    traced = await st.submit("c", "a", 1, traceparent=TRACEPARENT)
+    plain = await st.submit("c", "a", 2)
+    assert traced.traceparent == TRACEPARENT and plain.traceparent is None
+    assert (await st.get(traced.id, "c")) == traced and (await st.get(plain.id, "c")) == plain
+    page, _ = await st.list("c")
+    assert {j.id: j.traceparent for j in page} == {traced.id: TRACEPARENT, plain.id: None}
+    assert "traceparent" not in traced.to_document() and TRACEPARENT not in str(traced.to_document())
+    first, second = await st.claim("w", LONG), await st.claim("w", LONG)
+    assert first is not None and first.id == traced.id and first.traceparent == TRACEPARENT
+    assert second is not None and second.id == plain.id and second.traceparent is None
+    assert await st.finish(traced.id, "w", "succeeded", {"data": 1})
+    got = await st.get(traced.id, "c")
+    assert got is not None and got.status == "succeeded" and got.traceparent == TRACEPARENT
+    if isinstance(st, RedisJobStore):
+        assert not await st._client.hexists(st._key(plain.id), "traceparent")
 
 
 async def test_claim_renew_finish_once(stores: Factory) -> None:
@@ -985,20 +1009,36 @@ async def test_redis_list_reads_no_bodies(server: RedisServer) -> None:
         await st.close()
 
 
-async def test_sqlite_a_file_from_before_claim_tokens(tmp_path: Path) -> None:
-    """A jobs file made before the claim_token column gets it when opened."""
-    conn = sqlite3.connect(tmp_path / FILENAME)
+def _old_file(path: Path, missing: tuple[str, ...]) -> None:
+    """A jobs file as an older aiwfd made it: today's schema without the
+    `missing` columns of `jobs` (checked gone, so the test is not vacuous),
+    and one queued job."""
     from aiwfd.jobs.sqlite import SCHEMA, _statements
-    for statement in _statements(SCHEMA.replace(",\n  claim_token TEXT", "")):
+
+    conn = sqlite3.connect(path / FILENAME)
+    for statement in _statements(SCHEMA):
+        for name in missing:
+            statement = re.sub(rf",\s*{name} TEXT\b", "", statement)
         conn.execute(statement)
+    assert not set(missing) & {r[1] for r in conn.execute("PRAGMA table_info(jobs)")}
     conn.execute("INSERT INTO jobs (id, client, agent, state, created, body) VALUES ('j', 'c', 'a', 'queued', 1, '1')")
     conn.commit()
     conn.close()
+
+
+@pytest.mark.parametrize("missing", [("claim_token", "traceparent"), ("traceparent",)],
+                         ids=["before-claim-tokens", "before-traceparents"])
+async def test_sqlite_an_old_file_gets_the_new_columns(tmp_path: Path, missing: tuple[str, ...]) -> None:
+    """A jobs file made before the claim_token or the traceparent column gets
+    them when opened: its jobs run, and new ones keep their traceparent."""
+    _old_file(tmp_path, missing)
     st = SQLiteJobStore(tmp_path)
     try:
         got = await st.claim("w", LONG, token="t")
-        assert got is not None and got.id == "j" and got.body == 1
+        assert got is not None and got.id == "j" and got.body == 1 and got.traceparent is None
         again = await st.claim("w", LONG, token="t")
         assert again is not None and again.id == "j" and again.attempts == 1
+        new = await st.submit("c", "a", 2, traceparent=TRACEPARENT)
+        assert (await st.get(new.id, "c")) == new and new.traceparent == TRACEPARENT
     finally:
         await st.close()
