@@ -165,7 +165,7 @@ async def call_agent(
     tracer = telemetry.TRACER
     if tracer is None:
         return await _call_agent(compiled, agent, client, body, request_id, deadline, stats, listener, timing)
-    span = tracer.start_span(f"invoke_agent {agent.name}", kind=telemetry.kind("INTERNAL"), attributes={
+    span = tracer.start_span(f"invoke_agent {agent.name}", telemetry.INTERNAL, {
         "gen_ai.operation.name": "invoke_agent", "gen_ai.agent.name": agent.name})
     token = telemetry.attach(span)
     try:
@@ -317,7 +317,7 @@ def _chat_span(agent: CompiledAgent, model: Candidate, payload: dict[str, Any], 
         attributes["server.port"] = port
     if telemetry.CAPTURE_CONTENT:
         attributes["gen_ai.input.messages"] = compact_json(payload["messages"])
-    span = tracer.start_span(f"chat {model.model}", kind=telemetry.kind("CLIENT"), attributes=attributes)
+    span = tracer.start_span(f"chat {model.model}", telemetry.CLIENT, attributes)
     return span, telemetry.attach(span)
 
 

@@ -277,9 +277,11 @@ class JobRunner:
     async def _call(self, job: Job) -> tuple[JobStatus, dict[str, Any] | None, dict[str, Any] | None]:
         if telemetry.TRACER is None:
             return await self._call_agent(job)
-        # A trace of its own: the run happens after the submitting request's ended.
+        # A trace of its own (the run happens after the submitting request's
+        # ended), linked to the submitting request's span.
         span, token = telemetry.root_span(f"job {job.agent}", {
-            "aiwfd.job.id": job.id, "aiwfd.job.attempt": job.attempts, "gen_ai.agent.name": job.agent})
+            "aiwfd.job.id": job.id, "aiwfd.job.attempt": job.attempts, "gen_ai.agent.name": job.agent},
+            link=job.traceparent)
         status = "failed"
         try:
             status, result, error = await self._call_agent(job)

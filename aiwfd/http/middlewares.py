@@ -161,8 +161,8 @@ def _server_span(tracer: Any, request: web.Request) -> tuple[Any, object]:
     attributes: dict[str, Any] = {"http.request.method": method, "url.path": request.path}
     if route is not None:
         attributes["http.route"] = route
-    span = tracer.start_span(f"{method} {route}" if route else method, context=telemetry.extract(request.headers),
-                             kind=telemetry.kind("SERVER"), attributes=attributes)
+    span = tracer.start_span(f"{method} {route}" if route else method, telemetry.SERVER, attributes,
+                             remote=telemetry.extract(request.headers))
     return span, telemetry.attach(span)
 
 

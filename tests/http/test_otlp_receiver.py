@@ -18,26 +18,22 @@ import pytest
 
 from aiwfd.testing.otlp_receiver import OTLPReceiver, Span
 
-pytest.importorskip("opentelemetry.sdk.trace", reason="the [otel] extra: pip install -e '.[otel]'")
-pytest.importorskip("opentelemetry.exporter.otlp.proto.http.trace_exporter",
-                    reason="the [otel] extra: pip install -e '.[otel]'")
-
-from opentelemetry import trace  # noqa: E402
-from opentelemetry.exporter.otlp.proto.http import Compression  # noqa: E402
-from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter  # noqa: E402
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (  # noqa: E402
+from opentelemetry import trace
+from opentelemetry.exporter.otlp.proto.http import Compression
+from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
 )
-from opentelemetry.sdk.resources import Resource  # noqa: E402
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider  # noqa: E402
-from opentelemetry.sdk.trace.export import (  # noqa: E402
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import (
     BatchSpanProcessor,
     SimpleSpanProcessor,
     SpanExporter,
     SpanExportResult,
 )
-from opentelemetry.trace import Link, SpanKind, Status, StatusCode  # noqa: E402
+from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 
 
 class Recording(SpanExporter):

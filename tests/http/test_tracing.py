@@ -142,6 +142,8 @@ async def test_a_job_is_a_trace_of_its_own(srv: InProcess, rx: OTLPReceiver) -> 
     assert run.attributes["aiwfd.job.status"] == "succeeded" and run.attributes["aiwfd.job.attempt"] == 1
     submit = one(rx.spans, "POST /agent/{name}/jobs")
     assert submit.trace_id != run.trace_id
+    # Linked to the request that submitted it, through the job store.
+    assert run.links == [(submit.trace_id, submit.span_id)]
     agent = rx.children(run)
     assert [a.name for a in agent] == ["invoke_agent greeter"], rx.tree(run.trace_id)
 
