@@ -15,6 +15,7 @@ from aiwfd.store.base import BUCKETS, SPAN, Admission, Limit, Standing
 __all__ = ["MemoryStore"]
 
 _NO_LIMITS = Admission(True, None, 0.0, (), "")
+_new = tuple.__new__  # Standing and Admission are NamedTuples: tuple.__new__(cls, fields) makes one
 # Forgetting idle windows keeps memory bounded by the active names (a JWT
 # client is any `sub`): a sweep at most this often, checked every _SWEEP_CALLS admits.
 _SWEEP_SECONDS = 60.0
@@ -173,7 +174,6 @@ class MemoryStore:
                                     else w.total >= limit.quota):
                 refused, refused_window = limit, w
 
-        standings: list[Standing] = []
         if refused is None:
             lease = ""
             if plan.concurrency:
@@ -181,12 +181,27 @@ class MemoryStore:
                     inflight[key] = inflight.get(key, 0) + slots
                 lease = str(next(self._ids))
                 self._leases[lease] = (plan.concurrency, slots)
+            # _Window.add and _Window.reset inlined, and the tuples made with
+            # tuple.__new__ (a NamedTuple's own __new__ is a Python function):
+            # this is the path of every call that is let through.
+            standings = []
             for limit, w in plan.requests:
+                cur, counts = w.newest, w.counts
                 if cost:
-                    w.add(w.newest, cost)
+                    counts[cur % SPAN] += cost
+                    w.total += cost
+                    if cur < w.oldest:
+                        w.oldest = cur
                 left = limit.quota - w.total
-                standings.append(Standing(limit, left if left > 0 else 0, w.reset(now)))
-            return Admission(True, None, 0.0, tuple(standings), lease)
+                i = w.oldest
+                while i <= cur and counts[i % SPAN] == 0:
+                    i += 1
+                w.oldest = i
+                standings.append(_new(Standing, (limit, left if left > 0 else 0,
+                                                 (i + SPAN) * w.width - now if i <= cur else 0.0)))
+            return _new(Admission, (True, None, 0.0, tuple(standings), lease))
+
+        standings: list[Standing] = []
 
         if refused_window is None:
             retry = 1.0  # concurrency: no estimate of when a call in flight ends
@@ -218,7 +233,10 @@ class MemoryStore:
                 cur = int(now / w.width)
                 if cur != w.newest:
                     w.advance(cur)
-                w.add(cur, tokens)
+                w.counts[cur % SPAN] += tokens  # _Window.add, inlined
+                w.total += tokens
+                if cur < w.oldest:
+                    w.oldest = cur
 
     def _sweep(self, now: float) -> None:
         self._swept = now
