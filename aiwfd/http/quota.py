@@ -37,19 +37,23 @@ logger = logging.getLogger("aiwfd")
 
 # How long a crashed instance's concurrency slots outlive it (Redis): past any call's deadline.
 LEASE_MARGIN = 30.0
+_ceil = math.ceil
 
 
 class Plan:
     """The limits of calls by one client to one agent, with what their answers
     need that does not change from call to call (built once per snapshot)."""
 
-    __slots__ = ("limits", "policy", "state", "narrowest", "own_timeout")
+    __slots__ = ("limits", "policy", "state", "narrowest", "own_timeout", "lease_extra", "deny")
 
-    def __init__(self, limits: tuple[Limit, ...], agent: CompiledAgent) -> None:
+    def __init__(self, limits: tuple[Limit, ...], agent: CompiledAgent, deny: bool) -> None:
         self.limits = limits
         # A call may outlive the deadline by the agent's own timeout (engine.call_agent;
         # a batch's last input), and its slots must not expire while it runs.
         self.own_timeout = agent.assistant.timeout or agent.provider.timeout or 0.0
+        self.lease_extra = self.own_timeout + LEASE_MARGIN  # a lease lives the deadline + this
+        # limits.on_store_error of the snapshot the plan belongs to (the request's config, not the newest).
+        self.deny = deny
         requests = [lim for lim in limits if lim.kind == "requests"]
         self.policy = ", ".join(f'"{lim.scope}";q={lim.quota};w={_whole(lim.window)}' for lim in requests)
         # Per requests limit, in the order of the admission's standings: the
@@ -68,7 +72,7 @@ def plan_for(snap: Snapshot, client: Client, agent: CompiledAgent) -> Plan:
         return cached
     own = client.limits if client.limits is not None else snap.compiled.config.limits.default
     plan = Plan(_limits(own, "client", client.identity) + _limits(agent.assistant.limits, "agent", agent.name),
-                agent)
+                agent, snap.compiled.config.limits.on_store_error == "deny")
     if len(snap.limit_cache) < 10_000:  # JWT clients are unbounded in number: so is not the cache
         snap.limit_cache[key] = plan
     return plan
@@ -97,30 +101,29 @@ class admitted:  # noqa: N801 - used as `async with quota.admitted(...)`, like a
     counted; 429 or 503 raised on entry. A class rather than @asynccontextmanager:
     it runs on every agent call, and the generator machinery cost ~10 µs."""
 
-    __slots__ = ("request", "rt", "plan", "cost", "slots", "admission", "deny")
+    __slots__ = ("request", "rt", "plan", "cost", "slots", "admission")
 
     def __init__(self, request: web.Request, rt: Runtime, snap: Snapshot, client: Client, agent: CompiledAgent,
                  cost: int = 1, slots: int = 1) -> None:
         self.request, self.rt, self.cost, self.slots = request, rt, cost, slots
-        self.plan = plan_for(snap, client, agent)
-        self.deny = snap.compiled.config.limits.on_store_error == "deny"  # the request's config, not the newest
+        self.plan = plan_for(snap, client, agent)  # its `deny`: the request's config, not the newest
         self.admission: Admission | None = None
 
     async def __aenter__(self) -> None:
-        rt, limits = self.rt, self.plan.limits
-        store = rt.store
+        rt, plan = self.rt, self.plan
+        limits, store = plan.limits, rt.store
         if not limits or store is None or self.cost <= 0:
             return
         try:
-            ttl = rt.settings.deadline + self.plan.own_timeout + LEASE_MARGIN
-            admission = await store.admit(limits, self.cost, self.slots, ttl)
+            admission = await store.admit(limits, self.cost, self.slots, rt.settings.deadline + plan.lease_extra)
         except StoreError as e:
-            store_failed(rt, "deny" if self.deny else "allow", e)
-            if self.deny:
+            deny = plan.deny
+            store_failed(rt, "deny" if deny else "allow", e)
+            if deny:
                 raise Unavailable("the limits store does not answer; try again shortly",
                                   headers={"Retry-After": "1"}) from None
             return
-        headers = self.request[RATE_HEADERS] = rate_headers(self.plan, admission)
+        headers = self.request[RATE_HEADERS] = rate_headers(plan, admission)
         if not admission.allowed:
             raise refusal(admission, headers)
         self.admission = admission
@@ -175,9 +178,14 @@ def rate_headers(plan: Plan, admission: Admission) -> dict[str, str]:
         return {}
     # The store counts the partly expired oldest bucket whole: its reset can pass the window by one bucket.
     # With the plan's constant parts, formatted once per snapshot: this runs on every agent call.
+    # Unrolled max/min and unpacked tuples: half the cost of the plain expression
+    # `max(0, remaining)`, `min(whole, max(0, ceil(reset)))`, which this computes.
     if len(standings) == len(plan.state):
-        state = ", ".join([f"{prefix}{max(0, s.remaining)};t={min(whole, max(0, math.ceil(s.reset)))}"
-                           for (prefix, whole), s in zip(plan.state, standings, strict=True)])
+        parts = []
+        for (prefix, whole), (_, remaining, reset) in zip(plan.state, standings):
+            t = _ceil(reset)
+            parts.append(f"{prefix}{remaining if remaining > 0 else 0};t={whole if t > whole else (t if t > 0 else 0)}")
+        state = ", ".join(parts)
     else:  # not the plan's limits (never, from admitted)
         state = ", ".join(f'"{s.limit.scope}";r={max(0, s.remaining)};'
                           f't={min(_whole(s.limit.window), max(0, math.ceil(s.reset)))}'
