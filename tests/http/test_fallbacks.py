@@ -2,17 +2,23 @@
 in-process server. The primary fails in each way a provider fails (down,
 500s, 429s, hanging, always invalid) and the fallback answers; every model
 failing is the primary's error with every failure in `details`; the one
-deadline is shared; batch, stream and jobs take the same path.
+deadline is shared; batch, stream, jobs, MCP and the OpenAI-compatible API
+take the same path.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from pathlib import Path
 from typing import Any, AsyncIterator
 
+import httpx2
 import pytest
+from mcp.client import Client
+from mcp.client.streamable_http import streamable_http_client
+from openai import AsyncOpenAI
 
 from aiwfd.errors import ConfigError, StartupError
 from aiwfd.spec.config import load
@@ -201,6 +207,28 @@ async def test_batch_stream_and_jobs_use_the_fallbacks(srv: InProcess, first: Fa
         async with srv.session.get(srv.url(f"/jobs/{job['id']}")) as r:
             job = await r.json()
     assert job["status"] == "succeeded" and job["result"]["trace"]["model"] == "small-model"
+
+
+async def test_mcp_and_chat_completions_use_the_fallbacks(srv: InProcess, first: FakeOpenAI,
+                                                          second: FakeOpenAI) -> None:
+    # The official clients: the MCP Python SDK and the OpenAI Python SDK.
+    first.script(Status(500), Status(500), Reply(data={"message": "over mcp"}))
+    async with httpx2.AsyncClient(timeout=30) as hc, Client(streamable_http_client(srv.url("/mcp"),
+                                                                                   http_client=hc)) as c:
+        result = await c.call_tool("greeter", {"name": "Ann"})
+    assert result.is_error is False and result.structured_content == {"message": "over mcp"}
+    trace = (result.meta or {})["aiwfd/trace"]
+    assert trace["model"] == "small-model" and [f["model"] for f in trace["fallbacks"]] == ["big-model"]
+
+    first.reset()
+    first.script(Status(500), Status(500), Status(500), Status(500))
+    second.script(Reply(data={"message": "over /v1"}))
+    client = AsyncOpenAI(base_url=srv.url("/v1"), api_key="unused", max_retries=0)
+    async with client:
+        done = await client.chat.completions.create(model="greeter", messages=[{"role": "user", "content": "Ann"}])
+    assert json.loads(done.choices[0].message.content or "") == {"message": "over /v1"}
+    assert models(first) == ["big-model", "big-model", "small-model", "small-model"]
+    assert models(second) == ["other-model"]
 
 
 def test_fallbacks_are_checked_at_load(tmp_path: Path) -> None:
