@@ -6,8 +6,8 @@ scripts/bench/bench.yaml with API_KEY set, started side by side:
 
   off   no OTEL_* variable at all: nothing of the SDK is imported
   on    OTEL_EXPORTER_OTLP_ENDPOINT at a loopback OTLP/HTTP receiver,
-        OTEL_TRACES_SAMPLER=always_on, the batch span processor with its
-        defaults (no OTEL_BSP_*): every call exports its spans
+        OTEL_TRACES_SAMPLER=always_on, the batches with their defaults
+        (no OTEL_BSP_*): every call exports its spans
 
 The receiver is this file run as a process (`python scripts/bench_otel.py
 --receiver`): a small aiohttp app (uvloop when installed) that answers
@@ -16,13 +16,16 @@ does, and counts the spans of each export (decoded with opentelemetry-proto),
 so that the report can say how many spans per call arrived. `GET /stats`
 gives its counters. It shares CPU 1 with the fake and the load generator.
 
-Both instances are pinned to CPU 0 from the start (taskset), so the batch
-processor's export thread runs there too and its CPU is in the instance's
-user+sys. The load: wrk (scripts/bench/post.lua) or scripts/bench_load.py at
+Both instances are pinned to CPU 0 from the start (taskset), so whatever
+the export costs is in the instance's user+sys. The load: wrk (scripts/bench/post.lua) or scripts/bench_load.py at
 c16 on `POST /agent/greeter`, interleaved rounds (off, on; then on, off; …),
 medians per variant. "CPU ms/req" is the instance's user+sys during the cell
 divided by the calls answered; "with the export tail" also counts the CPU it
 spent until it went idle after the cell (the spans still queued being sent).
+
+Also, in this process: the µs per call of a call's three spans, encoded,
+with aiwfd.telemetry and with the OpenTelemetry SDK and its OTLP encoder
+(the reference, when the test extra has installed it): why aiwfd has its own.
 
 Target (issue 18): req/s with tracing on ≥ 0.8 × off at c16.
 """
@@ -161,6 +164,7 @@ class OtelBench:
                                  True)]
         self.receiver: bench.Proc | None = None
         self.notes: list[str] = []
+        self.per_call: dict[str, float] = {}
         self.versions: dict[str, str] = {}
 
     def start_receiver(self) -> int:
@@ -248,6 +252,110 @@ class OtelBench:
                          f"{v.cpu_tail_ms[-1]:.3f}; spans/call {v.spans[-1]:.2f}")
 
 
+# ----------------------------------------------------------------------------- in-process: one call's spans
+
+_SERVER = {"http.request.method": "POST", "url.path": "/agent/greeter", "http.route": "/agent/{name}"}
+_AGENT = {"gen_ai.operation.name": "invoke_agent", "gen_ai.agent.name": "greeter"}
+_CHAT = {"gen_ai.operation.name": "chat", "gen_ai.provider.name": "openai", "gen_ai.request.model": "gpt-4o-mini",
+         "gen_ai.request.max_tokens": 300, "gen_ai.request.temperature": 0.2, "gen_ai.output.type": "json",
+         "aiwfd.attempt": 1, "aiwfd.provider": "openai", "server.address": "127.0.0.1", "server.port": 8000}
+_DONE = {"gen_ai.response.model": "gpt-4o-mini-2024-07-18", "gen_ai.response.finish_reasons": ["stop"],
+         "gen_ai.usage.input_tokens": 52, "gen_ai.usage.output_tokens": 9}
+
+
+def per_call_us(n: int = 20_000) -> dict[str, float]:
+    """µs per call for the three spans of a call (SERVER, invoke_agent, CLIENT
+    chat with the attributes aiwfd sets), started, made current, propagated,
+    ended and encoded as OTLP protobuf: aiwfd.telemetry, and the OpenTelemetry
+    SDK with its exporter's encoder (what aiwfd used before). One core, this process."""
+    from aiwfd.telemetry import otlp
+    from aiwfd.telemetry import spans as ours
+
+    encoded: list[bytes] = []
+    tracer = ours.Tracer(ours.Sampler(1.0, True), lambda sp: encoded.append(otlp.encode(sp)))
+
+    def aiwfd_call(i: int) -> None:
+        remote = ours.parse_traceparent(None)
+        s = tracer.start_span("POST /agent/{name}", ours.SERVER, dict(_SERVER), remote=remote)
+        t1 = ours.attach(s)
+        a = tracer.start_span("invoke_agent greeter", ours.INTERNAL, dict(_AGENT))
+        t2 = ours.attach(a)
+        c = tracer.start_span("chat gpt-4o-mini", ours.CLIENT, dict(_CHAT))
+        t3 = ours.attach(c)
+        c.traceparent()
+        ours.detach(t3)
+        c.attributes.update(_DONE)
+        c.set_attribute("gen_ai.response.id", f"chatcmpl-{i}")
+        c.end()
+        ours.detach(t2)
+        a.set_attribute("aiwfd.attempts", 1)
+        a.end()
+        ours.detach(t1)
+        s.set_attribute("http.response.status_code", 200)
+        s.end()
+        if len(encoded) >= 512:
+            encoded.clear()
+
+    out = {"aiwfd": _time_it(aiwfd_call, n)}
+    try:
+        from opentelemetry import context, propagate, trace
+        from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
+        from opentelemetry.trace import SpanKind
+    except ImportError:
+        return out
+    done: list[Any] = []
+
+    class Keep(SpanExporter):  # type: ignore[misc]
+        def export(self, batch: Any) -> Any:
+            done.extend(batch)
+            return SpanExportResult.SUCCESS
+
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(Keep()))
+    sdk = provider.get_tracer("aiwfd")
+
+    def sdk_call(i: int) -> None:
+        s = sdk.start_span("POST /agent/{name}", context=propagate.extract({}), kind=SpanKind.SERVER,
+                           attributes=_SERVER)
+        t1 = context.attach(trace.set_span_in_context(s))
+        a = sdk.start_span("invoke_agent greeter", kind=SpanKind.INTERNAL, attributes=_AGENT)
+        t2 = context.attach(trace.set_span_in_context(a))
+        c = sdk.start_span("chat gpt-4o-mini", kind=SpanKind.CLIENT, attributes=_CHAT)
+        t3 = context.attach(trace.set_span_in_context(c))
+        propagate.inject({})
+        context.detach(t3)
+        c.set_attributes(_DONE)
+        c.set_attribute("gen_ai.response.id", f"chatcmpl-{i}")
+        c.end()
+        context.detach(t2)
+        a.set_attribute("aiwfd.attempts", 1)
+        a.end()
+        context.detach(t1)
+        s.set_attribute("http.response.status_code", 200)
+        s.end()
+        if len(done) >= 510:
+            encode_spans(done).SerializePartialToString()  # the exporter's work, per batch
+            done.clear()
+
+    out["sdk"] = _time_it(sdk_call, n)
+    provider.shutdown()
+    return out
+
+
+def _time_it(call: Callable[[int], None], n: int) -> float:
+    for i in range(n // 10):
+        call(i)
+    best = float("inf")
+    for _ in range(3):
+        t = time.perf_counter()
+        for i in range(n):
+            call(i)
+        best = min(best, (time.perf_counter() - t) / n * 1e6)
+    return best
+
+
 def versions() -> dict[str, str]:
     from importlib.metadata import version
 
@@ -297,9 +405,10 @@ def report(ob: OtelBench, machine: list[str], command: str, elapsed: float, load
         f"{p.duration:g} s per variant at c{C}, warm-up {p.warmup:g} s each, medians; took {elapsed:.0f} s)",
         "",
         *machine,
-        f"- opentelemetry-sdk {vs.get('opentelemetry-sdk')}, -api {vs.get('opentelemetry-api')}, "
-        f"-exporter-otlp-proto-http {vs.get('opentelemetry-exporter-otlp-proto-http')}, "
-        f"-proto {vs.get('opentelemetry-proto')}",
+        f"- tracer: aiwfd.telemetry (its own spans and OTLP encoder, exported from the loop); the receiver "
+        f"decodes with opentelemetry-proto {vs.get('opentelemetry-proto')}; the reference below is "
+        f"opentelemetry-sdk {vs.get('opentelemetry-sdk')} with -exporter-otlp-proto-http "
+        f"{vs.get('opentelemetry-exporter-otlp-proto-http')}'s encoder",
         f"- load average before / after: {loadavg[0]} / {loadavg[1]} (other work shares the machine: numbers are noisy)",
         "",
         "Variants (both `aiwfd serve`, aiohttp transport, greeter at 0 ms model latency, API_KEY): "
@@ -311,18 +420,26 @@ def report(ob: OtelBench, machine: list[str], command: str, elapsed: float, load
         "",
         *per_run,
         "",
+        "In-process, one core, the three spans of one call started, made current, propagated, ended and "
+        "encoded as OTLP protobuf (best of 3 × 20,000 calls):",
+        "",
+        "| tracer | µs per call |",
+        "|---|---:|",
+        *[f"| {name} | {us:.1f} |" for name, us in (("aiwfd.telemetry", ob.per_call.get("aiwfd")),
+                                                   ("OpenTelemetry SDK + its OTLP encoder", ob.per_call.get("sdk")))
+          if us is not None],
+        "",
         "| target | value | verdict |",
         "|---|---:|---|",
         f"| req/s on ≥ {RATIO}× off at c{C}, no errors | {_f(ratio, '{:.2f}×')} | {'PASS' if ok else 'FAIL'} |",
         "",
         "Notes:",
         f"- tracing costs about {_f(extra_us, '{:.0f}')} µs of server CPU per call (on − off, during the cell); "
-        "the on instance's CPU includes the batch processor's export thread (protobuf encoding, the HTTP POST), "
-        "pinned with it to CPU 0.",
+        "it includes the encoding (at each span's end) and the exports' HTTP POSTs, all on the instance's loop.",
         "- rounds alternate the order (off, on; then on, off) so that drift in the machine's load falls on both; "
         "the ratio divides the medians.",
         "- spans per call: three are expected (SERVER `POST /agent/{name}`, `invoke_agent greeter`, CLIENT "
-        "`chat gpt-4o-mini`); fewer means the batch processor's queue (2048 by default) overflowed and dropped "
+        "`chat gpt-4o-mini`); fewer means the export queue (2048 spans by default) overflowed and dropped "
         "spans under load.",
         *[f"- {n}" for n in ob.notes],
     ]
@@ -335,6 +452,8 @@ def run(procs: bench.Procs, args: argparse.Namespace, log: Callable[[str], None]
     loader = bench.Loader(procs, args.loader)
     ob = OtelBench(procs, loader, plan_for(args), log)
     ob.versions = versions()
+    ob.per_call = per_call_us()
+    log("  in-process µs per call: " + ", ".join(f"{k} {v:.1f}" for k, v in ob.per_call.items()))
     _, upstream = bench.start_fake(procs, 0)
     rport = ob.start_receiver()
     ob.start(upstream, rport)
