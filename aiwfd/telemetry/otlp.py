@@ -85,33 +85,58 @@ _kv_cache: dict[tuple[str, type, Any], bytes] = {}
 
 
 def key_value(key: str, value: Any) -> bytes:
-    """A KeyValue as a repeated field's element (its bytes, without the tag)."""
-    if isinstance(value, (list, tuple)):
-        return _field(b"\x0a", key.encode()) + _field(b"\x12", _any(value))
-    # The type is in the key: True == 1 and 1 == 1.0 as dict keys.
-    k = (key, type(value), value)
-    kv = _kv_cache.get(k)
-    if kv is None:
-        kv = _field(b"\x0a", key.encode()) + _field(b"\x12", _any(value))
-        if len(_kv_cache) >= _CACHE_MAX:  # unique values (response ids) must not grow it for ever
-            _kv_cache.clear()
-        _kv_cache[k] = kv
-    return kv
+    """A KeyValue message's bytes."""
+    return _field(b"\x0a", key.encode()) + _field(b"\x12", _any(value))
 
 
 def _attributes(tag: bytes, attributes: Mapping[str, Any]) -> bytes:
+    """Repeated KeyValue fields (`tag`), uncached: the resource's, once."""
     return b"".join(_field(tag, key_value(k, v)) for k, v in attributes.items() if v is not None)
+
+
+def _span_attributes(attributes: Mapping[str, Any]) -> bytes:
+    """Span.attributes: each (key, value) written once, then copied."""
+    out = []
+    cache = _kv_cache
+    for k, v in attributes.items():
+        # The type is in the key: True == 1 == 1.0 as dict keys.
+        ck = (k, v.__class__, v)
+        try:
+            b = cache.get(ck)
+        except TypeError:  # a list: not hashable, not cached
+            b = None
+            out.append(_field(b"\x4a", key_value(k, v)))
+            continue
+        if b is None:
+            if v is None:
+                continue
+            b = _field(b"\x4a", key_value(k, v))
+            if len(cache) >= _CACHE_MAX:  # unique values (response ids) must not grow it for ever
+                cache.clear()
+            cache[ck] = b
+        out.append(b)
+    return b"".join(out)
+
+
+_names: dict[tuple[str, int], bytes] = {}
+_FLAGS = {f: b"\x85\x01" + _U32(f) for f in (HAS_IS_REMOTE, HAS_IS_REMOTE | 1, HAS_IS_REMOTE | IS_REMOTE,
+                                              HAS_IS_REMOTE | IS_REMOTE | 1)}
 
 
 def encode(span: Span) -> bytes:
     """One finished span: the bytes of a `Span` message."""
-    out = [b"\x0a\x10", span.trace_id.to_bytes(16, "big"), b"\x12\x08", span.span_id.to_bytes(8, "big")]
+    head = b"\x0a\x10" + span.trace_id.to_bytes(16, "big") + b"\x12\x08" + span.span_id.to_bytes(8, "big")
     if span.trace_state:
-        out.append(_field(b"\x1a", span.trace_state.encode()))
+        head += _field(b"\x1a", span.trace_state.encode())
     if span.parent_id:
-        out += (b"\x22\x08", span.parent_id.to_bytes(8, "big"))
-    out += (_field(b"\x2a", span.name.encode("utf-8", "surrogatepass")), b"\x30", _varint(span.kind),
-            b"\x39", _U64(span.start_ns), b"\x41", _U64(span.end_ns), _attributes(b"\x4a", span.attributes))
+        head += b"\x22\x08" + span.parent_id.to_bytes(8, "big")
+    name = _names.get((span.name, span.kind))
+    if name is None:
+        if len(_names) >= _CACHE_MAX:
+            _names.clear()
+        name = _names[(span.name, span.kind)] = (
+            _field(b"\x2a", span.name.encode("utf-8", "surrogatepass")) + b"\x30" + _varint(span.kind))
+    out = [head, name, b"\x39", _U64(span.start_ns), b"\x41", _U64(span.end_ns), _span_attributes(span.attributes)]
     for link in span.links:
         body = b"\x0a\x10" + link.trace_id.to_bytes(16, "big") + b"\x12\x08" + link.span_id.to_bytes(8, "big")
         if link.trace_state:
@@ -121,7 +146,7 @@ def encode(span: Span) -> bytes:
         status = _field(b"\x12", span.message.encode("utf-8", "surrogatepass")) if span.message else b""
         out.append(_field(b"\x7a", status + b"\x18" + _varint(span.status)))
     flags = span.flags | HAS_IS_REMOTE | (IS_REMOTE if span.remote_parent else 0)
-    out += (b"\x85\x01", _U32(flags))
+    out.append(_FLAGS.get(flags) or b"\x85\x01" + _U32(flags))
     return b"".join(out)
 
 
