@@ -511,7 +511,7 @@ def report(lb: LimitsBench, machine: list[str], command: str, elapsed: float, lo
         "",
         "Variants (all `aiwfd serve`, aiohttp transport, greeter at 0 ms model latency, one client key in "
         "`auth.keys` with `key_sha256`): " + "; ".join(f"**{v.name}**: {v.what}" for v in lb.variants)
-        + f". Limits: the client's and the greeter's, each `{GENEROUS}`: five limits per call, nothing refused.",
+        + f". Limits: the client's and the greeter's, each `{GENEROUS}`: six limits per call (requests, tokens and concurrency of each), nothing refused.",
         "",
         measured,
         "",

@@ -184,7 +184,7 @@ class MemoryStore:
             # _Window.add and _Window.reset inlined, and the tuples made with
             # tuple.__new__ (a NamedTuple's own __new__ is a Python function):
             # this is the path of every call that is let through.
-            standings = []
+            standings: list[Standing] = []
             for limit, w in plan.requests:
                 cur, counts = w.newest, w.counts
                 if cost:
@@ -201,7 +201,7 @@ class MemoryStore:
                                                  (i + SPAN) * w.width - now if i <= cur else 0.0)))
             return _new(Admission, (True, None, 0.0, tuple(standings), lease))
 
-        standings: list[Standing] = []
+        standings = []
 
         if refused_window is None:
             retry = 1.0  # concurrency: no estimate of when a call in flight ends
