@@ -182,7 +182,7 @@ def rate_headers(plan: Plan, admission: Admission) -> dict[str, str]:
     # `max(0, remaining)`, `min(whole, max(0, ceil(reset)))`, which this computes.
     if len(standings) == len(plan.state):
         parts = []
-        for (prefix, whole), (_, remaining, reset) in zip(plan.state, standings):
+        for (prefix, whole), (_, remaining, reset) in zip(plan.state, standings, strict=True):
             t = _ceil(reset)
             parts.append(f"{prefix}{remaining if remaining > 0 else 0};t={whole if t > whole else (t if t > 0 else 0)}")
         state = ", ".join(parts)
