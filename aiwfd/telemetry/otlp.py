@@ -94,24 +94,32 @@ def _attributes(tag: bytes, attributes: Mapping[str, Any]) -> bytes:
     return b"".join(_field(tag, key_value(k, v)) for k, v in attributes.items() if v is not None)
 
 
+# Values that differ on every span: written each time, never cached.
+_UNIQUE = frozenset({"gen_ai.response.id", "aiwfd.job.id", "gen_ai.input.messages", "gen_ai.output.messages"})
+
+
 def _span_attributes(attributes: Mapping[str, Any]) -> bytes:
     """Span.attributes: each (key, value) written once, then copied."""
     out = []
     cache = _kv_cache
     for k, v in attributes.items():
-        # The type is in the key: True == 1 == 1.0 as dict keys.
-        ck = (k, v.__class__, v)
+        if v is None:
+            continue
+        if k in _UNIQUE:
+            out.append(_field(b"\x4a", key_value(k, v)))
+            continue
+        cls = v.__class__
+        # The type is in the key: True == 1 == 1.0 as dict keys. A list is
+        # looked up as a tuple (the finish reasons: the same few every time).
+        ck = (k, cls, v) if cls is not list else (k, cls, tuple(v))
         try:
             b = cache.get(ck)
-        except TypeError:  # a list: not hashable, not cached
-            b = None
+        except TypeError:  # a list of lists: not worth a key
             out.append(_field(b"\x4a", key_value(k, v)))
             continue
         if b is None:
-            if v is None:
-                continue
             b = _field(b"\x4a", key_value(k, v))
-            if len(cache) >= _CACHE_MAX:  # unique values (response ids) must not grow it for ever
+            if len(cache) >= _CACHE_MAX:  # many distinct values must not grow it for ever
                 cache.clear()
             cache[ck] = b
         out.append(b)
