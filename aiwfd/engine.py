@@ -325,17 +325,18 @@ def _end_chat(chat: tuple[Any, object], result: ChatResult | None, error_type: s
     span, token = chat
     telemetry.detach(token)
     if result is not None:
+        attributes = span.attributes  # set directly: this runs on every model call
         if result.model:
-            span.set_attribute("gen_ai.response.model", result.model)
+            attributes["gen_ai.response.model"] = result.model
         if result.response_id:
-            span.set_attribute("gen_ai.response.id", result.response_id)
+            attributes["gen_ai.response.id"] = result.response_id
         if result.finish_reason:
-            span.set_attribute("gen_ai.response.finish_reasons", [result.finish_reason])
-        span.set_attribute("gen_ai.usage.input_tokens", result.prompt_tokens)
-        span.set_attribute("gen_ai.usage.output_tokens", result.completion_tokens)
+            attributes["gen_ai.response.finish_reasons"] = [result.finish_reason]
+        attributes["gen_ai.usage.input_tokens"] = result.prompt_tokens
+        attributes["gen_ai.usage.output_tokens"] = result.completion_tokens
         if telemetry.CAPTURE_CONTENT and result.content is not None:
-            span.set_attribute("gen_ai.output.messages", compact_json(
-                [{"role": "assistant", "parts": [{"type": "text", "content": result.content}]}]))
+            attributes["gen_ai.output.messages"] = compact_json(
+                [{"role": "assistant", "parts": [{"type": "text", "content": result.content}]}])
     if error_type is not None:
         telemetry.set_error(span, error_type)
     span.end()
