@@ -87,8 +87,14 @@ async def stop() -> None:
 
 
 def extract(headers: Mapping[str, str]) -> Link | None:
-    """The remote parent of an incoming W3C `traceparent`; None without (or a malformed one)."""
-    return parse_traceparent(headers.get("traceparent"), headers.get("tracestate"))
+    """The remote parent of an incoming W3C `traceparent`; None without (or a malformed one).
+    Several `tracestate` headers are one list (W3C Trace Context §3.3.1)."""
+    value = headers.get("traceparent")
+    if not value:
+        return None
+    getall = getattr(headers, "getall", None)
+    state = ",".join(getall("tracestate", ())) if getall is not None else headers.get("tracestate")
+    return parse_traceparent(value, state)
 
 
 def inject(headers: MutableMapping[str, str]) -> MutableMapping[str, str]:

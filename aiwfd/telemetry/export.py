@@ -51,8 +51,10 @@ class Exporter:
         self._batch = Batch(settings.resource, "aiwfd", __version__)
         self._queue: list[bytes] = []
         self._wake = asyncio.Event()
+        self._stopping = asyncio.Event()  # set by close(): ends a retry's backoff
         self._closing = False
         self._task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.exported = 0
         self.dropped = 0
         self._unreported = 0  # dropped since the last warning
@@ -63,24 +65,65 @@ class Exporter:
             self._headers["Content-Encoding"] = "gzip"
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="aiwfd-otlp-export")
+        self._loop = asyncio.get_running_loop()
+        self._task = self._loop.create_task(self._run(), name="aiwfd-otlp-export")
+        self._task.add_done_callback(self._ended)
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        """The export task ended: said when it was not by close() (what is queued from now on is lost)."""
+        if not task.cancelled() and task.exception() is not None:
+            e = task.exception()
+            logger.error("traces: the export task failed (%r); no more spans will be exported", e, exc_info=e)
+            self._closing = True
 
     def add(self, span: Span) -> None:
-        """The tracer's sink: a finished sampled span."""
+        """The tracer's sink: a finished sampled span. Never raises (it runs in a request)."""
+        if self._closing:  # ended after stop(), or the task is gone: nobody would send it
+            self.dropped += 1
+            return
         if len(self._queue) >= self.settings.max_queue:
             self._lost(1, f"the queue is full (OTEL_BSP_MAX_QUEUE_SIZE={self.settings.max_queue})")
             return
-        self._queue.append(encode(span))
+        try:
+            self._queue.append(encode(span))
+        except Exception as e:  # a value the encoder cannot write: that span, not the request
+            self._lost(1, f"a span could not be encoded ({e!r})")
+            return
         if len(self._queue) >= self.settings.max_batch:
+            self._wake_up()
+
+    def _wake_up(self) -> None:
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
             self._wake.set()
+        else:  # a span that ended in another loop (or thread): the Event is the exporter loop's
+            loop.call_soon_threadsafe(self._wake.set)
 
     async def close(self, timeout: float) -> bool:
-        """Export what is queued within `timeout`; False when that did not finish."""
+        """Export what is queued within `timeout`; False when that did not finish.
+        From another loop than start()'s (an in-process server's tests), what is
+        queued is sent from this one."""
+        task = self._task
+        if task is None or task.done():
+            was_closing, self._closing = self._closing, True
+            if not self._queue or (task is not None and was_closing):
+                return not self._queue
+            return await self._flush_here(timeout)
+        if task.get_loop() is not asyncio.get_running_loop():
+            self._closing = True
+            if not task.get_loop().is_closed():
+                task.get_loop().call_soon_threadsafe(task.cancel)
+            self._task = None
+            return await self._flush_here(timeout)
         self._closing = True
         self._wake.set()
-        task = self._task
-        if task is None:
-            return True
+        self._stopping.set()
         try:
             await asyncio.wait_for(asyncio.shield(task), timeout)
             return True
@@ -88,6 +131,16 @@ class Exporter:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+            return False
+
+    async def _flush_here(self, timeout: float) -> bool:
+        """What is queued, from the running loop (the export task is gone or in another loop)."""
+        self._closing = True
+        self._wake, self._stopping = asyncio.Event(), asyncio.Event()  # the old ones may be bound to a closed loop
+        try:
+            await asyncio.wait_for(self._run(), timeout)
+            return True
+        except asyncio.TimeoutError:
             return False
 
     async def _run(self) -> None:
@@ -135,7 +188,11 @@ class Exporter:
             backoff = retry_after if retry_after is not None else (2 ** attempt) * random.uniform(0.8, 1.2)
             if not retryable or self._closing or loop.time() + backoff > deadline or attempt + 1 == _MAX_ATTEMPTS:
                 break
-            await asyncio.sleep(backoff)
+            # close() must not wait out a backoff (a Retry-After of 20 s): it ends the wait.
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), backoff)
+            if self._closing:
+                break
         self._lost(len(spans), f"the export to {redacted(s.endpoint)} failed ({problem})")
 
     def _lost(self, n: int, why: str) -> None:

@@ -16,8 +16,9 @@ Only the messages aiwfd sends, from opentelemetry-proto's
     Span.Link                  1 trace_id   2 span_id     3 trace_state  6 flags (fixed32)
     Status                     2 message    3 code
     KeyValue                   1 key        2 value
-    AnyValue                   1 string     2 bool        3 int          4 double   5 array
+    AnyValue                   1 string     2 bool        3 int          4 double   5 array   6 kvlist   7 bytes
     ArrayValue                 1 values
+    KeyValueList               1 values
 
 Why not the protobuf classes: building a message object per span and
 serialising it (what the OpenTelemetry SDK's exporter does) costs ~28 µs a
@@ -30,6 +31,7 @@ agent names, status codes).
 
 from __future__ import annotations
 
+import re
 from struct import Struct
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
@@ -64,21 +66,42 @@ def _field(tag: bytes, payload: bytes) -> bytes:
     return tag + _varint(len(payload)) + payload
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _utf8(text: str) -> bytes:
+    """A protobuf `string`: valid UTF-8 or the collector refuses the whole
+    export. A lone surrogate (JSON's "\\ud800", a header's undecodable byte
+    as aiohttp gives it) becomes U+FFFD."""
+    try:
+        return text.encode()
+    except UnicodeEncodeError:
+        return _SURROGATE.sub("\ufffd", text).encode()
+
+
+_INT64 = range(-(2**63), 2**63)
+
+
 def _any(value: Any) -> bytes:
     """An AnyValue. None never gets here (an attribute set to None is left out)."""
     if isinstance(value, str):
-        return _field(b"\x0a", value.encode("utf-8", "surrogatepass"))
+        return _field(b"\x0a", _utf8(value))
     if isinstance(value, bool):  # before int: a bool is an int
         return b"\x10\x01" if value else b"\x10\x00"
     if isinstance(value, int):
+        if value not in _INT64:  # an int64 would wrap it: its digits instead
+            return _field(b"\x0a", str(value).encode())
         return b"\x18" + _varint(value & 0xFFFF_FFFF_FFFF_FFFF)  # int64, two's complement
     if isinstance(value, float):
         return b"\x21" + _F64(value)
     if isinstance(value, (list, tuple)):
         return _field(b"\x2a", b"".join(_field(b"\x0a", _any(v)) for v in value if v is not None))
-    if isinstance(value, bytes):
-        return _field(b"\x3a", value)
-    return _field(b"\x0a", str(value).encode("utf-8", "surrogatepass"))
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return _field(b"\x3a", bytes(value))
+    if isinstance(value, Mapping):  # KeyValueList
+        return _field(b"\x32", b"".join(_field(b"\x0a", key_value(str(k), v))
+                                         for k, v in value.items() if v is not None))
+    return _field(b"\x0a", _utf8(str(value)))
 
 
 _kv_cache: dict[tuple[str, type, Any], bytes] = {}
@@ -86,7 +109,7 @@ _kv_cache: dict[tuple[str, type, Any], bytes] = {}
 
 def key_value(key: str, value: Any) -> bytes:
     """A KeyValue message's bytes."""
-    return _field(b"\x0a", key.encode()) + _field(b"\x12", _any(value))
+    return _field(b"\x0a", _utf8(key)) + _field(b"\x12", _any(value))
 
 
 def _attributes(tag: bytes, attributes: Mapping[str, Any]) -> bytes:
@@ -111,7 +134,8 @@ def _span_attributes(attributes: Mapping[str, Any]) -> bytes:
         cls = v.__class__
         # The type is in the key: True == 1 == 1.0 as dict keys. A list is
         # looked up as a tuple (the finish reasons: the same few every time).
-        ck = (k, cls, v) if cls is not list else (k, cls, tuple(v))
+        # Its items' types too: [1] == [True] == [1.0].
+        ck = (k, cls, v) if cls is not list else (k, cls, (tuple(v), tuple(map(type, v))))
         try:
             b = cache.get(ck)
         except TypeError:  # a list of lists: not worth a key
@@ -135,7 +159,7 @@ def encode(span: Span) -> bytes:
     """One finished span: the bytes of a `Span` message."""
     head = b"\x0a\x10" + span.trace_id.to_bytes(16, "big") + b"\x12\x08" + span.span_id.to_bytes(8, "big")
     if span.trace_state:
-        head += _field(b"\x1a", span.trace_state.encode())
+        head += _field(b"\x1a", _utf8(span.trace_state))
     if span.parent_id:
         head += b"\x22\x08" + span.parent_id.to_bytes(8, "big")
     name = _names.get((span.name, span.kind))
@@ -143,15 +167,15 @@ def encode(span: Span) -> bytes:
         if len(_names) >= _CACHE_MAX:
             _names.clear()
         name = _names[(span.name, span.kind)] = (
-            _field(b"\x2a", span.name.encode("utf-8", "surrogatepass")) + b"\x30" + _varint(span.kind))
+            _field(b"\x2a", _utf8(span.name)) + b"\x30" + _varint(span.kind))
     out = [head, name, b"\x39", _U64(span.start_ns), b"\x41", _U64(span.end_ns), _span_attributes(span.attributes)]
     for link in span.links:
         body = b"\x0a\x10" + link.trace_id.to_bytes(16, "big") + b"\x12\x08" + link.span_id.to_bytes(8, "big")
         if link.trace_state:
-            body += _field(b"\x1a", link.trace_state.encode())
+            body += _field(b"\x1a", _utf8(link.trace_state))
         out.append(_field(b"\x6a", body + b"\x35" + _U32(link.flags | HAS_IS_REMOTE | IS_REMOTE)))
     if span.status:
-        status = _field(b"\x12", span.message.encode("utf-8", "surrogatepass")) if span.message else b""
+        status = _field(b"\x12", _utf8(span.message)) if span.message else b""
         out.append(_field(b"\x7a", status + b"\x18" + _varint(span.status)))
     flags = span.flags | HAS_IS_REMOTE | (IS_REMOTE if span.remote_parent else 0)
     out.append(_FLAGS.get(flags) or b"\x85\x01" + _U32(flags))
@@ -163,7 +187,7 @@ class Batch:
 
     def __init__(self, resource: Mapping[str, Any], scope: str, version: str) -> None:
         self._resource = _field(b"\x0a", _attributes(b"\x0a", resource))
-        self._scope = _field(b"\x0a", _field(b"\x0a", scope.encode()) + _field(b"\x12", version.encode()))
+        self._scope = _field(b"\x0a", _field(b"\x0a", _utf8(scope)) + _field(b"\x12", _utf8(version)))
 
     def request(self, spans: Iterable[bytes]) -> bytes:
         """An `ExportTraceServiceRequest` of `spans` (each from `encode`)."""

@@ -10,9 +10,10 @@ variable wins over its `OTEL_EXPORTER_OTLP_*` form.
 from __future__ import annotations
 
 import platform
+import re
 import ssl
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 from urllib.parse import unquote, urlsplit
 
 from aiwfd import __version__
@@ -51,34 +52,43 @@ def from_env(env: Mapping[str, str]) -> TraceSettings | None:
     if not configured(env):
         return None
 
-    def var(name: str) -> str:
-        return (env.get(f"OTEL_EXPORTER_OTLP_TRACES_{name}") or env.get(f"OTEL_EXPORTER_OTLP_{name}") or "").strip()
+    def name(suffix: str) -> str:
+        """The variable that sets `suffix`: the per-signal one when it is set (errors name it)."""
+        traces = f"OTEL_EXPORTER_OTLP_TRACES_{suffix}"
+        return traces if env.get(traces, "").strip() else f"OTEL_EXPORTER_OTLP_{suffix}"
+
+    def var(suffix: str) -> str:
+        return env.get(name(suffix), "").strip()
 
     protocol = var("PROTOCOL")
     if protocol and protocol != "http/protobuf":
-        raise StartupError(f"OTEL_EXPORTER_OTLP_PROTOCOL {protocol!r} is not supported: aiwfd exports "
+        raise StartupError(f"{name('PROTOCOL')} {protocol!r} is not supported: aiwfd exports "
                            "OTLP over HTTP as protobuf (http/protobuf), to port 4318 of a collector")
     traces = env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "").strip()
     if not traces:
         traces = env["OTEL_EXPORTER_OTLP_ENDPOINT"].strip().rstrip("/") + "/v1/traces"
-    if not traces.startswith(("http://", "https://")) or not urlsplit(traces).hostname:
-        raise StartupError(f"the OTLP traces endpoint {traces!r} is not an http:// or https:// URL "
+    if not traces.startswith(("http://", "https://")) or not _hostname(traces):
+        raise StartupError(f"{name('ENDPOINT')} {_shown(traces)!r} is not an http:// or https:// URL "
                            "(aiwfd exports OTLP over HTTP)")
     compression = var("COMPRESSION").lower()
     if compression not in ("", "none", "gzip"):
-        raise StartupError(f"OTEL_EXPORTER_OTLP_COMPRESSION {compression!r} is not gzip or none")
+        raise StartupError(f"{name('COMPRESSION')} {compression!r} is not gzip or none")
+    max_queue = _whole(env, "OTEL_BSP_MAX_QUEUE_SIZE", 2048)
+    max_batch = _whole(env, "OTEL_BSP_MAX_EXPORT_BATCH_SIZE", min(512, max_queue))
+    if max_batch > max_queue:  # a full batch could never be queued (the SDK refuses it too)
+        raise StartupError(f"OTEL_BSP_MAX_EXPORT_BATCH_SIZE {max_batch} is more than "
+                           f"OTEL_BSP_MAX_QUEUE_SIZE {max_queue}: a batch is taken from the queue")
     return TraceSettings(
         endpoint=traces,
         sampler=_sampler(env),
         resource=_resource(env),
-        headers=_headers(var("HEADERS")),
-        timeout=_millis(env, "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT" if env.get("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT")
-                        else "OTEL_EXPORTER_OTLP_TIMEOUT", 10_000),
+        headers=_export_headers(name("HEADERS"), var("HEADERS")),
+        timeout=_millis(env, name("TIMEOUT"), 10_000),
         gzip=compression == "gzip",
-        ssl=_ssl(var("CERTIFICATE"), var("CLIENT_CERTIFICATE"), var("CLIENT_KEY")),
+        ssl=_ssl(name, var("CERTIFICATE"), var("CLIENT_CERTIFICATE"), var("CLIENT_KEY")),
         schedule_delay=_millis(env, "OTEL_BSP_SCHEDULE_DELAY", 5000),
-        max_queue=_whole(env, "OTEL_BSP_MAX_QUEUE_SIZE", 2048),
-        max_batch=_whole(env, "OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 512),
+        max_queue=max_queue,
+        max_batch=max_batch,
         export_timeout=_millis(env, "OTEL_BSP_EXPORT_TIMEOUT", 30_000),
         capture_content=env.get("OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT", "").strip().lower() == "true",
     )
@@ -87,7 +97,9 @@ def from_env(env: Mapping[str, str]) -> TraceSettings | None:
 def _sampler(env: Mapping[str, str]) -> Sampler:
     """OTEL_TRACES_SAMPLER / _ARG."""
     name = env.get("OTEL_TRACES_SAMPLER", "parentbased_always_on").strip().lower() or "parentbased_always_on"
-    arg = env.get("OTEL_TRACES_SAMPLER_ARG", "").strip()
+    base = name.removeprefix("parentbased_")
+    # The argument is the ratio's only: other samplers ignore it (it may be set for another process).
+    arg = env.get("OTEL_TRACES_SAMPLER_ARG", "").strip() if base == "traceidratio" else ""
     try:
         ratio = float(arg) if arg else 1.0
     except ValueError:
@@ -95,7 +107,6 @@ def _sampler(env: Mapping[str, str]) -> Sampler:
     if not 0.0 <= ratio <= 1.0:
         raise StartupError(f"OTEL_TRACES_SAMPLER_ARG {arg!r} is not a number from 0 to 1")
     samplers = {"always_on": 1.0, "always_off": 0.0, "traceidratio": ratio}
-    base = name.removeprefix("parentbased_")
     if base not in samplers:
         names = [*samplers, *(f"parentbased_{n}" for n in samplers)]
         raise StartupError(f"OTEL_TRACES_SAMPLER {name!r} is not one of {', '.join(names)}")
@@ -123,6 +134,34 @@ def _headers(raw: str) -> dict[str, str]:
     return out
 
 
+def _export_headers(var: str, raw: str) -> dict[str, str]:
+    """OTEL_EXPORTER_OTLP_HEADERS: refused at start when a header could not be sent (aiohttp would refuse
+    every export, and the spans would be dropped for the life of the process)."""
+    out = _headers(raw)
+    for k, v in out.items():
+        if not _TOKEN.fullmatch(k) or any(c in v for c in "\r\n\x00"):
+            raise StartupError(f"{var} has a header that cannot be sent: {k!r} (a name is an HTTP token "
+                               "such as x-api-key; a value has no line break)")
+    return out
+
+
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+
+
+def _shown(url: str) -> str:
+    """A URL for an error message: no user info, no query."""
+    return re.sub(r"//[^/@]*@", "//", url.split("?", 1)[0])
+
+
+def _hostname(url: str) -> str | None:
+    try:
+        u = urlsplit(url)
+        u.port  # noqa: B018 (raises for a bad one)
+        return u.hostname
+    except ValueError:  # a bad port, an unclosed [
+        return None
+
+
 def _whole(env: Mapping[str, str], var: str, default: int) -> int:
     raw = env.get(var, "").strip()
     if not raw:
@@ -136,7 +175,7 @@ def _millis(env: Mapping[str, str], var: str, default: int) -> float:
     return _whole(env, var, default) / 1000
 
 
-def _ssl(ca: str, cert: str, key: str) -> ssl.SSLContext | None:
+def _ssl(name: Callable[[str], str], ca: str, cert: str, key: str) -> ssl.SSLContext | None:
     """A TLS context for a private CA or a client certificate (mTLS); None: the system's defaults."""
     if not (ca or cert):
         return None
@@ -145,12 +184,16 @@ def _ssl(ca: str, cert: str, key: str) -> ssl.SSLContext | None:
         if cert:
             context.load_cert_chain(cert, key or None)
     except (OSError, ssl.SSLError) as e:
-        which = "OTEL_EXPORTER_OTLP_CERTIFICATE" if not cert else "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE / _CLIENT_KEY"
+        which = name("CERTIFICATE") if not cert else f"{name('CLIENT_CERTIFICATE')} / {name('CLIENT_KEY')}"
         raise StartupError(f"{which}: {e}") from None
     return context
 
 
 def redacted(url: str) -> str:
     """The endpoint for the log: no user info, no query (either may hold a token)."""
-    u = urlsplit(url)
-    return f"{u.scheme}://{u.hostname}{':' + str(u.port) if u.port else ''}{u.path}"
+    try:
+        u = urlsplit(url)
+        port = u.port
+    except ValueError:
+        return url.partition("?")[0].rpartition("@")[2]
+    return f"{u.scheme}://{u.hostname}{':' + str(port) if port else ''}{u.path}"

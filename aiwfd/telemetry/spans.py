@@ -35,7 +35,12 @@ _current: ContextVar[Span | None] = ContextVar("aiwfd_span", default=None)
 # W3C Trace Context, level 1 (§3.2): version 00 is exactly this; a later
 # version may append fields after a dash, and ff is never valid.
 _TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?")
-_TRACESTATE_MAX = 512
+_TRACESTATE_MAX = 512       # characters propagated at least (§3.3.1.5); beyond, long members go first
+_TRACESTATE_MEMBERS = 32
+# A list-member (§3.3.1.3): a key (simple or tenant@system) '=' a value of
+# printable ASCII but ',' and '=', not ending in a space.
+_MEMBER = re.compile(r"(?:[a-z][a-z0-9_\-*/]{0,255}|[a-z0-9][a-z0-9_\-*/]{0,240}@[a-z][a-z0-9_\-*/]{0,13})"
+                     r"=[\x20-\x2b\x2d-\x3c\x3e-\x7e]{0,255}[\x21-\x2b\x2d-\x3c\x3e-\x7e]")
 
 
 @dataclass(frozen=True)
@@ -58,9 +63,27 @@ def parse_traceparent(value: str | None, state: str | None = None) -> Link | Non
     version, trace, span, flags, rest = m.groups()
     if version == "ff" or (version == "00" and rest) or not int(trace, 16) or not int(span, 16):
         return None
-    state = (state or "").strip()
-    return Link(int(trace, 16), int(span, 16), int(flags, 16) & SAMPLED,
-                state if len(state) <= _TRACESTATE_MAX else "")
+    return Link(int(trace, 16), int(span, 16), int(flags, 16) & SAMPLED, _tracestate(state) if state else "")
+
+
+def _tracestate(state: str) -> str:
+    """A `tracestate` fit to pass on: "" when it is not valid W3C (it is not
+    propagated then: a client's odd bytes must reach neither the provider's
+    request nor the collector); within 32 members and 512 characters, the
+    members over 128 characters dropped first, then from the right (§3.3.1.5)."""
+    members = [m.strip() for m in state.split(",")]
+    members = [m for m in members if m]  # empty members are allowed, and dropped
+    if len(members) > _TRACESTATE_MEMBERS or not all(_MEMBER.fullmatch(m) for m in members):
+        return ""
+    if len({m.partition("=")[0] for m in members}) != len(members):  # a key may appear once
+        return ""
+    out = ",".join(members)
+    if len(out) > _TRACESTATE_MAX:
+        members = [m for m in members if len(m) <= 128]
+        while len(",".join(members)) > _TRACESTATE_MAX:
+            members.pop()
+        out = ",".join(members)
+    return out
 
 
 class Span:
@@ -154,5 +177,7 @@ def detach(token: object) -> None:
     try:
         _current.reset(token)  # type: ignore[arg-type]
     except ValueError:  # made in another context (a task that copied it): nothing of ours to undo there
+        pass
+    except RuntimeError:  # already used (a second detach): undone already
         pass
 

@@ -213,3 +213,30 @@ async def test_off_the_request_log_has_no_trace_id(fake: FakeOpenAI, tmp_path: P
             assert r.status == 200
         assert "trace_id" not in s.log_lines()[-1]
         assert "traceparent" not in fake.requests[-1].headers
+
+
+async def test_a_tracestate_that_is_not_w3c_never_fails_the_request(srv: InProcess, fake: FakeOpenAI,
+                                                                    rx: OTLPReceiver) -> None:
+    # Bytes aiohttp cannot decode reach the handler as lone surrogates: the
+    # SERVER span's end raised on them (a 500 without a log line), or, sent
+    # on, the collector refused the whole export. Not W3C: not propagated.
+    from urllib.parse import urlsplit
+    u = urlsplit(srv.url("/agent/greeter"))
+    body = b'{"name": "Ann"}'
+    reader, writer = await asyncio.open_connection(u.hostname, u.port)
+    writer.write(b"POST /agent/greeter HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"traceparent: " + PARENT.encode() + b"\r\ntracestate: a=\xff\xfe\r\n"
+                 b"Content-Length: " + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body)
+    await writer.drain()
+    answer = await reader.read()
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+    spans = await rx.wait_for(lambda spans: any(s.kind == "SERVER" for s in spans))
+    server = one(spans, "POST /agent/{name}")
+    assert server.trace_id == PARENT_TRACE and server.trace_state == ""
+    assert "tracestate" not in fake.requests[-1].headers
+    # Several valid headers are one list, passed on.
+    async with srv.session.post(srv.url("/agent/greeter"), json={"name": "Ann"},
+                                headers=[("traceparent", PARENT), ("tracestate", "a=1"), ("tracestate", "b=2")]) as r:
+        assert r.status == 200
+    assert fake.requests[-1].headers["tracestate"] == "a=1,b=2"
