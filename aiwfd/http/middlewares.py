@@ -129,6 +129,11 @@ async def core(request: web.Request, handler: Handler) -> web.StreamResponse:
         except (Exception, asyncio.CancelledError) as e:
             err = http_error(e, rt, rid)
             resp, error_type = error_response(err, rid), err.type
+    except BaseException:
+        # Only a bug in the error path itself gets here: the span must not stay current or open.
+        if span is not None:
+            _end_server_span(span, token, 500, "internal_error")
+        raise
     finally:
         rt.inflight_tasks.discard(task)
         if not rt.inflight_tasks:
