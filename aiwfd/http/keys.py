@@ -23,9 +23,10 @@ AGENT: web.RequestKey[CompiledAgent] = web.RequestKey("aiwfd.agent")
 CLIENT: web.RequestKey[Client] = web.RequestKey("aiwfd.client")
 # The RateLimit-Policy and RateLimit headers of the call (aiwfd.http.quota), for the on_prepare hook.
 RATE_HEADERS: web.RequestKey[dict[str, str]] = web.RequestKey("aiwfd.rate_headers", dict)
-# The error type a streamed answer ended with, after its 200 went out (aiwfd.http.stream),
-# for the request log and metrics.
-STREAM_ERROR: web.RequestKey[str] = web.RequestKey("aiwfd.stream_error", str)
+# The error type of an answer whose status does not carry it, for the request log and
+# metrics: a stream that ended with an `error` event after its 200 (aiwfd.http.stream), an
+# MCP tool call's error result (aiwfd.http.mcp), an OpenAI-shaped error (aiwfd.http.openai_api).
+ANSWER_ERROR: web.RequestKey[str] = web.RequestKey("aiwfd.answer_error", str)
 # The name of the catch-all route (aiwfd.http.views.no_route): metrics count it as unmatched.
 NO_ROUTE = "aiwfd.no_route"
 

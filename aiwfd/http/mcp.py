@@ -47,7 +47,7 @@ from aiwfd.engine import CallStats, call_agent, compact_json
 from aiwfd.errors import Forbidden, HTTPError, InvalidJSON, error_body
 from aiwfd.http import access, quota, views
 from aiwfd.http.body import IDENTITY, inflate, read_raw
-from aiwfd.http.keys import CLIENT, REQUEST_ID, RUNTIME, STATS
+from aiwfd.http.keys import ANSWER_ERROR, CLIENT, REQUEST_ID, RUNTIME, STATS
 from aiwfd.http.middlewares import http_error
 from aiwfd.http.runtime import Runtime, Snapshot
 from aiwfd.spec.compiler import Compiled, CompiledAgent
@@ -276,6 +276,7 @@ async def _call(request: web.Request, rt: Runtime, snap: Snapshot, client: Clien
     except Exception as e:  # noqa: BLE001 - every failure of the call is the tool's error result
         err: HTTPError = http_error(e, rt, request[REQUEST_ID])
         rt.metrics.record_agent(agent, stats, err.status, err.type, client.label)
+        request[ANSWER_ERROR] = err.type  # the log's error=: the HTTP status is 200 all the same
         # No structuredContent: the TypeScript SDK checks one against the tool's outputSchema
         # even on an error result, and the error body is not the agent's output.
         return {"content": [{"type": "text", "text": compact_json(error_body(err, request[REQUEST_ID]))}],

@@ -29,7 +29,7 @@ from aiwfd.errors import (
     RequestTimeout, Unavailable, UnsupportedMediaType, error_body,
 )
 from aiwfd.auth.clients import ANONYMOUS
-from aiwfd.http.keys import CLIENT, RATE_HEADERS, REQUEST_ID, RUNTIME, STATS, STREAM_ERROR, route_template
+from aiwfd.http.keys import CLIENT, RATE_HEADERS, REQUEST_ID, RUNTIME, STATS, ANSWER_ERROR, route_template
 from aiwfd.http.protocol import CONTINUED
 from aiwfd.http.runtime import Phase, Runtime
 
@@ -138,9 +138,9 @@ async def core(request: web.Request, handler: Handler) -> web.StreamResponse:
         rt.inflight_tasks.discard(task)
         if not rt.inflight_tasks:
             rt.idle.set()
-    if error_type is None and resp.prepared:
-        # A streamed answer (aiwfd.http.stream) that ended with an `error` event.
-        error_type = request.get(STREAM_ERROR)
+    if error_type is None:
+        # An answer that carries its error in the body (a stream's `error` event, an MCP error result).
+        error_type = request.get(ANSWER_ERROR)
     stats: CallStats | None = request.get(STATS)
     elapsed = time.monotonic() - started
     client = request.get(CLIENT)

@@ -30,7 +30,7 @@ Errors are in OpenAI's shape, `{"error": {"message", "type", "param",
 raise their usual exceptions (401 AuthenticationError, 404 NotFoundError,
 422 UnprocessableEntityError, 429 RateLimitError…). The core middleware would
 render the §3.1 shape: these handlers answer their errors themselves, and
-hand the error type to the request log and metrics through `STREAM_ERROR`
+hand the error type to the request log and metrics through `ANSWER_ERROR`
 (an answer already prepared, as a stream's is).
 """
 
@@ -52,7 +52,7 @@ from aiwfd.errors import (
 )
 from aiwfd.http import access, quota, views
 from aiwfd.http.body import read_json
-from aiwfd.http.keys import AGENT, CLIENT, REQUEST_ID, RUNTIME, STATS, STREAM_ERROR
+from aiwfd.http.keys import AGENT, CLIENT, REQUEST_ID, RUNTIME, STATS, ANSWER_ERROR
 from aiwfd.http.middlewares import http_error, json_response
 from aiwfd.http.runtime import Runtime, Snapshot
 from aiwfd.spec.compiler import CompiledAgent
@@ -95,11 +95,11 @@ def openai_error(err: HTTPError) -> dict[str, Any]:
 
 async def error_response(request: web.Request, err: HTTPError) -> web.StreamResponse:
     """The answer to `err`, sent here (prepared) so that the middleware logs and
-    counts its type (`STREAM_ERROR`) without rendering the §3.1 shape over it."""
+    counts its type (`ANSWER_ERROR`) without rendering the §3.1 shape over it."""
     resp = json_response(openai_error(err), err.status, err.headers or None)
     if isinstance(err, (PayloadTooLarge, RequestTimeout)):
         resp.force_close()  # the rest of the body is unread
-    request[STREAM_ERROR] = err.type
+    request[ANSWER_ERROR] = err.type
     with contextlib.suppress(ConnectionError):
         await resp.prepare(request)
         await resp.write_eof()
@@ -328,7 +328,7 @@ async def _stream(request: web.Request, rt: Runtime, agent: CompiledAgent,
                 await resp.write(KEEPALIVE)
                 next_ping = max(next_ping + rt.settings.sse_keepalive, loop.time())
     except ConnectionError:
-        request[STREAM_ERROR] = CLIENT_GONE
+        request[ANSWER_ERROR] = CLIENT_GONE
         return await _end(request, resp)
     except (Exception, asyncio.CancelledError) as e:
         if not resp.prepared:
@@ -350,7 +350,7 @@ async def _stream(request: web.Request, rt: Runtime, agent: CompiledAgent,
                 failure = http_error(e, rt, rid)
     if failure is not None:
         # The 200 is gone: the error is an event (the SDKs raise it as an APIError).
-        request[STREAM_ERROR] = failure.type
+        request[ANSWER_ERROR] = failure.type
         return await _end(request, resp, b"data: " + orjson.dumps(openai_error(failure)) + b"\n\n")
     content = answer_text(agent, result["data"])
     return await _end(request, resp, chunks(rid, agent, content, stats, include_usage))
@@ -364,7 +364,7 @@ async def _end(request: web.Request, resp: web.StreamResponse, data: bytes = b""
             await resp.write(data)
         await resp.write_eof()
     except ConnectionError:
-        request[STREAM_ERROR] = CLIENT_GONE
+        request[ANSWER_ERROR] = CLIENT_GONE
     return resp
 
 
@@ -376,6 +376,6 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     if agent is not None and CHAT_ROUTE not in rt.metrics.agent_routes:
         # The route table does not count it as an agent call (app.ROUTES): counted here, once.
         client = request.get(CLIENT)
-        rt.metrics.record_agent(agent, request.get(STATS), resp.status, request.get(STREAM_ERROR),
+        rt.metrics.record_agent(agent, request.get(STATS), resp.status, request.get(ANSWER_ERROR),
                                 client.label if client is not None else "anonymous")
     return resp

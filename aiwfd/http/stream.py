@@ -52,7 +52,7 @@ from aiwfd.engine import CallStats, call_agent
 from aiwfd.spec.compiler import Compiled, CompiledAgent
 from aiwfd.spec.patches import PatchParser
 from aiwfd.errors import HTTPError, InvalidOutput, error_body
-from aiwfd.http.keys import CLIENT, REQUEST_ID, RUNTIME, STATS, STREAM_ERROR
+from aiwfd.http.keys import CLIENT, REQUEST_ID, RUNTIME, STATS, ANSWER_ERROR
 from aiwfd.http.middlewares import http_error
 from aiwfd.http.runtime import Runtime, Snapshot
 
@@ -166,7 +166,7 @@ async def _respond(request: web.Request, rt: Runtime, snap: Snapshot, agent: Com
         with contextlib.suppress(ConnectionError):
             await writer.send("error", error_body(err, rid))
     if error is not None:
-        request[STREAM_ERROR] = error
+        request[ANSWER_ERROR] = error
     with contextlib.suppress(ConnectionError):
         await resp.write_eof()
     return resp

@@ -253,6 +253,9 @@ async def test_a_failed_call_is_a_tool_error(srv: InProcess, fake: FakeOpenAI) -
         result = await c.call_tool("greeter", {"name": "Ann"})
     assert result.is_error is True
     assert json.loads(result.content[0].text)["error"]["type"] == "upstream_error"  # type: ignore[union-attr]
+    # The request log names the error though the POST was a 200 (a JSON-RPC result).
+    call = [ln for ln in srv.log_lines() if "POST /mcp" in ln and "error=" in ln]
+    assert call and "status=200" in call[-1] and "error=upstream_error" in call[-1], srv.log_lines()[-4:]
 
 
 async def test_an_unknown_tool_is_a_json_rpc_error(srv: InProcess) -> None:
