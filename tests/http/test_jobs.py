@@ -438,14 +438,15 @@ async def test_a_run_stops_when_its_lease_cannot_be_renewed(fake: FakeOpenAI, rx
     fake.reset()
     gate = asyncio.Event()
     fake.script(Hold(gate))
-    cfg = write_config(tmp_path, text(fake, rx, concurrency=1))
+    # The least lease (1 s): the test waits out the run's hold on it, then the lease itself.
+    cfg = write_config(tmp_path, text(fake, rx, concurrency=1).replace("lease: 3s", "lease: 1s"))
     with RedisServer() as own:
         async with serve(cfg, env=env(fake), redis_url=own.url, state_dir=str(tmp_path / "s")) as s:
             doc = await submit(s)
             await fake.wait_calls(1)
             own.pause()
             try:
-                await asyncio.wait_for(fake.disconnected.wait(), 10)  # lease 3 s: the run stops within it
+                await asyncio.wait_for(fake.disconnected.wait(), 10)  # lease 1 s: the run stops within it
             finally:
                 own.resume()
             done = await until(s, doc["id"], "succeeded", timeout=20)
