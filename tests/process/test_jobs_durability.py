@@ -5,7 +5,7 @@ redis-server, --redis-url).
 
 - kill -9 mid-job: the instance running it is SIGKILLed while the fake model
   holds its call; a second instance runs it to the end once the lease
-  (`jobs.lease: 2s`) has run out: `attempts: 2`, one result, one
+  (`jobs.lease: 1s`, the least) has run out: `attempts: 2`, one result, one
   `job.succeeded` webhook.
 - SIGTERM with a running job: it finishes within the shutdown timeout (exit
   0, `succeeded`), or it is cancelled at the timeout, goes back to the queue
@@ -89,7 +89,7 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[list[str]]
 
 
 @contextlib.asynccontextmanager
-async def world(tmp_path: Path, store: list[str], *, lease: str = "2s", max_attempts: int = 5,
+async def world(tmp_path: Path, store: list[str], *, lease: str = "1s", max_attempts: int = 5,
                 latency: float = 0.0, extra: tuple[str, ...] = ()) -> AsyncIterator[
                     tuple[FakeOpenAI, WebhookReceiver, list[str], dict[str, str]]]:
     """The fake model, the receiver, and the args and env of `aiwfd serve` on them."""
@@ -164,7 +164,7 @@ async def test_kill_9_mid_job_another_instance_runs_it_to_the_end(tmp_path: Path
         started_at = time.monotonic()
         async with started(args, env) as b:
             await log(b, rf"job {job_id} \(greeter\): succeeded after 2 attempts")
-            # Not before A's lease ran out (2 s from A's last renewal, at most 2 s ago).
+            # Not before A's lease ran out (1 s from A's last renewal, at most 1 s ago).
             assert fake.calls == 2  # run twice, never at the same time: A's call was gone first
             doc = await until(session, b, job_id)
             assert doc["status"] == "succeeded" and doc["attempts"] == 2 and doc["error"] is None
@@ -208,7 +208,7 @@ async def test_sigterm_a_running_job_finishes_within_the_shutdown_timeout(tmp_pa
 
 async def test_sigterm_a_job_longer_than_the_shutdown_timeout_goes_back_to_the_queue(
         tmp_path: Path, store: list[str]) -> None:
-    async with world(tmp_path, store, extra=("--shutdown-timeout", "1")) as (fake, rx, args, env), \
+    async with world(tmp_path, store, extra=("--shutdown-timeout", "0.5")) as (fake, rx, args, env), \
             aiohttp.ClientSession() as session:
         gate = asyncio.Event()  # never set: the first run outlasts the shutdown timeout
         fake.script(Hold(gate))
