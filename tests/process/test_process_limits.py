@@ -71,7 +71,7 @@ def test_a_gzip_bomb_never_raises_rss_by_more_than_the_limit(tmp_path: Path) -> 
             assert r.status == 200
 
 
-@pytest.mark.parametrize("header_timeout", [2.0])
+@pytest.mark.parametrize("header_timeout", [1.0])
 def test_idle_sockets_cannot_exhaust_descriptors(tmp_path: Path, header_timeout: float) -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard != resource.RLIM_INFINITY and hard < 1024:
