@@ -55,7 +55,6 @@ from __future__ import annotations
 
 import builtins
 import contextlib
-import secrets
 from typing import Any, Collection, Sequence
 
 import orjson
@@ -79,6 +78,7 @@ from aiwfd.jobs.store import (
     decode_cursor,
     has_webhook,
     encode_cursor,
+    new_job_id,
 )
 # The limits store's script runner (EVALSHA, EVAL after a Redis restart) and log-safe URL.
 from aiwfd.store.redis import _Script, mapped, redacted
@@ -124,7 +124,10 @@ end
 
 # KEYS: stream, seq, job hash, client index. ARGV: group, id, client, agent, body, webhook_url ('' none),
 # webhook status ('pending', or '' for a job without a webhook), traceparent ('' none: no field).
+# A job hash that exists already (a given id, a retry whose first write was
+# done): nothing written, that job returned as it is.
 SUBMIT = _PRELUDE + """
+if redis.call('EXISTS', KEYS[3]) == 1 then return redis.call('HGETALL', KEYS[3]) end
 local seq = redis.call('INCR', KEYS[2])
 local msg = redis.call('XADD', KEYS[1], '*', 'job', ARGV[2], 'agent', ARGV[4])
 redis.call('HSET', KEYS[3], 'id', ARGV[2], 'client', ARGV[3], 'agent', ARGV[4], 'status', 'queued',
@@ -556,8 +559,10 @@ class RedisJobStore:
     # -- the protocol --------------------------------------------------------
 
     async def submit(self, client: str, agent: str, body: Any, webhook_url: str | None = None,
-                     *, webhook: bool | None = None, traceparent: str | None = None) -> Job:
-        job_id = secrets.token_urlsafe(16)  # 128 random bits: unguessable
+                     *, webhook: bool | None = None, traceparent: str | None = None,
+                     job_id: str | None = None) -> Job:
+        if job_id is None:
+            job_id = new_job_id()
         reply = await self._script(_SUBMIT, [self.stream, self._seq, self._key(job_id), self._index(client)],
                                    [job_id, client, agent, dumps(body).decode(), webhook_url or "",
                                     "pending" if has_webhook(webhook_url, webhook) else "", traceparent or ""])

@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import secrets
 import sqlite3
 import time
 from pathlib import Path
@@ -46,6 +45,7 @@ from aiwfd.jobs.store import (
     decode_cursor,
     has_webhook,
     encode_cursor,
+    new_job_id,
 )
 
 __all__ = ["FILENAME", "SQLiteJobStore"]
@@ -233,19 +233,26 @@ class SQLiteJobStore:
     # -- the protocol --------------------------------------------------------
 
     async def submit(self, client: str, agent: str, body: Any, webhook_url: str | None = None,
-                     *, webhook: bool | None = None, traceparent: str | None = None) -> Job:
-        job_id = secrets.token_urlsafe(16)  # 128 random bits: unguessable
+                     *, webhook: bool | None = None, traceparent: str | None = None,
+                     job_id: str | None = None) -> Job:
+        jid = job_id if job_id is not None else new_job_id()
         data = dumps(body)
         hook = WebhookStatus("pending", 0, None) if has_webhook(webhook_url, webhook) else None
 
         def run(conn: sqlite3.Connection) -> Job:
             now = time.time()
             with _transaction(conn):
-                conn.execute(
+                # A given id that exists already (a retry whose first write
+                # was done): nothing written, that job read in the same
+                # transaction. A random id never collides (128 bits).
+                cur = conn.execute(
                     "INSERT INTO jobs (id, client, agent, state, created, body, webhook_url, wh_status, "
-                    "traceparent) VALUES (?, ?, ?, 'queued', ?, ?, ?, ?, ?)",
-                    (job_id, client, agent, now, data, webhook_url, hook.status if hook else None, traceparent))
-            return Job(job_id, client, agent, "queued", now, None, None, 0, loads(data), None, None,
+                    "traceparent) VALUES (?, ?, ?, 'queued', ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
+                    (jid, client, agent, now, data, webhook_url, hook.status if hook else None, traceparent))
+                if cur.rowcount == 0:
+                    row = conn.execute(f"SELECT {COLUMNS} FROM jobs WHERE id = ?", (jid,)).fetchone()
+                    return _job(row)
+            return Job(jid, client, agent, "queued", now, None, None, 0, loads(data), None, None,
                        webhook_url, hook, traceparent)
 
         return await self._run(run)

@@ -43,8 +43,11 @@ from __future__ import annotations
 import base64
 import binascii
 import datetime
+import hashlib
+import hmac
 import json
 import re
+import secrets
 from dataclasses import dataclass
 from typing import Any, Collection, Literal, Protocol
 
@@ -70,7 +73,9 @@ __all__ = [
     "check_delivery_result",
     "dead_letter_error",
     "has_webhook",
+    "keyed_job_id",
     "msg_id",
+    "new_job_id",
     "decode_cursor",
     "encode_cursor",
     "rfc3339",
@@ -134,6 +139,29 @@ def has_webhook(webhook_url: str | None, webhook: bool | None) -> bool:
     """submit's rule, alike in both backends: `webhook` when given, else
     whether the job names its own URL."""
     return webhook_url is not None if webhook is None else webhook
+
+
+def new_job_id() -> str:
+    """A job's id: 128 random bits, base64url without padding (22 characters)."""
+    return secrets.token_urlsafe(16)
+
+
+# The HMAC key of keyed_job_id: a fixed name, domain separation only (the
+# fleet shares no secret, and none is needed: an id is only ever readable by
+# the client whose identity went into it).
+_JOB_ID_KEY = b"aiwfd job id v1"
+
+
+def keyed_job_id(scope: str, generation: int = 0) -> str:
+    """The id of the job an Idempotency-Key submits, derived from the key's
+    scope (aiwfd.http.idempotency.scope: client, route, agent, key), in
+    new_job_id's format: every retry of the submission, on any instance,
+    names the same job, so submit(job_id=...) stores it once. `generation`:
+    the key used again after its 24 h, while the job of the first use is
+    still retained (aiwfd.http.jobs)."""
+    msg = scope if generation == 0 else f"{scope}\n{generation}"
+    digest = hmac.new(_JOB_ID_KEY, msg.encode(), hashlib.sha256).digest()[:16]
+    return base64.urlsafe_b64encode(digest).decode().rstrip("=")
 
 
 def msg_id(job_id: str) -> str:
@@ -280,12 +308,20 @@ class JobStore(Protocol):
     shared: bool  # True when other hosts' instances see the same jobs (Redis)
 
     async def submit(self, client: str, agent: str, body: Any, webhook_url: str | None = None,
-                     *, webhook: bool | None = None, traceparent: str | None = None) -> Job:
+                     *, webhook: bool | None = None, traceparent: str | None = None,
+                     job_id: str | None = None) -> Job:
         """Store a queued job; durable before it returns (the 202's promise).
         `webhook`: whether its end is delivered to a webhook (default: when
         it names its own `webhook_url`; True without one: the configured URL,
         which the delivery loop reads when it delivers). `traceparent`: the
-        submitting request's span, kept for the run to link to (SPEC §11.2)."""
+        submitting request's span, kept for the run to link to (SPEC §11.2).
+
+        `job_id`: the id to store it under (keyed_job_id; default a random
+        one). When a job with that id exists already (a retry of a submission
+        whose first write outlived the store's timeout, but was done), nothing
+        is written and that job is returned as it is now, in the same atomic
+        step as the write would have been: whoever's it is and whatever its
+        body, which the caller compares with its own."""
         ...
 
     async def claim(self, owner: str, lease: float, *, agents: Collection[str] | None = None,
