@@ -26,7 +26,8 @@ class Route:
 
 
 # Every route of the API (SPEC §7); a GET answers HEAD too. /docs and its
-# assets come from aiwfd.http.docs, then the catch-all (views.no_route).
+# assets come from aiwfd.http.docs, then the catch-all (views.no_route; under /v1/ in
+# OpenAI's shape, openai_api.no_route).
 ROUTES = (
     Route("GET", "/health", views.health),
     Route("GET", "/health/ready", views.ready),
@@ -42,6 +43,7 @@ ROUTES = (
     # SPEC §10: the agents as MCP tools, and as OpenAI "models".
     Route("POST", "/mcp", mcp.handler, own_continue=True),
     Route("GET", "/v1/models", openai_api.models),
+    Route("GET", "/v1/models/{model}", openai_api.model),
     Route("POST", "/v1/chat/completions", openai_api.chat_completions, own_continue=True),
     Route("GET", "/agent/{name}/schema", views.agent_schema),
     Route("GET", "/openapi.json", views.openapi),
@@ -66,7 +68,7 @@ def create_app(runtime: Runtime) -> web.Application:
                                  expect_handler=views.no_continue if r.own_continue else None)
     docs.add_routes(app)
     # Last: what no route above matched (404, or 405 with Allow).
-    app.router.add_route("*", "/{tail:.*}", views.no_route, expect_handler=views.no_continue,
+    app.router.add_route("*", "/{tail:.*}", openai_api.no_route, expect_handler=views.no_continue,
                          name=NO_ROUTE)
     app.on_response_prepare.append(middlewares.on_prepare(runtime))
 

@@ -1,4 +1,5 @@
-"""`GET /v1/models` and `POST /v1/chat/completions`: the OpenAI-compatible API (SPEC §10.2).
+"""`GET /v1/models`, `GET /v1/models/{model}` and `POST /v1/chat/completions`:
+the OpenAI-compatible API (SPEC §10.2).
 
 Every agent is a "model". A chat completion is one call of the agent named
 by `model`, made exactly as `POST /agent/{name}` makes it (auth, allowlist,
@@ -48,7 +49,7 @@ from aiohttp import web
 from aiwfd.auth.clients import Client
 from aiwfd.engine import CallStats, call_agent, compact_json
 from aiwfd.errors import (
-    Forbidden, HTTPError, InvalidInput, InvalidJSON, PayloadTooLarge, RequestTimeout,
+    Forbidden, HTTPError, InvalidInput, InvalidJSON, NotFound, PayloadTooLarge, RequestTimeout,
 )
 from aiwfd.http import access, quota, views
 from aiwfd.http.body import read_json
@@ -154,6 +155,34 @@ async def _models(request: web.Request, rt: Runtime, snap: Snapshot) -> web.Stre
 async def models(request: web.Request) -> web.StreamResponse:
     """`GET /v1/models`: the agents, with the credentials of agent calls when auth is configured."""
     return await _answer(request, _models)
+
+
+async def _model(request: web.Request, rt: Runtime, snap: Snapshot) -> web.StreamResponse:
+    client = request[CLIENT] = await access.authenticate(request, snap)
+    name = request.match_info["model"]
+    if name not in snap.compiled.agents:
+        raise views.unknown_agent(name, snap)
+    if not _may_call(request, snap, client, name):
+        raise NotFound(f"unknown agent {name[:64]!r}")  # as the listing: what it may not call is not there
+    created = _listings[snap][0] if snap in _listings else int(time.time())
+    return web.Response(body=orjson.dumps({"id": name, "object": "model", "created": created, "owned_by": "aiwfd"}),
+                        content_type="application/json")
+
+
+async def model(request: web.Request) -> web.StreamResponse:
+    """`GET /v1/models/{model}`: one agent, as the SDKs' `models.retrieve` asks."""
+    return await _answer(request, _model)
+
+
+async def no_route(request: web.Request) -> web.StreamResponse:
+    """The catch-all route: under `/v1/`, its 404 or 405 in OpenAI's shape (an
+    OpenAI client reads the message there); elsewhere views.no_route's."""
+    if request.path != "/v1" and not request.path.startswith("/v1/"):
+        return await views.no_route(request)
+    try:
+        return await views.no_route(request)
+    except HTTPError as err:
+        return await error_response(request, err)
 
 
 # ---------------------------------------------------------------- the input

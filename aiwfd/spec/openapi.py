@@ -863,6 +863,7 @@ CHAT_CHUNK = "aiwfd-ChatCompletionChunk"
 # A chat completion is a call of an agent (no Idempotency-Key: no 409).
 CHAT_STATUSES = (400, 401, 403, 404, 408, 413, 415, 422, 429, 500, 502, 503, 504)
 MODELS_STATUSES = (401, 500, 503)
+MODEL_STATUSES = (401, 404, 500, 503)
 
 
 def _openai_error_component() -> dict[str, Any]:
@@ -939,15 +940,16 @@ def _openai_paths(compiled: Compiled, auth: Auth) -> dict[str, Any]:
     skip = {401} if auth == "none" else set()
     if not any(_restricted(config, n) for n in names):
         skip.add(403)
+    one_model = {
+        "type": "object", "required": ["id", "object", "created", "owned_by"],
+        "properties": {"id": model_id, "object": {"type": "string", "const": "model"},
+                       "created": {"type": "integer"}, "owned_by": {"type": "string", "const": "aiwfd"}}}
     models = {
         "type": "object",
         "required": ["object", "data"],
         "properties": {
             "object": {"type": "string", "const": "list"},
-            "data": {"type": "array", "items": {
-                "type": "object", "required": ["id", "object", "created", "owned_by"],
-                "properties": {"id": model_id, "object": {"type": "string", "const": "model"},
-                               "created": {"type": "integer"}, "owned_by": {"type": "string", "const": "aiwfd"}}}},
+            "data": {"type": "array", "items": one_model},
         },
     }
     request = {
@@ -1013,6 +1015,17 @@ def _openai_paths(compiled: Compiled, auth: Auth) -> dict[str, Any]:
             "parameters": [{"$ref": "#/components/parameters/X-Request-ID"}],
             "responses": {"200": _json(models, "one model per agent"),
                           **_openai_errors(tuple(s for s in MODELS_STATUSES if s not in skip))},
+            "security": security,
+        }},
+        "/v1/models/{model}": {"get": {
+            "operationId": "openai.retrieveModel",
+            "summary": "One agent as an OpenAI model",
+            "description": "404 for an agent the config does not have or the client may not call.",
+            "tags": ["openai"],
+            "parameters": [{"name": "model", "in": "path", "required": True, "schema": {"type": "string"}},
+                           {"$ref": "#/components/parameters/X-Request-ID"}],
+            "responses": {"200": _json(one_model, "the agent"),
+                          **_openai_errors(tuple(s for s in MODEL_STATUSES if s not in skip))},
             "security": security,
         }},
         "/v1/chat/completions": {"post": {

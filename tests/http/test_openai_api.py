@@ -167,6 +167,33 @@ async def test_models_lists_only_what_the_client_may_call(srv: InProcess) -> Non
     assert e.value.status_code == 403 and e.value.code == "forbidden"
 
 
+async def test_models_retrieve_is_one_entry_of_the_list(srv: InProcess) -> None:
+    async with sdk(srv) as client:
+        listed = {m.id: m for m in (await client.models.list()).data}
+        one = await client.models.retrieve("greeter")
+        assert one.model_dump() == listed["greeter"].model_dump()
+        with pytest.raises(openai.NotFoundError) as e:
+            await client.models.retrieve("greter")
+    assert e.value.code == "not_found" and "did you mean 'greeter'" in str(e.value.message)
+    async with sdk(srv, REPORTS) as client:
+        assert (await client.models.retrieve("texter")).id == "texter"
+        with pytest.raises(openai.NotFoundError):  # not in its list: not there for it
+            await client.models.retrieve("greeter")
+
+
+async def test_an_unknown_v1_path_answers_in_openais_shape(srv: InProcess) -> None:
+    async with sdk(srv) as client:
+        with pytest.raises(openai.NotFoundError) as e:
+            await client.get("/embeddings", cast_to=object)
+    assert e.value.code == "not_found" and e.value.type == "invalid_request_error"
+    async with srv.session.get(srv.url("/v1/chat/completions"), headers={"Authorization": f"Bearer {FRONTEND}"}) as r:
+        doc = await r.json()
+        assert r.status == 405 and r.headers["Allow"] == "POST"
+    assert doc["error"]["code"] == "method_not_allowed" and set(doc["error"]) == {"message", "type", "param", "code"}
+    async with srv.session.get(srv.url("/agentz")) as r:  # elsewhere: the §3.1 shape
+        assert r.status == 404 and (await r.json())["error"]["type"] == "not_found"
+
+
 async def test_models_needs_the_key(srv: InProcess) -> None:
     async with sdk(srv, "wrong-key") as client:
         with pytest.raises(openai.AuthenticationError) as e:
