@@ -18,6 +18,7 @@ from typing import Any, AsyncIterator
 import aiohttp
 import pytest
 
+from aiwfd import engine
 from aiwfd.settings import DEFAULT_SSE_KEEPALIVE, Settings, add_arguments, from_args
 from aiwfd.http.stream import TASK_PREFIX
 from aiwfd.testing.fakeopenai import Drop, FakeOpenAI, Reply, Status, Stream, Violate, _dumps
@@ -328,7 +329,11 @@ async def test_errors_before_the_model_is_called_are_plain_json(srv: InProcess, 
     assert fake.calls == 0
 
 
-async def test_provider_failure_after_the_stream_started_is_an_error_event(srv: InProcess, fake: FakeOpenAI) -> None:
+async def test_provider_failure_after_the_stream_started_is_an_error_event(srv: InProcess, fake: FakeOpenAI,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    # The retries' backoff is not what is shown here (tests/http/test_providers.py
+    # checks it with a fake clock): 10 ms instead of 0.25 s, doubled per retry.
+    monkeypatch.setattr(engine, "BACKOFF_BASE", 0.01)
     # 500 on every attempt: the transport retries spend the budget, then an error event.
     fake.script(Status(500), Status(500), Status(500))
     r, events = await stream_all(srv, "greeter", {"name": "Flo"})
