@@ -20,6 +20,7 @@ from mcp.client import Client
 from mcp.client.streamable_http import streamable_http_client
 from openai import AsyncOpenAI
 
+from aiwfd import engine
 from aiwfd.errors import ConfigError, StartupError
 from aiwfd.spec.config import load
 from aiwfd.testing.fakeopenai import FakeOpenAI, Hang, InvalidJSON, Reply, Status
@@ -93,9 +94,12 @@ async def srv(first: FakeOpenAI, second: FakeOpenAI, tmp_path_factory: pytest.Te
 
 
 @pytest.fixture(autouse=True)
-def _reset(first: FakeOpenAI, second: FakeOpenAI) -> None:
+def _reset(first: FakeOpenAI, second: FakeOpenAI, monkeypatch: pytest.MonkeyPatch) -> None:
     first.reset()
     second.reset()
+    # The retries before a fallback take over wait a 10 ms backoff, not 0.25 s: the
+    # backoff is not what is shown here (test_providers checks it with a fake clock).
+    monkeypatch.setattr(engine, "BACKOFF_BASE", 0.01)
 
 
 async def call(srv: InProcess, agent: str = "greeter", path: str = "") -> tuple[int, Any]:
