@@ -7,7 +7,7 @@ gone), more concurrent calls than redis-py's default pool allows, leases of a
 dead instance expiring, and StoreError when Redis is killed, hangs or answers
 an error, with recovery once it is back.
 
-Sliding-window tests use a 2 s window and real time (Redis reads its own
+Sliding-window tests use a 1 s window and real time (Redis reads its own
 clock); their bounds are loose on purpose. tests/unit/test_store_memory.py
 checks the window's arithmetic exactly, with a fake clock.
 """
@@ -139,7 +139,7 @@ async def test_counters_keyed_without_quota(store: Store) -> None:
 
 
 async def test_requests_window_slides(store: Store) -> None:
-    window = 2.0
+    window = 1.0
     who = name()
     limits = [req(5, who, window=window)]
     t0 = time.monotonic()
