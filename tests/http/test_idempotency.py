@@ -368,13 +368,13 @@ async def test_store_leases_expire_and_stale_owners_change_nothing(kind: str, re
     fp, other = "a" * 64, "b" * 64
     key = new_key()
     try:
-        # A lease long enough for the two claims below on a loaded CI machine.
-        first = await store.claim(key, fp, 1.0)
+        # A lease long enough for the two claims below on a loaded CI machine (each takes ms).
+        first = await store.claim(key, fp, 0.5)
         assert first.state == "acquired"
-        running = await store.claim(key, fp, 1.0)
-        assert running.state == "running" and 0 < running.retry_after <= 1.0
-        assert (await store.claim(key, other, 1.0)).state == "mismatch"
-        await asyncio.sleep(1.1)  # the lease itself is what is tested: real time passes
+        running = await store.claim(key, fp, 0.5)
+        assert running.state == "running" and 0 < running.retry_after <= 0.5
+        assert (await store.claim(key, other, 0.5)).state == "mismatch"
+        await asyncio.sleep(0.6)  # the lease itself is what is tested: real time passes
         second = await store.claim(key, fp, 5)
         assert second.state == "acquired" and second.token != first.token
         answer = Answer(200, (("Location", "/jobs/1"),), b'{"x":1}')
