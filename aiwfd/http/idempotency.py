@@ -30,6 +30,12 @@ whitespace, key order or compression (gzip writes a timestamp into its
 header) is the same request, and it is exactly what the model would be
 sent. Canonical JSON is computed only when a key is sent.
 
+A job submission's id is derived from its key's scope (`keyed_scope`,
+aiwfd.jobs.store.keyed_job_id) and the store writes a job once per id: a
+first try answered 503 whose write was done after all (it outlived the
+store's timeout) stored no answer, and its retry gets that job, or
+`ReusedUnstored`'s 422 when the body differs (aiwfd.http.jobs).
+
 While the first request runs its key is a lease of the call's deadline
 (`--deadline`, or an agent `timeout:` above it) plus LEASE_MARGIN: a first
 request whose instance was killed frees its key when the lease ends.
@@ -120,6 +126,26 @@ def scope(request: web.Request, client_name: str, agent: str, key: str) -> str:
     return hashlib.sha256(parts.encode()).hexdigest()
 
 
+def keyed_scope(request: web.Request, rt: Runtime, agent: CompiledAgent) -> str | None:
+    """The scope `guarded` holds the request's key under; None when it holds
+    none (no key sent, or no key store): what a job's id is derived from
+    (aiwfd.jobs.store.keyed_job_id), so that a retry names the same job."""
+    key = parse_key(request)
+    if key is None or rt.idempotency is None:
+        return None
+    return scope(request, request[CLIENT].identity, agent.name, key)
+
+
+REUSED = f"this {HEADER} was used with a different request body; use a new key for a new request"
+
+
+class ReusedUnstored(IdempotencyKeyReused):
+    """The 422 of a key reused with another body, found by `run()` rather than
+    by the key store (a job of the key exists but no answer was stored: the
+    first try got a 503). Not stored: the key stays free, so the first body's
+    retry still gets its job, not this 422."""
+
+
 def lease_for(rt: Runtime, agent: CompiledAgent) -> float:
     """How long a first request may hold its key: past what the engine allows a
     call (an agent's own timeout above the deadline raises it, and a batch's
@@ -171,8 +197,7 @@ async def guarded(request: web.Request, rt: Runtime, agent: CompiledAgent, body:
         (fingerprint(body) + "\n" + extra).encode()).hexdigest()
     claim = await _claim(rt, store, skey, fp, lease if lease is not None else lease_for(rt, agent))
     if claim.state == "mismatch":
-        raise IdempotencyKeyReused(f"this {HEADER} was used with a different request body; "
-                                   "use a new key for a new request")
+        raise IdempotencyKeyReused(REUSED)
     if claim.state == "running":
         raise Conflict(f"a request with this {HEADER} is still running; retry shortly",
                        headers={"Retry-After": "1"})
@@ -183,7 +208,7 @@ async def guarded(request: web.Request, rt: Runtime, agent: CompiledAgent, body:
     try:
         resp = await run()
     except HTTPError as e:
-        answer = error_answer(e, request[REQUEST_ID])
+        answer = None if isinstance(e, ReusedUnstored) else error_answer(e, request[REQUEST_ID])
         await asyncio.shield(_settle(rt, store, skey, token, answer))
         raise
     except BaseException:  # a bug (500), a cancellation: nothing to replay; the next try runs

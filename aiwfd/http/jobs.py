@@ -14,6 +14,7 @@ status. The call itself is the runner's (aiwfd.http.job_runner).
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any, get_args
 
 from aiohttp import web
@@ -24,11 +25,14 @@ from aiwfd.http import access, idempotency, quota, views
 from aiwfd.http.keys import CLIENT, RUNTIME
 from aiwfd.http.middlewares import json_response
 from aiwfd.http.runtime import Runtime, Snapshot
-from aiwfd.jobs.store import InvalidCursor, JobFinished, JobStatus, JobStore, StoreError
+from aiwfd.jobs.store import InvalidCursor, Job, JobFinished, JobStatus, JobStore, StoreError, keyed_job_id
 
 WEBHOOK_HEADER = "Webhook-URL"
 # A submission holds its Idempotency-Key only until the job is stored (one store write).
 SUBMIT_LEASE = 30.0
+# The ids one Idempotency-Key may name in turn (keyed_job_id's generations):
+# one per 24 h that the key was used again while its jobs were retained.
+MAX_GENERATIONS = 8
 DEFAULT_PAGE, MAX_PAGE = 20, 100
 STATUSES = get_args(JobStatus)
 _MAX_URL = 2048
@@ -90,9 +94,10 @@ async def submit(request: web.Request) -> web.StreamResponse:
             async with quota.admitted(request, rt, snap, client, agent, cost=1, slots=0):
                 try:
                     # The request's span: the job's run, a trace of its own, links to it.
-                    job = await store.submit(client.identity, agent.name, body, url,
-                                             webhook=url is not None or configured,
-                                             traceparent=telemetry.traceparent())
+                    job = await _store_job(store, idempotency.keyed_scope(request, rt, agent),
+                                           client.identity, agent.name, body, url,
+                                           webhook=url is not None or configured,
+                                           traceparent=telemetry.traceparent())
                 except StoreError as e:
                     raise _store_down(rt, e) from None
             if rt.job_runner is not None:
@@ -100,6 +105,33 @@ async def submit(request: web.Request) -> web.StreamResponse:
             return json_response(job.to_document(), 202, {"Location": f"/jobs/{job.id}"})
 
         return await idempotency.guarded(request, rt, agent, body, run, extra=url or "", lease=SUBMIT_LEASE)
+
+
+async def _store_job(store: JobStore, scope: str | None, client: str, agent: str, body: Any, url: str | None,
+                     *, webhook: bool, traceparent: str | None) -> Job:
+    """The submission's job, stored. Without an Idempotency-Key: a new one
+    under a random id. With one: under the id derived from the key's scope,
+    so that a retry after a 503 whose write was done after all (it outlived
+    the store's timeout) gets that job rather than a second one; the store's
+    submit returns an existing job instead of writing. The key store
+    had no answer for the key (else `guarded` replayed it), so an existing
+    job within the key's 24 h is this key's first try: the same body and
+    `Webhook-URL`, or 422 as `guarded` answers a mismatched key. One older
+    than that is of a key used again after it was forgotten (jobs.retention
+    above 24 h): the next id of the key's chain."""
+    if scope is None:
+        return await store.submit(client, agent, body, url, webhook=webhook, traceparent=traceparent)
+    want = idempotency.fingerprint(body)
+    for generation in range(MAX_GENERATIONS):
+        job = await store.submit(client, agent, body, url, webhook=webhook, traceparent=traceparent,
+                                 job_id=keyed_job_id(scope, generation))
+        if job.created_at >= time.time() - idempotency.RETENTION:
+            if (job.client, job.agent, job.webhook_url) != (client, agent, url) or (
+                    idempotency.fingerprint(job.body) != want):
+                raise idempotency.ReusedUnstored(idempotency.REUSED)
+            return job
+    # A key used again every day for MAX_GENERATIONS days, each job still retained: unguarded.
+    return await store.submit(client, agent, body, url, webhook=webhook, traceparent=traceparent)
 
 
 async def get(request: web.Request) -> web.Response:
