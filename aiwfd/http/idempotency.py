@@ -20,7 +20,7 @@ again", and a replayed 429 would refuse the call for 24 h) and no 5xx
 (SPEC: the next try runs again). Not stored means released: the next
 request with the key runs.
 
-Keys are per client (`Client.name`), method, route template and agent: the
+Keys are per client (`Client.identity`: stable across key rotation), method, route template and agent: the
 same key on `/agent/a` and `/agent/a/batch`, or from two clients, are two
 keys. The store sees a SHA-256 of them, never the key itself.
 
@@ -117,12 +117,12 @@ def fingerprint(body: Any) -> str:
     return hashlib.sha256(canonical).hexdigest()
 
 
-def scope(request: web.Request, client_name: str, agent: str, key: str) -> str:
+def scope(request: web.Request, client_identity: str, agent: str, key: str) -> str:
     """The store's key: client, method, route template, agent and the key, hashed
     (a JSON list, so no separator inside a name can make two scopes one)."""
     resource = request.match_info.route.resource
     route = resource.canonical if resource is not None else request.path
-    parts = json.dumps([client_name, request.method, route, agent, key], ensure_ascii=False)
+    parts = json.dumps([client_identity, request.method, route, agent, key], ensure_ascii=False)
     return hashlib.sha256(parts.encode()).hexdigest()
 
 
