@@ -443,15 +443,17 @@ async def test_stream_keepalive_then_error_event(fake: FakeOpenAI, tmp_path: Pat
         async with sdk(srv) as client:
             gate = asyncio.Event()
             fake.script(Hold(gate, Status(400)))
+            # create() returns on the 200, which starts only after a keep-alive
+            # interval: the call has outlasted one; then the model answers.
             stream = await client.chat.completions.create(model="greeter", messages=user("Slow"), stream=True)
-            asyncio.get_running_loop().call_later(0.5, gate.set)
+            gate.set()
             with pytest.raises(openai.APIError) as e:
                 [_ async for _ in stream]
             assert e.value.code == "upstream_error"
             gate = asyncio.Event()
             fake.script(Hold(gate, Reply(data={"message": "late"})))
-            asyncio.get_running_loop().call_later(0.5, gate.set)
             stream = await client.chat.completions.create(model="greeter", messages=user("Slow"), stream=True)
+            gate.set()
             text = "".join([c.choices[0].delta.content or "" async for c in stream])
             assert text == '{"message":"late"}'
 
