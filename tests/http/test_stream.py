@@ -29,7 +29,7 @@ from tests.conftest import CONFIGS, example_applier
 CONFIG = CONFIGS / "sb_agents.yaml"
 KEY = "sb-stream-key"
 AUTH = {"X-API-Key": KEY}
-KEEPALIVE = 0.3
+KEEPALIVE = 0.2
 TRACE_KEYS = {"step_name", "usage", "attempts", "duration", "model", "request_id"}
 apply = example_applier()
 
@@ -398,7 +398,7 @@ async def test_client_disconnect_cancels_the_model_call(srv: InProcess, fake: Fa
 
 
 async def test_keep_alive_comments_while_the_model_is_silent(srv: InProcess, fake: FakeOpenAI) -> None:
-    fake.script(Stream(data={"message": "Slow but sure"}, chunks=3, pause_after=1, pause=1.3))
+    fake.script(Stream(data={"message": "Slow but sure"}, chunks=3, pause_after=1, pause=0.9))  # 4.5 intervals
     async with srv.session.post(srv.url("/agent/greeter/stream"), json={"name": "Hal"}, headers=AUTH) as r:
         events = Events(r)
         got = await events.rest()
