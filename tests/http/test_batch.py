@@ -158,13 +158,13 @@ async def test_a_scripted_failure_hits_one_input_only(srv: InProcess, fake: Echo
 
 
 async def test_batch_concurrency_is_honoured(srv: InProcess, fake: EchoFake) -> None:
-    fake.delay = 0.2
+    fake.delay = 0.1  # long enough for the calls of a round to overlap
     status, _, doc = await batch(srv, "greeter", {"inputs": [{"name": f"N{i}"} for i in range(5)]})
     assert status == 200 and all("data" in r for r in doc["results"])
     assert fake.max_inflight == 3  # batch_concurrency
     # The bound is per batch: two batches at once have twice as many calls in flight.
     fake.reset()
-    fake.delay = 0.3
+    fake.delay = 0.15
     both = await asyncio.gather(*(batch(srv, "greeter", {"inputs": [{"name": f"{b}{i}"} for i in range(4)]})
                                   for b in "XY"))
     assert [s for s, _, _ in both] == [200, 200]
