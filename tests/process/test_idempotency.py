@@ -56,6 +56,10 @@ async def post(session: aiohttp.ClientSession, proc: AiwfdProcess, key: str) -> 
         return r.status, dict(r.headers), await r.json()
 
 
+# system: four `aiwfd serve` processes, a SIGKILL, and the lease's fixed 3 s margin
+# (LEASE_MARGIN, not a setting) waited out in real time: ~4 s. The inner loop keeps the
+# lease's expiry on both stores (tests/http/test_idempotency.py, store leases).
+@pytest.mark.system
 async def test_a_killed_first_request_frees_its_key_after_its_lease(tmp_path: Path,
                                                                    redis_server: RedisServer) -> None:
     """Both stores at once (each with its own processes and fake model): the

@@ -359,6 +359,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         pass
 
 
+# system: a real nginx in front of two `aiwfd serve` instances, one drained (~1 s); nginx
+# under load is tests/system/test_nginx.py. The inner loop keeps `nginx -t` on the example.
+@pytest.mark.system
 @needs_nginx
 def test_nginx_retries_a_draining_instance_and_keeps_the_request_id(nginx_dir):
     draining, healthy = _Upstream(503), _Upstream(200)
