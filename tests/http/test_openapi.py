@@ -668,7 +668,7 @@ def test_the_documented_job_statuses_and_cursors_are_the_stores() -> None:
     # generated one is never a 400), and none too long for SQLite's integers.
     from hypothesis import given, settings, strategies
 
-    @settings(max_examples=500, deadline=None)
+    @settings(max_examples=150, deadline=None)
     @given(strategies.from_regex(CURSOR_PATTERN, fullmatch=True))
     def decodes(cursor: str) -> None:
         assert 0 <= decode_cursor(cursor) < 2**63
