@@ -56,6 +56,7 @@ from aiwfd.http.body import read_json
 from aiwfd.http.keys import AGENT, CLIENT, REQUEST_ID, RUNTIME, STATS, ANSWER_ERROR
 from aiwfd.http.middlewares import http_error, json_response
 from aiwfd.http.runtime import Runtime, Snapshot
+from aiwfd.spec.config import did_you_mean
 from aiwfd.spec.compiler import CompiledAgent
 from aiwfd.spec.jsonparse import parse_object
 
@@ -131,6 +132,19 @@ def _listing(created: int, names: Any) -> bytes:
         {"id": name, "object": "model", "created": created, "owned_by": "aiwfd"} for name in names]})
 
 
+def _cached_listing(snap: Snapshot) -> tuple[int, bytes]:
+    cached = _listings.get(snap)
+    if cached is None:
+        created = int(time.time())
+        cached = _listings[snap] = (created, _listing(created, sorted(snap.compiled.agents)))
+    return cached
+
+
+def _created(snap: Snapshot) -> int:
+    """The snapshot's `created`: the same in GET /v1/models and GET /v1/models/{model}, whichever came first."""
+    return _cached_listing(snap)[0]
+
+
 def _may_call(request: web.Request, snap: Snapshot, client: Client, agent: str) -> bool:
     try:
         access.authorize(request, snap, client, agent)
@@ -141,11 +155,7 @@ def _may_call(request: web.Request, snap: Snapshot, client: Client, agent: str) 
 
 async def _models(request: web.Request, rt: Runtime, snap: Snapshot) -> web.StreamResponse:
     client = request[CLIENT] = await access.authenticate(request, snap)
-    cached = _listings.get(snap)
-    if cached is None:
-        created = int(time.time())
-        cached = _listings[snap] = (created, _listing(created, sorted(snap.compiled.agents)))
-    created, body = cached
+    created, body = _cached_listing(snap)
     if client.agents is not None or client.scopes is not None:
         # Only the agents this client may call.
         body = _listing(created, [n for n in sorted(snap.compiled.agents) if _may_call(request, snap, client, n)])
@@ -160,11 +170,12 @@ async def models(request: web.Request) -> web.StreamResponse:
 async def _model(request: web.Request, rt: Runtime, snap: Snapshot) -> web.StreamResponse:
     client = request[CLIENT] = await access.authenticate(request, snap)
     name = request.match_info["model"]
-    if name not in snap.compiled.agents:
-        raise views.unknown_agent(name, snap)
-    if not _may_call(request, snap, client, name):
-        raise NotFound(f"unknown agent {name[:64]!r}")  # as the listing: what it may not call is not there
-    created = _listings[snap][0] if snap in _listings else int(time.time())
+    if name not in snap.compiled.agents or not _may_call(request, snap, client, name):
+        # As the listing: what it may not call is not there, and no hint names it.
+        callable_ = [n for n in snap.compiled.agents if _may_call(request, snap, client, n)]
+        hint = did_you_mean(name, callable_) if len(name) <= 64 and name not in snap.compiled.agents else None
+        raise NotFound(f"unknown agent {name[:64]!r}" + (f"; {hint}" if hint else ""))
+    created = _created(snap)
     return web.Response(body=orjson.dumps({"id": name, "object": "model", "created": created, "owned_by": "aiwfd"}),
                         content_type="application/json")
 
