@@ -94,10 +94,10 @@ async def submit(request: web.Request) -> web.StreamResponse:
             async with quota.admitted(request, rt, snap, client, agent, cost=1, slots=0):
                 try:
                     # The request's span: the job's run, a trace of its own, links to it.
-                    job = await _store_job(store, idempotency.keyed_scope(request, rt, agent),
-                                           client.identity, agent.name, body, url,
-                                           webhook=url is not None or configured,
-                                           traceparent=telemetry.traceparent())
+                    job = await submit_keyed(store, idempotency.keyed_scope(request, rt, agent),
+                                             client.identity, agent.name, body, url,
+                                             webhook=url is not None or configured,
+                                             traceparent=telemetry.traceparent())
                 except StoreError as e:
                     raise _store_down(rt, e) from None
             if rt.job_runner is not None:
@@ -105,6 +105,43 @@ async def submit(request: web.Request) -> web.StreamResponse:
             return json_response(job.to_document(), 202, {"Location": f"/jobs/{job.id}"})
 
         return await idempotency.guarded(request, rt, agent, body, run, extra=url or "", lease=SUBMIT_LEASE)
+
+
+def _window_scope(scope: str, window: int) -> str:
+    return f"{scope}\n@{window}"
+
+
+async def submit_keyed(store: JobStore, scope: str | None, client: str, agent: str, body: Any,
+                       url: str | None, *, webhook: bool, traceparent: str | None,
+                       now: float | None = None) -> Job:
+    """The submission's job (`_store_job`), its keyed ids taken from the 24 h
+    window the submission falls in (RETENTION-long, counted from the epoch).
+    An id derived from the key alone came back once its job was purged
+    (jobs.retention, by default the key's own 24 h): the key used again the
+    next day named the first job's id, so two jobs had one id and one
+    webhook-id (`msg_<id>`, which receivers deduplicate). A window's ids end
+    with it; a retry just past a window's end finds its job under the
+    previous window's ids (read, never written) while that job is within 24 h."""
+    if scope is None:
+        return await _store_job(store, None, client, agent, body, url, webhook=webhook, traceparent=traceparent)
+    now = time.time() if now is None else now
+    window = int(now // idempotency.RETENTION)
+    previous = _window_scope(scope, window - 1)
+    for generation in range(MAX_GENERATIONS):
+        job = await store.get(keyed_job_id(previous, generation), client)
+        if job is None:
+            break
+        if job.created_at >= now - idempotency.RETENTION:
+            _check_same(job, client, agent, body, url)
+            return job
+    return await _store_job(store, _window_scope(scope, window), client, agent, body, url,
+                            webhook=webhook, traceparent=traceparent)
+
+
+def _check_same(job: Job, client: str, agent: str, body: Any, url: str | None) -> None:
+    if (job.client, job.agent, job.webhook_url) != (client, agent, url) or (
+            idempotency.fingerprint(job.body) != idempotency.fingerprint(body)):
+        raise idempotency.ReusedUnstored(idempotency.REUSED)
 
 
 async def _store_job(store: JobStore, scope: str | None, client: str, agent: str, body: Any, url: str | None,
