@@ -132,10 +132,10 @@ def _span_attributes(attributes: Mapping[str, Any]) -> bytes:
             out.append(_field(b"\x4a", key_value(k, v)))
             continue
         cls = v.__class__
-        # The type is in the key: True == 1 == 1.0 as dict keys. A list is
-        # looked up as a tuple (the finish reasons: the same few every time).
-        # Its items' types too: [1] == [True] == [1.0].
-        ck = (k, cls, v) if cls is not list else (k, cls, (tuple(v), tuple(map(type, v))))
+        # The type is in the key: True == 1 == 1.0 as dict keys. A list or a
+        # tuple is looked up as a tuple (the finish reasons: the same few every
+        # time), with its items' types too: [1] == [True] == [1.0], (1,) == (True,).
+        ck = (k, cls, v) if cls is not list and cls is not tuple else (k, cls, (tuple(v), tuple(map(type, v))))
         try:
             b = cache.get(ck)
         except TypeError:  # a list of lists: not worth a key

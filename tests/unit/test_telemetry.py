@@ -78,10 +78,11 @@ def test_the_envelope_ids_times_status_flags_and_links() -> None:
 def test_a_cached_attribute_keeps_its_type() -> None:
     # True == 1 == 1.0 as dict keys: the cache must not hand one's bytes to another.
     tracer = Tracer(Sampler(1.0, True), lambda s: None)
-    values: list[Any] = [1, True, 1.0, "1", 1, [1], [1]]
+    values: list[Any] = [1, True, 1.0, "1", 1, [1], [True], [1], (1,), (True,), (1.0,), (1,)]
     spans = [finished(tracer, "x", {"a": v}) for v in values]
     got = [attributes_of(s.attributes)["a"] for s in decoded(spans).resource_spans[0].scope_spans[0].spans]
-    assert [(type(v), v) for v in got] == [(type(v), v) for v in values]
+    # repr tells 1 from True from 1.0, inside a list too; an array comes back a list.
+    assert [repr(v) for v in got] == [repr(list(v) if isinstance(v, tuple) else v) for v in values]
 
 
 @pytest.mark.parametrize("header, ok", [
