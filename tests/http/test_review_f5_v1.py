@@ -11,9 +11,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, AsyncIterator
 
 import pytest
@@ -90,11 +90,12 @@ async def test_retrieve_hint_names_no_agent_the_client_may_not_call(srv: InProce
     assert status == 404 and "secret-admin" in doc["error"]["message"], doc
 
 
-async def test_retrieve_created_is_the_listing_s(srv: InProcess) -> None:
+async def test_retrieve_created_is_the_listing_s(srv: InProcess, monkeypatch: pytest.MonkeyPatch) -> None:
     openai_api._listings.clear()  # as on a fresh snapshot: nothing listed yet
     status, one = await get(srv, "/v1/models/texter", FRONTEND)
     assert status == 200
-    await asyncio.sleep(1.05)  # the next second: a fresh time would differ
+    # Later by a minute, as the module sees the clock: a fresh time would differ.
+    monkeypatch.setattr(openai_api, "time", SimpleNamespace(time=lambda: time.time() + 60))
     status, again = await get(srv, "/v1/models/texter", FRONTEND)
     status, listing = await get(srv, "/v1/models", FRONTEND)
     created = {m["id"]: m["created"] for m in listing["data"]}
