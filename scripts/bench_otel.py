@@ -19,7 +19,8 @@ gives its counters. It shares CPU 1 with the fake and the load generator.
 Both instances are pinned to CPU 0 from the start (taskset), so whatever
 the export costs is in the instance's user+sys. The load: wrk (scripts/bench/post.lua) or scripts/bench_load.py at
 c16 on `POST /agent/greeter`, interleaved rounds (off, on; then on, off; …),
-medians per variant. "CPU ms/req" is the instance's user+sys during the cell
+each round on a fresh process of each variant; the verdict is the median of
+the rounds' on ÷ off, the tables show medians per variant. "CPU ms/req" is the instance's user+sys during the cell
 divided by the calls answered; "with the export tail" also counts the CPU it
 spent until it went idle after the cell (the spans still queued being sent).
 
@@ -165,6 +166,7 @@ class OtelBench:
         self.receiver: bench.Proc | None = None
         self.notes: list[str] = []
         self.per_call: dict[str, float] = {}
+        self.upstream, self.receiver_port = "", 0
         self.versions: dict[str, str] = {}
 
     def start_receiver(self) -> int:
@@ -184,24 +186,35 @@ class OtelBench:
         return env
 
     def start(self, upstream: str, receiver_port: int) -> None:
+        self.upstream, self.receiver_port = upstream, receiver_port
         for v in self.variants:
-            port = bench.free_port()
-            argv = [sys.executable, "-m", "aiwfd", "serve", "-f", str(bench.CONFIG), "-p", str(port),
-                    "--host", "127.0.0.1", "--shutdown-timeout", "2"]
-            # pinned from the start: the batch processor's thread, made at start-up, runs on CPU 0 too
-            v.proc = self.procs.start(f"aiwfd-otel-{v.name}", argv, cpu=bench.SERVER_CPU,
-                                      env=self.env_for(v, upstream, receiver_port), port=port)
+            self.spawn(v)
         for v in self.variants:
-            assert v.proc is not None
-            bench.wait_health(v.proc, v.proc.port or 0, interval=0.02)
-        on = self.by_name("on")
-        assert on.proc is not None
-        if "exporting traces to" not in on.proc.output():
-            raise RuntimeError(f"{on.proc.name}: no 'exporting traces to' in its log:\n{on.proc.tail()}")
-        off = self.by_name("off")
-        assert off.proc is not None
-        if "exporting traces to" in off.proc.output():
-            raise RuntimeError(f"{off.proc.name} exports traces: an OTEL_* variable leaked into its environment")
+            self.ready(v)
+
+    def spawn(self, v: Variant) -> None:
+        port = bench.free_port()
+        argv = [sys.executable, "-m", "aiwfd", "serve", "-f", str(bench.CONFIG), "-p", str(port),
+                "--host", "127.0.0.1", "--shutdown-timeout", "2"]
+        v.proc = self.procs.start(f"aiwfd-otel-{v.name}", argv, cpu=bench.SERVER_CPU,
+                                  env=self.env_for(v, self.upstream, self.receiver_port), port=port)
+
+    def ready(self, v: Variant) -> None:
+        assert v.proc is not None
+        bench.wait_health(v.proc, v.proc.port or 0, interval=0.02)
+        if v.otel:  # its start-up line may follow the first /health
+            v.proc.wait_for("exporting traces to", timeout=30)
+        elif "exporting traces to" in v.proc.output():
+            raise RuntimeError(f"{v.proc.name} exports traces: an OTEL_* variable leaked into its environment")
+
+    def restart(self, v: Variant) -> None:
+        """A fresh process for the next round: one process keeps its memory
+        layout's luck, a few µs per call, all its life (see the limits block)."""
+        assert v.proc is not None
+        self.procs.stop(v.proc)
+        self.spawn(v)
+        self.ready(v)
+        self.warm(v)
 
     def by_name(self, name: str) -> Variant:
         return next(v for v in self.variants if v.name == name)
@@ -209,6 +222,7 @@ class OtelBench:
     def warm(self, v: Variant) -> None:
         assert v.proc is not None
         port = v.proc.port or 0
+        s0 = self.spans_received()
         for _ in range(5 if self.plan.quick else 20):
             status, text = bench.http_post(port, "/agent/greeter", bench.GREETER_BODY, {"X-API-Key": bench.API_KEY})
             if status != 200:
@@ -220,7 +234,7 @@ class OtelBench:
             n += r.requests - r.errors
         if v.otel:  # the warm-up's spans arrive before the first cell counts any
             deadline = time.monotonic() + 8
-            while self.spans_received() < 3 * n and time.monotonic() < deadline:
+            while self.spans_received() - s0 < 3 * n and time.monotonic() < deadline:
                 time.sleep(0.1)
 
     def spans_received(self) -> int:
@@ -229,6 +243,9 @@ class OtelBench:
 
     def measure(self) -> None:
         for run in range(self.plan.runs):
+            if run:
+                for v in self.variants:
+                    self.restart(v)
             order = self.variants if run % 2 == 0 else list(reversed(self.variants))
             for v in order:
                 assert v.proc is not None
@@ -393,7 +410,10 @@ def report(ob: OtelBench, machine: list[str], command: str, elapsed: float, load
     per_run = ["| run | off req/s | on req/s | on ÷ off |", "|---:|---:|---:|---:|"]
     for i, (ra, rb) in enumerate(zip(off.runs, on.runs, strict=True)):
         per_run.append(f"| {i + 1} | {ra.rps:.0f} | {rb.rps:.0f} | {rb.rps / ra.rps:.2f}× |")
-    ratio = med(on, "rps") / med(off, "rps") if med(off, "rps") else float("nan")
+    # The verdict: the median over rounds of on ÷ off in the same round (a pair measured
+    # back to back, each on fresh processes); the table shows each variant's own medians.
+    pairs = [b.rps / a.rps for a, b in zip(off.runs, on.runs, strict=True) if a.rps]
+    ratio = median(pairs) if pairs else float("nan")
     errs = sum(r.errors for v in ob.variants for r in v.runs)
     ok = ratio == ratio and ratio >= RATIO and errs == 0
     extra_us = (med(on, "cpu_ms_per_req") - med(off, "cpu_ms_per_req")) * 1000
@@ -436,8 +456,10 @@ def report(ob: OtelBench, machine: list[str], command: str, elapsed: float, load
         "Notes:",
         f"- tracing costs about {_f(extra_us, '{:.0f}')} µs of server CPU per call (on − off, during the cell); "
         "it includes the encoding (at each span's end) and the exports' HTTP POSTs, all on the instance's loop.",
-        "- rounds alternate the order (off, on; then on, off) so that drift in the machine's load falls on both; "
-        "the ratio divides the medians.",
+        "- rounds alternate the order (off, on; then on, off) so that drift in the machine's load falls on both, "
+        "and each round runs on a fresh process of each variant (a process keeps its memory layout's luck, a few "
+        "µs per call, all its life); the verdict is the median of the rounds' on ÷ off, the table's ratios "
+        "divide the variants' medians.",
         "- spans per call: three are expected (SERVER `POST /agent/{name}`, `invoke_agent greeter`, CLIENT "
         "`chat gpt-4o-mini`); fewer means the export queue (2048 spans by default) overflowed and dropped "
         "spans under load.",
