@@ -74,7 +74,8 @@ class Run:
         return out
 
 
-def st(url: str, *args: str, examples: int, phases: str = "examples,coverage,fuzzing") -> subprocess.Popen[str]:
+def st(url: str, *args: str, examples: int, phases: str = "examples,coverage,fuzzing",
+       credential: str = "") -> subprocess.Popen[str]:
     cmd = [sys.executable, "-m", "schemathesis.cli", "run", url,
            "--checks", "all", "--phases", phases, "--mode", "all",
            "--max-examples", str(examples), "--seed", SEED, "--max-failures", "10",
@@ -82,6 +83,7 @@ def st(url: str, *args: str, examples: int, phases: str = "examples,coverage,fuz
            *args]
     env = dict(os.environ, NO_COLOR="1", COLUMNS="160", SCHEMATHESIS_HOOKS="schemathesis_hooks",
                AIWFD_ST_CONFIG=str(API_MOCK),  # the hooks' valid chat completion inputs
+               AIWFD_ST_CREDENTIAL=credential,  # the hooks' filter_failure
                PYTHONPATH=os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")])))
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             stdin=subprocess.DEVNULL, env=env)
@@ -111,7 +113,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Run]]:
     spec = {name: s.url("/openapi.json") for name, s in servers.items()}
     started = {
         "x-api-key": Run("x-api-key", servers["keyed"],
-                         st(spec["keyed"], "-H", f"X-API-Key: {KEYS[1]}", examples=10)),
+                         st(spec["keyed"], "-H", f"X-API-Key: {KEYS[1]}", examples=10, credential="x-api-key")),
         # The other credential and no credential: random valid and invalid bodies are enough.
         "bearer": Run("bearer", servers["keyed-bearer"],
                       st(spec["keyed-bearer"], "-H", f"Authorization: Bearer {KEYS[0]}",
