@@ -15,7 +15,7 @@ config in AIWFD_ST_CONFIG); the rest of the body stays as generated.
 A run that authenticates with `X-API-Key` (AIWFD_ST_CREDENTIAL=x-api-key) may
 also get a generated, invalid `Authorization` header for the document's other
 security scheme, and call aiwfd's 200 a schema-violating request accepted:
-aiwfd reads `Authorization` only when no `X-API-Key` is sent (SPEC §8; a proxy
+aiwfd reads `Authorization` only when no `X-API-Key` is sent (docs/api.md: "X-API-Key wins"; a proxy
 in front may use it for itself), so that one failure is dropped there. The
 bearer run checks `Authorization` itself."""
 
