@@ -158,14 +158,11 @@ async def _store_job(store: JobStore, scope: str | None, client: str, agent: str
     above 24 h): the next id of the key's chain."""
     if scope is None:
         return await store.submit(client, agent, body, url, webhook=webhook, traceparent=traceparent)
-    want = idempotency.fingerprint(body)
     for generation in range(MAX_GENERATIONS):
         job = await store.submit(client, agent, body, url, webhook=webhook, traceparent=traceparent,
                                  job_id=keyed_job_id(scope, generation))
         if job.created_at >= time.time() - idempotency.RETENTION:
-            if (job.client, job.agent, job.webhook_url) != (client, agent, url) or (
-                    idempotency.fingerprint(job.body) != want):
-                raise idempotency.ReusedUnstored(idempotency.REUSED)
+            _check_same(job, client, agent, body, url)
             return job
     # A key used again every day for MAX_GENERATIONS days, each job still retained: unguarded.
     return await store.submit(client, agent, body, url, webhook=webhook, traceparent=traceparent)
