@@ -20,9 +20,9 @@ again", and a replayed 429 would refuse the call for 24 h) and no 5xx
 (SPEC: the next try runs again). Not stored means released: the next
 request with the key runs.
 
-Keys are per client (`Client.identity`: stable across key rotation), method, route template and agent: the
-same key on `/agent/a` and `/agent/a/batch`, or from two clients, are two
-keys. The store sees a SHA-256 of them, never the key itself.
+Keys are per client (`Client.identity`: stable across key rotation),
+method, route template and agent: the same key on `/agent/a` and
+`/agent/a/batch`, or from two clients, are two keys. The store sees a SHA-256 of them, never the key itself.
 
 The body's fingerprint is the SHA-256 of its canonical JSON (sorted keys,
 compact), not of the raw bytes: the same object sent again with other
