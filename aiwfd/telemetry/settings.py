@@ -68,7 +68,7 @@ def from_env(env: Mapping[str, str]) -> TraceSettings | None:
     if not traces:
         traces = env["OTEL_EXPORTER_OTLP_ENDPOINT"].strip().rstrip("/") + "/v1/traces"
     if not traces.startswith(("http://", "https://")) or not _hostname(traces):
-        raise StartupError(f"{name('ENDPOINT')} {_shown(traces)!r} is not an http:// or https:// URL "
+        raise StartupError(f"{name('ENDPOINT')} {redacted(traces)!r} is not an http:// or https:// URL "
                            "(aiwfd exports OTLP over HTTP)")
     compression = var("COMPRESSION").lower()
     if compression not in ("", "none", "gzip"):
@@ -148,11 +148,6 @@ def _export_headers(var: str, raw: str) -> dict[str, str]:
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 
 
-def _shown(url: str) -> str:
-    """A URL for an error message: no user info, no query."""
-    return re.sub(r"//[^/@]*@", "//", url.split("?", 1)[0])
-
-
 def _hostname(url: str) -> str | None:
     try:
         u = urlsplit(url)
@@ -190,10 +185,6 @@ def _ssl(name: Callable[[str], str], ca: str, cert: str, key: str) -> ssl.SSLCon
 
 
 def redacted(url: str) -> str:
-    """The endpoint for the log: no user info, no query (either may hold a token)."""
-    try:
-        u = urlsplit(url)
-        port = u.port
-    except ValueError:
-        return url.partition("?")[0].rpartition("@")[2]
-    return f"{u.scheme}://{u.hostname}{':' + str(port) if port else ''}{u.path}"
+    """The endpoint for the log and error messages: no user info, no query or
+    fragment (either may hold a token); any string, a malformed URL too."""
+    return re.sub(r"//[^/@]*@", "//", re.split(r"[?#]", url, maxsplit=1)[0])
