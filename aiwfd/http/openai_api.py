@@ -188,11 +188,11 @@ async def model(request: web.Request) -> web.StreamResponse:
 async def no_route(request: web.Request) -> web.StreamResponse:
     """The catch-all route: under `/v1/`, its 404 or 405 in OpenAI's shape (an
     OpenAI client reads the message there); elsewhere views.no_route's."""
-    if request.path != "/v1" and not request.path.startswith("/v1/"):
-        return await views.no_route(request)
     try:
         return await views.no_route(request)
     except HTTPError as err:
+        if request.path != "/v1" and not request.path.startswith("/v1/"):
+            raise
         return await error_response(request, err)
 
 
