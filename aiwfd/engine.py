@@ -171,7 +171,7 @@ async def call_agent(
     try:
         return await _call_agent(compiled, agent, client, body, request_id, deadline, stats, listener, timing)
     except HTTPError as e:
-        telemetry.set_error(span, e.type, e.message)
+        span.set_error(e.type, e.message)
         raise
     finally:
         telemetry.detach(token)
@@ -338,7 +338,7 @@ def _end_chat(chat: tuple[Any, object], result: ChatResult | None, error_type: s
             attributes["gen_ai.output.messages"] = compact_json(
                 [{"role": "assistant", "parts": [{"type": "text", "content": result.content}]}])
     if error_type is not None:
-        telemetry.set_error(span, error_type)
+        span.set_error(error_type)
     span.end()
 
 

@@ -286,7 +286,7 @@ class JobRunner:
         try:
             status, result, error = await self._call_agent(job)
             if error is not None:
-                telemetry.set_error(span, str(error.get("type")))
+                span.set_error(str(error.get("type")))
             return status, result, error
         finally:
             telemetry.detach(token)

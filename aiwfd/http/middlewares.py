@@ -175,7 +175,7 @@ def _end_server_span(span: Any, token: object, status: int, error_type: str | No
     telemetry.detach(token)
     span.set_attribute("http.response.status_code", status)
     if status >= 500:
-        telemetry.set_error(span, error_type or str(status))
+        span.set_error(error_type or str(status))
     elif error_type:
         span.set_attribute("error.type", error_type)
     span.end()

@@ -48,7 +48,7 @@ if TYPE_CHECKING:
     from aiwfd.telemetry.export import Exporter
 
 __all__ = ["CAPTURE_CONTENT", "CLIENT", "INTERNAL", "SERVER", "TRACER", "attach", "detach", "extract", "inject",
-           "root_span", "set_error", "start", "stop", "trace_id", "traceparent"]
+           "root_span", "start", "stop", "trace_id", "traceparent"]
 
 logger = logging.getLogger("aiwfd")
 
@@ -128,7 +128,3 @@ def root_span(name: str, attributes: dict[str, Any], link: str | None = None) ->
 def trace_id(span: Span) -> str | None:
     """The span's trace id as 32 hex digits, for the request log; None when not sampled."""
     return f"{span.trace_id:032x}" if span.sampled else None
-
-
-def set_error(span: Span, error_type: str, message: str | None = None) -> None:
-    span.set_error(error_type, message)
